@@ -1,0 +1,78 @@
+"""The `megawsd` command: a thin dispatcher over the subcommand modules in megawsd/commands.
+
+Each subcommand lives in its own module with two functions, ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported lazily so `megawsd --help` and light commands do
+not pay for importing torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from megawsd import __version__
+from megawsd.errors import MegawsdError
+
+# name -> (module, one-line help). Order is the order shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "schedule": ("megawsd.commands.schedule", "print and plot LR schedules, compare several"),
+    "data": ("megawsd.commands.data", "prepare a corpus into token shards (data prepare ...)"),
+    "train": ("megawsd.commands.train", "train a model from a run config on DeepSpeed"),
+    "branch": ("megawsd.commands.branch", "branch a cooldown off a run's checkpoint"),
+    "runs": ("megawsd.commands.runs", "tree of a run and its branches with losses"),
+    "plot": ("megawsd.commands.plot", "loss / LR curves of a run and its branches (PNG)"),
+    "export": ("megawsd.commands.export", "export a run to a transformers model directory"),
+    "stability": ("megawsd.commands.stability", "stability report of a run"),
+    "study": ("megawsd.commands.study", "run and report a schedule study"),
+}
+
+
+def _available_commands() -> dict[str, tuple[str, str]]:
+    """Commands whose module exists in this install (later issues add the rest)."""
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(
+        prog="megawsd",
+        description="Pretrain causal LMs on DeepSpeed with WSD schedules, cooldown branches "
+        "and schedule-free AdamW.",
+    )
+    parser.add_argument("--version", action="version", version=f"megawsd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules: dict[str, object] = {}
+    for name, (module_name, help_text) in _available_commands().items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text))
+        module.add_arguments(p)
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except MegawsdError as err:
+        print(f"megawsd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
