@@ -1,0 +1,354 @@
+"""Prepare a corpus: inputs -> sentencepiece -> token ids -> DIR/{train,val}.bin + meta.json.
+
+Steps: resolve and hash the inputs (the fingerprint); if DIR already holds a preparation
+with that fingerprint, reuse it; otherwise build a `datasets.Dataset` of documents, train
+(or load) the tokenizer, tokenize with `Dataset.map(batched=True, num_proc=N)`, assign each
+document to train or val with a seeded coin (a document never straddles the split), and
+stream the ids into flat uint16/uint32 files with EOS after every document.
+
+Atomicity: everything is written into a sibling staging directory `DIR.tmp-XXXX` (which also
+holds the `datasets` cache, deleted before the end) and renamed to DIR only once meta.json
+is written. A crash or kill at any point leaves either no DIR or the previous DIR untouched;
+a stale staging directory never looks complete because its name is not DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megawsd import __version__
+from megawsd.data.meta import (
+    FORMAT_VERSION,
+    META_FILE,
+    TOKENIZER_FILE,
+    TRAIN_FILE,
+    VAL_FILE,
+    Meta,
+    load_meta,
+    token_dtype,
+)
+from megawsd.data.sources import Resolved, load_corpus, resolve_inputs
+from megawsd.data.tokenizer import (
+    TOKENIZER_TYPES,
+    Encoder,
+    load_tokenizer,
+    sample_documents,
+    train_tokenizer,
+)
+from megawsd.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VOCAB_SIZE = 8192
+DEFAULT_VAL_FRACTION = 0.01
+DEFAULT_TOKENIZER_SAMPLE_MB = 32.0
+WRITE_BATCH_DOCS = 4096  # documents per Arrow batch when streaming ids into the .bin files
+
+
+@dataclass
+class PrepareResult:
+    """What `prepare_detailed` did, for the CLI summary and the benchmark."""
+
+    meta: Meta
+    reused: bool
+    seconds: float = 0.0
+    tokenize_seconds: float = 0.0
+    tokenizer_seconds: float = 0.0
+    input_bytes: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = self.meta.train_tokens + self.meta.val_tokens
+        return n / self.tokenize_seconds if self.tokenize_seconds > 0 else float("nan")
+
+
+def prepare(inputs: list[str], out_dir: str | Path, **kwargs) -> Meta:
+    """Prepare `inputs` into `out_dir` and return its Meta (see `prepare_detailed`)."""
+    return prepare_detailed(inputs, out_dir, **kwargs).meta
+
+
+def fingerprint_of(resolved: Resolved, tokenizer_spec: dict, settings: dict) -> str:
+    """Content hash of everything that determines the output (not num_proc, not paths)."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "sources": [[s.kind, s.sha256 or s.path] for s in resolved.sources],
+        "tokenizer": tokenizer_spec,
+        "settings": settings,
+    }
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def prepare_detailed(
+    inputs: list[str],
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    tokenizer_type: str = "bpe",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    num_proc: int = 1,
+    text_field: str = "text",
+    seed: int = 0,
+    force: bool = False,
+    strict: bool = False,
+    include: list[str] | None = None,
+    tokenizer_sample_mb: float = DEFAULT_TOKENIZER_SAMPLE_MB,
+    progress: bool = True,
+) -> PrepareResult:
+    """Prepare a corpus into a token directory; see the module docstring.
+
+    Args:
+        inputs: files, folders, globs, ``hf:NAME[:CONFIG][:SPLIT]``, ``builtin:python-stdlib``.
+        out_dir: the directory to create (replaced only with ``force``).
+        tokenizer: an existing sentencepiece ``.model``; if None one is trained with
+            ``vocab_size`` and ``tokenizer_type`` on ~``tokenizer_sample_mb`` MB of text.
+        val_fraction: probability that a document goes to val.bin (seeded by ``seed``).
+        num_proc: processes for tokenization (datasets.map) and tokenizer training threads.
+        strict: fail on a binary / non-UTF-8 file instead of skipping it.
+        include: glob patterns selecting files inside input folders (default: known kinds).
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().absolute()
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction = {val_fraction!r}: must be in [0, 1)")
+    if num_proc < 1:
+        raise ConfigError(f"--num-proc = {num_proc!r}: must be at least 1")
+    if tokenizer is None and tokenizer_type not in TOKENIZER_TYPES:
+        raise ConfigError(
+            f"--tokenizer-type = {tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}"
+        )
+    if tokenizer_sample_mb <= 0:
+        raise ConfigError(f"--tokenizer-sample-mb = {tokenizer_sample_mb!r}: must be positive")
+
+    resolved = resolve_inputs(inputs, include=include, strict=strict)
+    if resolved.skipped:
+        log.warning(
+            "skipped %d input file(s) that are not UTF-8 text (listed in meta.json "
+            "'skipped_files'; --strict makes this an error), e.g. %s: %s",
+            len(resolved.skipped), resolved.skipped[0]["path"], resolved.skipped[0]["reason"],
+        )
+
+    model_bytes: bytes | None = None
+    if tokenizer is not None:
+        model_bytes = Path(tokenizer).read_bytes() if Path(tokenizer).is_file() else None
+        if model_bytes is None:
+            raise DataError(f"--tokenizer = {str(tokenizer)!r}: file not found")
+        load_tokenizer(model_bytes)  # fail early on a file that is not a model
+        tok_spec = {"given_sha256": hashlib.sha256(model_bytes).hexdigest()}
+    else:
+        tok_spec = {
+            "vocab_size": int(vocab_size),
+            "type": tokenizer_type,
+            "sample_mb": float(tokenizer_sample_mb),
+        }
+    settings = {"val_fraction": float(val_fraction), "seed": int(seed), "text_field": text_field}
+    fingerprint = fingerprint_of(resolved, tok_spec, settings)
+
+    reused = _check_existing(out, fingerprint, force)
+    if reused is not None:
+        log.info("%s is up to date (fingerprint %s): reusing it", out, fingerprint[:12])
+        return PrepareResult(reused, True, time.perf_counter() - t0,
+                             input_bytes=resolved.total_bytes, skipped=resolved.skipped)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out.parent.glob(f"{out.name}.tmp-*"))
+    if stale:  # left by a killed prepare (or one running now): never used, safe to delete
+        log.warning("found %d staging folder(s) of an interrupted prepare, e.g. %s; delete "
+                    "them if no other prepare into %s is running", len(stale), stale[0], out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is a normal folder
+        result = _prepare_into(
+            staging, resolved, model_bytes, tok_spec, settings, fingerprint,
+            num_proc=num_proc, progress=progress,
+        )
+        _install(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.meta = load_meta(out)
+    result.seconds = time.perf_counter() - t0
+    result.input_bytes = resolved.total_bytes
+    result.skipped = resolved.skipped
+    return result
+
+
+def _check_existing(out: Path, fingerprint: str, force: bool) -> Meta | None:
+    """The existing Meta when `out` is an intact preparation of the same inputs."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DataError(f"--out = {str(out)!r}: exists and is not a directory; choose another --out")
+    if not (out / META_FILE).exists():
+        if any(out.iterdir()) and not force:
+            raise DataError(
+                f"--out = {str(out)!r}: exists, is not empty and holds no meta.json (not a "
+                "prepared directory); choose another --out or pass --force to replace it"
+            )
+        return None
+    try:
+        meta = load_meta(out)
+    except DataError as err:
+        if force:
+            return None
+        raise DataError(
+            f"--out = {str(out)!r}: holds a damaged preparation ({err}); pass --force to "
+            "prepare it again"
+        ) from None
+    if meta.fingerprint == fingerprint and not force:
+        return meta
+    if meta.fingerprint != fingerprint and not force:
+        raise DataError(
+            f"--out = {str(out)!r}: already prepared from different inputs or tokenizer "
+            f"settings (fingerprint {meta.fingerprint[:12]}, now {fingerprint[:12]}); pass "
+            "--force to overwrite it or choose another --out"
+        )
+    return None
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Rename the finished staging directory to `out`, replacing an old one last."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _doc_split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean per document: True -> val. Seeded; >= 1 val and >= 1 train doc when possible."""
+    rng = np.random.Generator(np.random.PCG64([seed, 0x5A11]))
+    is_val = rng.random(n_docs) < val_fraction
+    if val_fraction > 0 and n_docs >= 2 and not is_val.any():
+        is_val[int(rng.integers(n_docs))] = True
+    if is_val.all():
+        is_val[0] = False
+    return is_val
+
+
+def _prepare_into(
+    staging: Path,
+    resolved: Resolved,
+    model_bytes: bytes | None,
+    tok_spec: dict,
+    settings: dict,
+    fingerprint: str,
+    *,
+    num_proc: int,
+    progress: bool,
+) -> PrepareResult:
+    import datasets
+    from tqdm.auto import tqdm
+
+    cache = staging / ".cache"
+    cache.mkdir()
+    bars_were_on = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        docs = load_corpus(resolved, text_field=settings["text_field"], cache_dir=str(cache))
+        n_docs = len(docs)
+        log.info("%d documents from %d source(s)", n_docs, len(resolved.sources))
+
+        t_tok = time.perf_counter()
+        if model_bytes is None:
+            model_bytes = train_tokenizer(
+                sample_documents(docs, int(tok_spec["sample_mb"] * 2**20), settings["seed"]),
+                vocab_size=tok_spec["vocab_size"],
+                model_type=tok_spec["type"],
+                sample_bytes=int(tok_spec["sample_mb"] * 2**20),
+                seed=settings["seed"],
+                num_threads=num_proc,
+            )
+        tokenizer_seconds = time.perf_counter() - t_tok
+        (staging / TOKENIZER_FILE).write_bytes(model_bytes)
+        sp = load_tokenizer(model_bytes)
+        vocab, eos = sp.get_piece_size(), sp.eos_id()
+        dtype = token_dtype(vocab)
+
+        t_map = time.perf_counter()
+        tokenized = docs.map(
+            Encoder(model_bytes, "text", dtype),
+            batched=True,
+            batch_size=64,
+            num_proc=num_proc if num_proc > 1 and n_docs > 1 else None,
+            remove_columns=docs.column_names,
+            cache_file_name=str(cache / "tokenized.arrow"),
+            desc="tokenizing",
+        )
+        is_val = _doc_split(n_docs, settings["val_fraction"], settings["seed"])
+        counts = _write_splits(tokenized, is_val, staging, dtype, vocab, progress, tqdm)
+        tokenize_seconds = time.perf_counter() - t_map
+        del tokenized, docs
+    finally:
+        if not progress and bars_were_on:
+            datasets.enable_progress_bars()
+    shutil.rmtree(cache, ignore_errors=True)
+
+    meta = Meta(
+        path=staging,
+        vocab_size=vocab,
+        dtype=dtype,
+        train_tokens=counts["train_tokens"],
+        val_tokens=counts["val_tokens"],
+        train_documents=int((~is_val).sum()),
+        val_documents=int(is_val.sum()),
+        eos_id=eos,
+        bos_id=sp.bos_id(),
+        tokenizer=TOKENIZER_FILE,
+        tokenizer_sha256=hashlib.sha256(model_bytes).hexdigest(),
+        tokenizer_type=tok_spec.get("type", "given"),
+        fingerprint=fingerprint,
+        seed=settings["seed"],
+        val_fraction=settings["val_fraction"],
+        text_field=settings["text_field"],
+        sources=[s.record() for s in resolved.sources],
+        skipped_files=resolved.skipped,
+        megawsd_version=__version__,
+    )
+    meta.write(staging)  # last: its presence (with matching sizes) means complete
+    return PrepareResult(
+        meta, False, tokenize_seconds=tokenize_seconds, tokenizer_seconds=tokenizer_seconds
+    )
+
+
+def _write_splits(tokenized, is_val, staging: Path, dtype: str, vocab: int, progress, tqdm) -> dict:
+    """Stream the ids (EOS already appended per document) into train.bin and val.bin."""
+    n_train = n_val = 0
+    doc = 0
+    with open(staging / TRAIN_FILE, "wb") as ftrain, open(staging / VAL_FILE, "wb") as fval:
+        bar = tqdm(total=len(tokenized), desc="writing", unit="doc", disable=not progress)
+        for table in tokenized.with_format("arrow").iter(batch_size=WRITE_BATCH_DOCS):
+            col = table.column("ids").combine_chunks()
+            lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+            values = col.flatten().to_numpy(zero_copy_only=False)
+            if len(values) and int(values.max()) >= vocab:  # cannot happen with a sane model
+                raise DataError(f"tokenizer produced id {int(values.max())} >= vocab {vocab}")
+            to_val = np.repeat(is_val[doc : doc + len(lengths)], lengths)
+            ids = values.astype(dtype, copy=False)
+            train_part, val_part = ids[~to_val], ids[to_val]
+            ftrain.write(train_part.tobytes())
+            fval.write(val_part.tobytes())
+            n_train += len(train_part)
+            n_val += len(val_part)
+            doc += len(lengths)
+            bar.update(len(lengths))
+        bar.close()
+    if n_train == 0:
+        raise DataError("--input: empty input, no tokens were produced for the training split")
+    return {"train_tokens": n_train, "val_tokens": n_val}
