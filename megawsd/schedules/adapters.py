@@ -1,0 +1,202 @@
+"""Schedules plugged into other training stacks, and built from their argument names.
+
+Step conventions, stated once because this is where off-by-ones hide:
+
+- megawsd ``factor(k)``: the multiplier of the update taken after ``k`` optimizer steps
+  (Megatron's ``num_steps``; torch LambdaLR's ``last_epoch``; transformers' ``current_step``).
+  ``lambda_lr`` and ``DeepSpeedLRScheduler`` both set ``factor(0)`` at construction and
+  ``factor(k)`` after their k-th ``step()``.
+- DeepSpeed's own WarmupLR / WarmupDecayLR / WarmupCosineLR: their value at
+  ``last_batch_iteration = i`` equals megawsd's ``factor(i)`` for the converted schedule
+  (``from_deepspeed_scheduler``), except WarmupCosineLR's decay phase, which DeepSpeed
+  evaluates one step ahead: ``(i - warmup + 1) / (total - warmup)``, i.e. megawsd's
+  ``factor(i + 1)``; its decay never uses the peak itself. In addition, DeepSpeed's schedulers
+  start at ``last_batch_iteration = -1`` (the warmup min LR) and the engine steps them after
+  each optimizer step, so in a DeepSpeed loop update k + 1 uses their value at ``i = k - 1``:
+  the first two updates both run at ``warmup_min_lr``. ``DeepSpeedLRScheduler`` does not lag.
+  tests/test_schedules_oracles.py pins all three relations.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from megawsd.errors import CheckpointError, field_error
+from megawsd.schedules.config import ScheduleConfig
+from megawsd.schedules.schedule import Schedule, build_schedule
+
+logger = logging.getLogger(__name__)
+
+
+def _base_lrs(optimizer: Any, schedule: Schedule, peak_lr: float | None) -> list[float]:
+    """Per-group peak LRs: the explicit peak, else the schedule's, else each group's own LR."""
+    peak = peak_lr if peak_lr is not None else schedule.peak_lr
+    groups = optimizer.param_groups
+    if peak is None:
+        return [float(g.setdefault("initial_lr", g["lr"])) for g in groups]
+    for g in groups:
+        g["initial_lr"] = peak
+    return [float(peak)] * len(groups)
+
+
+def lambda_lr(optimizer: Any, schedule: Schedule | ScheduleConfig | dict, peak_lr: float | None = None,
+              last_epoch: int = -1):
+    """``torch.optim.lr_scheduler.LambdaLR`` that follows ``schedule``.
+
+    Group LRs become ``peak * factor(step)``; the peak is ``peak_lr``, else the schedule's
+    ``peak_lr``, else each group's own LR (torch's convention; keeps per-group LRs).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    sched = build_schedule(schedule)
+    if last_epoch == -1:
+        for group, base in zip(optimizer.param_groups, _base_lrs(optimizer, sched, peak_lr)):
+            group["lr"] = base
+
+    # A plain function, not the Schedule: LambdaLR.state_dict() pickles the __dict__ of callable
+    # objects and load_state_dict() writes it back, which would let a checkpoint silently
+    # replace the schedule. Functions are skipped, so the checkpoint holds only last_epoch.
+    def factor(step: int) -> float:
+        return sched.factor(step)
+
+    return LambdaLR(optimizer, factor, last_epoch=last_epoch)
+
+
+class DeepSpeedLRScheduler:
+    """A DeepSpeed client ``lr_scheduler`` driven by a megawsd schedule.
+
+    Implements DeepSpeed's scheduler protocol (``step``, ``get_lr``, ``get_last_lr``,
+    ``state_dict``, ``load_state_dict``). Its state is the optimizer step count: on load the LR
+    is recomputed from the schedule and the step. The checkpoint also records the schedule's
+    config so a resume with a different schedule is refused unless ``allow_schedule_change``
+    (the branch case: the parent's step, the branch's schedule).
+
+    Call ``step()`` once per optimizer step actually taken (skip it on overflow-skipped steps;
+    DeepSpeed's engine already does when it owns the scheduler). Pass an instance, or
+    ``lambda opt: DeepSpeedLRScheduler(opt, schedule)`` as ``deepspeed.initialize(lr_scheduler=)``
+    to bind it to the engine's wrapped optimizer.
+    """
+
+    def __init__(self, optimizer: Any, schedule: Schedule | ScheduleConfig | dict,
+                 peak_lr: float | None = None, *, last_step: int = 0,
+                 allow_schedule_change: bool = False) -> None:
+        self.optimizer = optimizer
+        self.schedule = build_schedule(schedule)
+        self.base_lrs = _base_lrs(optimizer, self.schedule, peak_lr)
+        self.allow_schedule_change = allow_schedule_change
+        self.last_step = int(last_step)
+        self._last_lr = self._apply()
+
+    def _apply(self) -> list[float]:
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
+        return lrs
+
+    def step(self, increment: int = 1) -> None:
+        """Advance by ``increment`` optimizer steps and set the groups' LRs."""
+        self.last_step += int(increment)
+        self._apply()
+
+    def get_lr(self) -> list[float]:
+        factor = self.schedule.factor(self.last_step)
+        return [base * factor for base in self.base_lrs]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.last_step, "schedule": self.schedule.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("schedule")
+        if saved is not None and saved != self.schedule.to_dict():
+            if not self.allow_schedule_change:
+                raise field_error(
+                    "lr_scheduler.schedule", saved,
+                    f"the checkpoint was trained with this schedule, not {self.schedule.to_dict()!r}; "
+                    "pass allow_schedule_change=True (a branch or an intended change) to continue "
+                    "with the new schedule from the checkpoint's step",
+                    cls=CheckpointError,
+                )
+            logger.info("schedule changed at step %d: %s", int(state["step"]), self.schedule.describe())
+        self.last_step = int(state["step"])
+        self._apply()
+
+
+def from_transformers_wsd(
+    num_warmup_steps: int,
+    num_decay_steps: int,
+    num_training_steps: int | None = None,
+    num_stable_steps: int | None = None,
+    warmup_type: str = "linear",
+    decay_type: str = "cosine",
+    min_lr_ratio: float = 0.0,
+    num_cycles: float = 0.5,
+    peak_lr: float | None = None,
+) -> Schedule:
+    """The schedule of ``transformers.get_wsd_schedule`` with the same arguments.
+
+    transformers warms up from ``min_lr_ratio`` (so ``warmup_init = min_lr_ratio``) and, when
+    both lengths are given, uses ``num_stable_steps`` (it warns); steps after
+    warmup + stable + decay sit at ``min_lr_ratio``, as megawsd's past-the-end value.
+    """
+    if num_training_steps is None and num_stable_steps is None:
+        raise field_error("num_training_steps", None, "give num_training_steps or num_stable_steps")
+    if num_cycles != 0.5:
+        raise field_error("num_cycles", num_cycles,
+                          "only the half cosine (0.5) is a decay; megawsd has no cyclic schedules")
+    if num_stable_steps is None:
+        num_stable_steps = num_training_steps - num_warmup_steps - num_decay_steps
+    if num_stable_steps < 0:
+        raise field_error("num_training_steps", num_training_steps,
+                          f"warmup ({num_warmup_steps}) + decay ({num_decay_steps}) exceed it; "
+                          "raise num_training_steps or shorten warmup/decay")
+    return build_schedule(ScheduleConfig(
+        family="wsd",
+        total_steps=num_warmup_steps + num_stable_steps + num_decay_steps,
+        warmup_steps=num_warmup_steps,
+        warmup_shape=warmup_type,
+        warmup_init=min_lr_ratio,
+        decay_steps=num_decay_steps,
+        decay_shape=decay_type,
+        min_ratio=min_lr_ratio,
+        peak_lr=peak_lr,
+    ))
+
+
+def from_deepspeed_scheduler(type_: str, params: dict[str, Any], peak_lr: float | None = None) -> Schedule:
+    """The megawsd schedule of a DeepSpeed ``"scheduler"`` block (WarmupLR, WarmupDecayLR,
+    WarmupCosineLR), so existing DeepSpeed configs keep their schedule under megawsd.
+
+    Values agree with DeepSpeed at ``last_batch_iteration = step`` except WarmupCosineLR's
+    decay (one step ahead in DeepSpeed); see the module docstring.
+    """
+    p = dict(params)
+    warmup = max(2, int(p.pop("warmup_num_steps", 1000)))  # DeepSpeed's own max(2, .)
+    warmup_type = p.pop("warmup_type", "log")
+    total = p.pop("total_num_steps", None)
+    p.pop("last_batch_iteration", None)
+    if type_ in ("WarmupLR", "WarmupDecayLR"):
+        min_lr = float(p.pop("warmup_min_lr", 0.0))
+        max_lr = float(p.pop("warmup_max_lr", peak_lr if peak_lr is not None else 0.001))
+        if max_lr <= 0:
+            raise field_error("scheduler.params.warmup_max_lr", max_lr, "must be > 0")
+        ratio = min_lr / max_lr
+        config = dict(family="constant" if type_ == "WarmupLR" else "linear", total_steps=total,
+                      warmup_steps=warmup, warmup_shape=warmup_type, warmup_init=ratio,
+                      min_ratio=ratio if type_ == "WarmupDecayLR" else 0.0, peak_lr=max_lr)
+    elif type_ == "WarmupCosineLR":
+        config = dict(family="cosine", total_steps=total, warmup_steps=warmup,
+                      warmup_shape=warmup_type, warmup_init=float(p.pop("warmup_min_ratio", 0.0)),
+                      min_ratio=float(p.pop("cos_min_ratio", 0.0001)), peak_lr=peak_lr)
+    else:
+        raise field_error("scheduler.type", type_,
+                          "megawsd converts WarmupLR, WarmupDecayLR and WarmupCosineLR; "
+                          "for others use a megawsd schedule (type 'WSD')")
+    if p:
+        key = sorted(p)[0]
+        raise field_error(f"scheduler.params.{key}", p[key], f"not a parameter of DeepSpeed's {type_}")
+    return build_schedule(config)
