@@ -1,0 +1,489 @@
+"""Read a run directory and its branches into a tree (the read side of docs/run_directory.md).
+
+The training side writes ``run.json``, ``metrics.jsonl``, ``config.yaml``, ``stability.jsonl``
+and ``checkpoints/`` while it runs; this module only reads them and must cope with a run that
+is being written right now, or that was killed mid-write:
+
+- a last line of ``metrics.jsonl`` without its newline is a record being appended: skipped
+  silently (it will be complete on the next read); a malformed line elsewhere is skipped
+  with a warning kept on the node;
+- a missing or unreadable ``run.json`` / ``config.yaml`` leaves those fields unknown instead
+  of failing: a run whose first step has not logged yet still shows in the tree;
+- records that go back in step (a resume whose writer did not drop the records after the
+  resumed step) replace the later ones, as the contract says they should have been.
+
+Nothing here imports ``megawsd.train``: analysis reads run directories only, so it works on
+runs made by another megawsd version or copied from a cluster without the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megawsd.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("run.json", "metrics.jsonl", "config.yaml")
+STATE_FILE = "megawsd_state.json"  # written last into a checkpoint tag: marks it complete
+LOCK_FILE = ".lock"  # megawsd.train.runlock: pid and host of the training process
+STALE_LOCK_S = 6 * 3600.0  # the lock's own rule for a holder on another host
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+STATUSES = ("running", "done", "failed", "stopped")
+# A symlink loop or a pathological tree must not recurse forever.
+MAX_DEPTH = 32
+
+
+# -- file readers -------------------------------------------------------------------------
+
+
+@dataclass
+class JsonlRead:
+    """The parsed records of a JSONL file and what had to be skipped."""
+
+    records: list[dict] = field(default_factory=list)
+    partial_last_line: bool = False  # a record being appended right now
+    bad_lines: list[int] = field(default_factory=list)  # 1-based line numbers
+
+
+def read_jsonl(path: Path) -> JsonlRead:
+    """Every complete JSON object line of ``path``; missing file -> empty.
+
+    A last line without a trailing newline that does not parse is the writer's in-flight
+    append (or a kill mid-write), not corruption, so it is dropped without a warning.
+    """
+    out = JsonlRead()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return out
+    except OSError as err:
+        log.warning("cannot read %s: %s", path, err)
+        out.bad_lines.append(0)
+        return out
+    lines = data.split(b"\n")
+    ends_with_newline = data.endswith(b"\n")
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        is_last = i == len(lines) - 1
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if is_last and not ends_with_newline:
+                out.partial_last_line = True
+            else:
+                out.bad_lines.append(i + 1)
+            continue
+        if isinstance(rec, dict):
+            out.records.append(rec)
+        else:
+            out.bad_lines.append(i + 1)
+    return out
+
+
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(object, None) or (None, why-not); a missing file is (None, None)."""
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{path.name} unreadable ({err})"
+    if not isinstance(obj, dict):
+        return None, f"{path.name} is not a JSON object"
+    return obj, None
+
+
+def read_yaml(path: Path) -> tuple[dict | None, str | None]:
+    import yaml
+
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return None, f"{path.name} unreadable ({err})"
+    if obj is None:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, f"{path.name} is not a mapping"
+    return obj, None
+
+
+def _drop_superseded(records: list[dict]) -> list[dict]:
+    """Keep, for records that go back in step, only the newest history (resume semantics)."""
+    out: list[dict] = []
+    for rec in records:
+        step = rec.get("step")
+        if isinstance(step, (int, float)):
+            while out and isinstance(out[-1].get("step"), (int, float)) and out[-1]["step"] >= step:
+                out.pop()
+        out.append(rec)
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    """A float, or None for missing / non-numeric values (NaN and inf are kept)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    """``metrics.jsonl`` split by record type (see docs/run_directory.md)."""
+
+    train: list[dict] = field(default_factory=list)  # records with "loss"
+    eval: list[dict] = field(default_factory=list)  # records with "val_loss"
+    partial_last_line: bool = False
+    bad_lines: list[int] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path) -> Metrics:
+        raw = read_jsonl(path)
+        train = [r for r in raw.records if "loss" in r and "step" in r]
+        evals = [r for r in raw.records if "val_loss" in r and "step" in r]
+        return cls(
+            train=_drop_superseded(train),
+            eval=_drop_superseded(evals),
+            partial_last_line=raw.partial_last_line,
+            bad_lines=raw.bad_lines,
+        )
+
+    def last_step(self) -> int | None:
+        steps = [r["step"] for r in (self.train[-1:] + self.eval[-1:])]
+        return int(max(steps)) if steps else None
+
+    def last_tokens(self) -> int | None:
+        recs = [
+            r for r in (self.train[-1:] + self.eval[-1:]) if _finite(r.get("tokens")) is not None
+        ]
+        if not recs:
+            return None
+        return int(max(recs, key=lambda r: r["step"])["tokens"])
+
+
+# -- the tree -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class RunNode:
+    """One run directory (the main run or a branch) and its branches."""
+
+    path: Path
+    rel: str  # path relative to the tree's root ("." for the root)
+    info: dict  # run.json ({} when missing)
+    config: dict | None  # config.yaml
+    metrics: Metrics
+    events: list[dict]  # stability.jsonl
+    checkpoints: list[int]  # steps of complete checkpoint directories, ascending
+    latest_checkpoint: str | None  # checkpoints/latest, if any
+    branches: list[RunNode] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    parent: RunNode | None = field(default=None, repr=False)
+
+    # -- identity --------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or self.path.name)
+
+    @property
+    def kind(self) -> str:
+        kind = self.info.get("kind")
+        if kind in ("main", "branch"):
+            return kind
+        return "branch" if self.parent is not None else "main"
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.parent is None else self.parent.depth + 1
+
+    @property
+    def status(self) -> str:
+        """running / done / failed / stopped from run.json; ``unknown`` without a run.json."""
+        status = self.info.get("status")
+        return status if status in STATUSES else "unknown"
+
+    @property
+    def alive(self) -> bool | None:
+        """For a run that run.json calls running: is its training process still there?
+
+        Read from the run lock (``RUN/.lock``: pid, host; its mtime is the heartbeat), which
+        a SIGKILLed run leaves behind with run.json still saying "running". On this host the
+        pid is checked (``kill(pid, 0)``; the lock's flock is not touched: taking it, even
+        shared, could make a training start at that moment refuse). On another host only a
+        heartbeat older than STALE_LOCK_S says the process is gone. None: cannot tell.
+        """
+        if self.status != "running":
+            return None
+        lock, _ = read_json(self.path / LOCK_FILE)
+        if not lock:
+            return None
+        pid = lock.get("pid")
+        if lock.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # exists, owned by someone else
+                return True
+            return True
+        try:
+            age = time.time() - (self.path / LOCK_FILE).stat().st_mtime
+        except OSError:
+            return None
+        return False if age > STALE_LOCK_S else None
+
+    # -- progress --------------------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int | None:
+        v = _finite(self.info.get("tokens_per_step"))
+        return int(v) if v else None
+
+    @property
+    def total_steps(self) -> int | None:
+        v = _finite(self.info.get("total_steps"))
+        return int(v) if v is not None else None
+
+    @property
+    def branch_step(self) -> int | None:
+        v = _finite(self.info.get("branch_step"))
+        return int(v) if v is not None else None
+
+    @property
+    def step(self) -> int | None:
+        """The last completed step: the newer of run.json's and the last metrics record."""
+        candidates = [
+            s for s in (_finite(self.info.get("step")), self.metrics.last_step()) if s is not None
+        ]
+        return int(max(candidates)) if candidates else None
+
+    @property
+    def tokens(self) -> int | None:
+        step = self.step
+        final = self.info.get("final") or {}
+        if (
+            isinstance(final, dict)
+            and _finite(final.get("tokens")) is not None
+            and final.get("step") == step
+        ):
+            return int(final["tokens"])
+        if step is not None and self.tokens_per_step:
+            return step * self.tokens_per_step
+        return self.metrics.last_tokens()
+
+    @property
+    def token_budget(self) -> int | None:
+        """Tokens at the end of the planned run (total_steps x tokens_per_step)."""
+        if self.total_steps is not None and self.tokens_per_step:
+            return self.total_steps * self.tokens_per_step
+        return None
+
+    # -- schedule --------------------------------------------------------------------------
+    @property
+    def schedule(self) -> dict | None:
+        sched = self.info.get("schedule")
+        if not isinstance(sched, dict) and isinstance(self.config, dict):
+            sched = self.config.get("schedule")
+        return sched if isinstance(sched, dict) else None
+
+    @property
+    def optimizer(self) -> str | None:
+        opt = self.info.get("optimizer")
+        if opt is None and isinstance(self.config, dict):
+            opt = self.config.get("optimizer")
+            if isinstance(opt, dict):
+                opt = opt.get("type") or opt.get("name")
+        return str(opt) if opt is not None else None
+
+    # -- results ---------------------------------------------------------------------------
+    def _final(self, key: str) -> float | None:
+        final = self.info.get("final")
+        if isinstance(final, dict):
+            return _finite(final.get(key))
+        return None
+
+    @property
+    def train_loss(self) -> float | None:
+        """run.json's final train loss when the run finished, else the last logged loss."""
+        v = self._final("train_loss")
+        if v is None and self.metrics.train:
+            v = _finite(self.metrics.train[-1].get("loss"))
+        return v
+
+    @property
+    def val_loss(self) -> float | None:
+        v = self._final("val_loss")
+        if v is None and self.metrics.eval:
+            v = _finite(self.metrics.eval[-1].get("val_loss"))
+        return v
+
+    @property
+    def val_ppl(self) -> float | None:
+        v = self._final("val_ppl")
+        if v is None and self.metrics.eval:
+            v = _finite(self.metrics.eval[-1].get("val_ppl"))
+        if v is None and self.val_loss is not None:
+            v = math.exp(self.val_loss) if self.val_loss < 700 else math.inf
+        return v
+
+    def walk(self):
+        """This node, then every branch below it, depth first (the table's order)."""
+        yield self
+        for b in self.branches:
+            yield from b.walk()
+
+
+def schedule_summary(schedule: dict | None) -> str:
+    """A short label of a schedule dict: family and decay, or a branch's cooldown.
+
+    Reads the dict written by ``megawsd.schedules.ScheduleConfig.to_dict`` without importing
+    it, and falls back to whatever keys are there, so an old or foreign run still shows.
+    A branch is labelled by its own cooldown (the last entry of ``branches``):
+    ``1-sqrt@4000 d=800``; its parent's row already shows the rest.
+    """
+    if not isinstance(schedule, dict):
+        return "?"
+    branches = [b for b in schedule.get("branches") or [] if isinstance(b, dict)]
+    if branches:
+        b = branches[-1]
+        label = (
+            f"{b.get('shape') or '1-sqrt'}@{b.get('at_step', '?')} d={b.get('decay_steps', '?')}"
+        )
+        if _finite(b.get("min_ratio")):
+            label += f" ->{b['min_ratio']:g}"
+        return label
+    family = str(schedule.get("family") or schedule.get("type") or schedule.get("name") or "?")
+    parts = [family]
+    if family == "wsd":
+        shape = schedule.get("decay_shape") or "1-sqrt"
+        decay = schedule.get("decay_steps")
+        decay = "20%" if decay is None else _length_label(decay)
+        parts.append(f"{shape} d={decay}")
+    elif family == "multi-step":
+        parts.append("x".join(f"{f:g}" for f in schedule.get("factors") or [0.316, 0.1]))
+    min_ratio = _finite(schedule.get("min_ratio"))
+    if family in ("wsd", "cosine", "linear") and min_ratio:
+        parts.append(f"->{min_ratio:g}")
+    return " ".join(parts)
+
+
+def _length_label(v: Any) -> str:
+    if isinstance(v, float) and 0 < v <= 1:
+        return f"{v * 100:g}%"
+    return str(v)
+
+
+# -- discovery ----------------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+
+
+def list_checkpoints(run_dir: Path) -> tuple[list[int], str | None]:
+    """Steps of complete ``checkpoints/step_N`` directories and the ``latest`` tag.
+
+    A tag directory is complete once ``megawsd_state.json`` is in it (train writes it last);
+    temporary directories of a save in flight (``.tmp_step_N``) do not match the pattern.
+    """
+    ck = run_dir / "checkpoints"
+    steps = []
+    if ck.is_dir():
+        for p in ck.iterdir():
+            m = CHECKPOINT_RE.match(p.name)
+            if m and (p / STATE_FILE).is_file():
+                steps.append(int(m.group(1)))
+    latest = None
+    try:
+        latest = (ck / "latest").read_text().strip() or None
+    except OSError:
+        pass
+    return sorted(steps), latest
+
+
+def load_run(path: str | Path, *, recursive: bool = True) -> RunNode:
+    """The run at ``path`` (main run or branch) with its branches below it.
+
+    Raises CheckpointError when ``path`` is not a run directory.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(
+            f"RUN = {str(root)!r}: no such directory; pass a run directory written by "
+            "`megawsd train` (e.g. runs/main) or one of its branches"
+        )
+    if not is_run_dir(root):
+        raise CheckpointError(
+            f"RUN = {str(root)!r}: not a megawsd run directory (none of {', '.join(RUN_FILES)} "
+            "in it); pass the directory `megawsd train` wrote, e.g. runs/main"
+        )
+    return _load(root, rel=".", parent=None, seen=set(), recursive=recursive)
+
+
+def _load(
+    path: Path, rel: str, parent: RunNode | None, seen: set[Path], recursive: bool
+) -> RunNode:
+    seen.add(path.resolve())
+    warnings: list[str] = []
+    info, why = read_json(path / "run.json")
+    if why:
+        warnings.append(why)
+    config, why = read_yaml(path / "config.yaml")
+    if why:
+        warnings.append(why)
+    metrics = Metrics.read(path / "metrics.jsonl")
+    if metrics.bad_lines:
+        warnings.append(f"metrics.jsonl: skipped malformed line(s) {metrics.bad_lines[:5]}")
+    events = read_jsonl(path / "stability.jsonl").records
+    steps, latest = list_checkpoints(path)
+    node = RunNode(
+        path=path,
+        rel=rel,
+        info=info or {},
+        config=config,
+        metrics=metrics,
+        events=events,
+        checkpoints=steps,
+        latest_checkpoint=latest,
+        warnings=warnings,
+        parent=parent,
+    )
+    if node.alive is False:
+        lock, _ = read_json(path / LOCK_FILE)
+        node.warnings.append(
+            f"run.json says running but its process (pid {lock.get('pid')} on "
+            f"{lock.get('host')}) is gone: killed? rerun the same train command to resume"
+        )
+    for w in node.warnings:  # shown by the runs table / JSON; commands may log them
+        log.debug("%s: %s", path, w)
+    if not recursive:
+        return node
+    bdir = path / "branches"
+    if bdir.is_dir() and node.depth < MAX_DEPTH:
+        for child in sorted(bdir.iterdir()):
+            if child.resolve() in seen:
+                continue
+            if not is_run_dir(child):
+                if child.is_dir():
+                    log.debug("skipping %s: not a run directory (yet)", child)
+                continue
+            sub = f"branches/{child.name}" if rel == "." else f"{rel}/branches/{child.name}"
+            node.branches.append(_load(child, sub, node, seen, recursive))
+        node.branches.sort(
+            key=lambda b: (b.branch_step if b.branch_step is not None else -1, b.name)
+        )
+    return node
