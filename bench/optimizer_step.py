@@ -1,0 +1,243 @@
+"""Benchmark one optimizer step: megawsd's fast path against its peers, in the same run.
+
+Prints ONE JSON object on stdout (progress goes to stderr):
+
+    python bench/optimizer_step.py                      # sizes 1M 8M 32M 128M, fp32 + bf16
+    python bench/optimizer_step.py --sizes 1M,8M,32M --dtypes fp32 --threads 2
+
+For each size (total params), tensor count (``--tensors``: 1 = one flat partition, which is what
+DeepSpeed ZeRO hands the optimizer; 8 = a few separate layers, where per-call overhead shows)
+and param dtype it reports the median step time of
+- ``megawsd``: ``ScheduleFreeAdamW(backend="auto")`` (Triton on CUDA, torch.compile on CPU),
+- ``schedulefree_foreach``: ``schedulefree.AdamWScheduleFree(foreach=True)``,
+- ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(fused=True / foreach=True)``,
+plus the machine's copy bandwidth measured in the same run (``dst.copy_(src)``, counted as read +
+write; once up front and once per row, interleaved with the steps) and each contender's achieved bandwidth = minimum bytes moved / time. Minimum bytes per
+param: fp32 params and grads 28 (read y, g, z, v; write y, z, v -- AdamW likewise with p, g, m,
+v); bf16 params and grads with fp32 states 22. Ratios compare against megawsd; absolute times
+depend on the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+BYTES_PER_PARAM = {"fp32": 28, "bf16": 22}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1], 1)
+    return int(float(s.rstrip("KMG")) * mult)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, repeats: int) -> float:
+    """Bytes/s of a large tensor copy (read + write), the practical ceiling for a step."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.zeros_like(src)
+    t = _median_time(lambda: dst.copy_(src), device, warmup=2, repeats=repeats)
+    return 2 * src.numel() * 4 / t
+
+
+def _make_params(total: int, n_tensors: int, dtype: torch.dtype, device: torch.device):
+    sizes = [total // n_tensors] * n_tensors
+    sizes[-1] += total - sum(sizes)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter((torch.randn(n, generator=gen) * 0.02).to(device, dtype))
+        p.grad = (torch.randn(n, generator=gen) * 1e-3).to(device, dtype)
+        params.append(p)
+    return params
+
+
+def _contenders(device: torch.device):
+    import schedulefree
+
+    from megawsd.optim import ScheduleFreeAdamW
+
+    def megawsd_sf(ps):
+        opt = ScheduleFreeAdamW(ps, lr=1e-3, weight_decay=0.1, warmup_steps=10)
+        opt.train()
+        return opt
+
+    def sf_foreach(ps):
+        opt = schedulefree.AdamWScheduleFree(
+            ps, lr=1e-3, weight_decay=0.1, warmup_steps=10, foreach=True
+        )
+        opt.train()
+        return opt
+
+    return {
+        "megawsd": megawsd_sf,
+        "schedulefree_foreach": sf_foreach,
+        "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
+        "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
+    }
+
+
+def _machine(device: torch.device, threads: int) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device.type,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _bench_one(size, n_tensors, dname, contenders, device, args) -> dict:
+    """Time every contender on one (size, dtype). Steps are interleaved round-robin (one step of
+    each contender per round) so that load from other processes on a shared machine hits all
+    contenders alike; the median over rounds is reported."""
+    row: dict = {
+        "params": size,
+        "tensors": n_tensors,
+        "dtype": dname,
+        "bytes_per_param": BYTES_PER_PARAM[dname],
+    }
+    opts = {}
+    for name, make in contenders.items():
+        try:
+            opt = make(_make_params(size, n_tensors, DTYPES[dname], device))
+            for _ in range(args.warmup):  # compile / lazy state init happen here
+                opt.step()
+            _sync(device)
+            opts[name] = opt
+        except Exception as err:  # noqa: BLE001 - e.g. a dtype a peer does not support
+            row[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            _log(f"{size} {dname} {name}: {row[name]['error']}")
+    # The copy of one fp32 buffer of `size` elements runs in the same rounds: the bandwidth
+    # ceiling under the same conditions as the steps.
+    src = torch.ones(size, device=device)
+    dst = torch.zeros_like(src)
+    opts["_copy"] = type("Copy", (), {"step": staticmethod(lambda: dst.copy_(src))})()
+    samples: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(args.repeats):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(ts) for name, ts in samples.items()}
+    row_copy_bw = 2 * size * 4 / times.pop("_copy")
+    row["copy_bandwidth_GBps"] = row_copy_bw / 1e9
+    for name, t in times.items():
+        achieved = size * BYTES_PER_PARAM[dname] / t
+        row[name] = {
+            "median_step_s": t,
+            "min_step_s": min(samples[name]),
+            "achieved_GBps": achieved / 1e9,
+            "fraction_of_copy_bw": achieved / row_copy_bw,
+        }
+    if "megawsd" in times:
+        row["speedup_of_megawsd"] = {
+            peer: times[peer] / times["megawsd"] for peer in times if peer != "megawsd"
+        }
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", default="1M,8M,32M,128M", help="total params, e.g. 1M,8M,32M")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="param dtypes: fp32,bf16")
+    ap.add_argument(
+        "--tensors",
+        default="1,8",
+        help="comma list: split each size into this many tensors (1 = one flat ZeRO partition)",
+    )
+    ap.add_argument("--repeats", type=int, default=10, help="timed steps per contender")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", default="", help="comma list of contenders to run (default all)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sizes = [_parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    contenders = _contenders(device)
+    if args.only:
+        contenders = {k: v for k, v in contenders.items() if k in args.only.split(",")}
+
+    bw_bytes = min(max(sizes) * 4, 512 * 2**20)  # as large as the biggest fp32 buffer, capped
+    copy_bw = copy_bandwidth(bw_bytes, device, repeats=args.repeats)
+    _log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s ({bw_bytes / 2**20:.0f} MiB buffers)")
+
+    results = []
+    for size in sizes:
+        for n_tensors in [int(t) for t in args.tensors.split(",")]:
+            for dname in dtypes:
+                results.append(_bench_one(size, n_tensors, dname, contenders, device, args))
+                _log(json.dumps(results[-1]))
+
+    out = {
+        "benchmark": "optimizer_step",
+        "machine": _machine(device, args.threads),
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "config": {
+            "sizes": sizes,
+            "dtypes": dtypes,
+            "tensors_per_size": [int(t) for t in args.tensors.split(",")],
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "megawsd_backend": "triton" if device.type == "cuda" else "compiled",
+        },
+        "results": results,
+    }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

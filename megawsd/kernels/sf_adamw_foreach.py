@@ -1,0 +1,66 @@
+"""Schedule-free AdamW step with eager ``torch._foreach_*`` ops: the portable fallback.
+
+Used where ``torch.compile`` does not work (no C++ compiler, exotic device) and as a readable
+multi-tensor version. Same math and operation order as the reference; several passes over
+memory (like ``schedulefree``'s foreach path) but without modifying ``p.grad``.
+
+Entry point: :func:`sf_adamw_foreach_` on lists of tensors of one device and dtype; ``ys`` may
+be low precision (bf16/fp16) with fp32 ``zs``/``vs``: the math then runs on fp32 copies of y.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def sf_adamw_foreach_(
+    ys: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    zs: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    grad_scale: float = 1.0,
+    lowp_outs: list[torch.Tensor] | None = None,
+) -> None:
+    """One step on every tensor of the lists, in place on ys, zs, vs; grads are read only."""
+    if not ys:
+        return
+    compute = zs[0].dtype
+    lowp_y = ys[0].dtype != compute
+    y32 = [y.to(compute) for y in ys] if lowp_y else ys
+    if grads[0].dtype != compute:
+        g = [gr.to(compute) for gr in grads]
+        if grad_scale != 1.0:
+            torch._foreach_mul_(g, grad_scale)
+    elif grad_scale != 1.0:
+        g = torch._foreach_mul(grads, grad_scale)
+    else:
+        g = grads
+
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, g, g, value=1 - beta2)
+    u = torch._foreach_div(vs, bias_correction2)
+    torch._foreach_sqrt_(u)
+    torch._foreach_add_(u, eps)
+    # u = g / denom, computed into the denom buffer: reciprocal then multiply would round
+    # differently from the reference's division, so divide g by it into a new list instead.
+    u = torch._foreach_div(g, u)
+    if weight_decay != 0:
+        torch._foreach_add_(u, y32, alpha=weight_decay)  # decay at y, before y moves
+
+    torch._foreach_lerp_(y32, zs, ckp1)
+    torch._foreach_add_(y32, u, alpha=lr * (beta1 * (1 - ckp1) - 1))
+    torch._foreach_sub_(zs, u, alpha=lr)
+
+    if lowp_y:
+        torch._foreach_copy_(ys, y32)
+    if lowp_outs is not None:
+        torch._foreach_copy_(lowp_outs, [y.reshape(o.shape) for y, o in zip(y32, lowp_outs)])

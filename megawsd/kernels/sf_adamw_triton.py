@@ -1,0 +1,121 @@
+"""Schedule-free AdamW step as one Triton kernel: the GPU fast path.
+
+One pass over memory: reads y, g, z, v and writes y, z, v (28 bytes/param with fp32 params and
+grads; 22 with bf16 params and grads), all math in fp32. Options folded into the same pass:
+- ``grad_scale``: the gradient-clipping coefficient, multiplied into g on load;
+- ``lowp_out``: a second output buffer (bf16/fp16) receiving the new y, i.e. the model's
+  low-precision weights under ZeRO, saving DeepSpeed's separate fp32 -> bf16 copy pass.
+y may be fp32 or bf16/fp16 (bf16 params with fp32 z, v); g any float dtype.
+
+Division and square root use the IEEE round-to-nearest forms (``div_rn``, ``sqrt_rn``) rather
+than Triton's fast approximate ones, so the kernel agrees with the eager reference to fp32
+rounding; in a memory-bound kernel they cost nothing measurable.
+
+Launch config: 1-D grid of ``BLOCK = 2048`` elements per program, 8 warps (8 elements per
+thread = two 16-byte vector loads per stream), int64 offsets so partitions over 2^31 elements
+work. This is the usual shape for a streaming elementwise kernel on Hopper (H100/H200); it was
+only run under ``TRITON_INTERPRET=1`` on CPU in this repository's tests (no GPU available when
+written), so the block size is a sensible default, not a tuned one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megawsd.kernels._triton_round import cast_for_store
+
+BLOCK = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def _sf_adamw_kernel(
+    y_ptr,
+    g_ptr,
+    z_ptr,
+    v_ptr,
+    out_ptr,
+    n_elements,
+    lr,
+    ckp1,
+    beta2,
+    one_minus_beta2,
+    bias_correction2,
+    eps,
+    weight_decay,
+    y_coef,  # lr * (beta1 * (1 - ckp1) - 1), computed in float64 on the host
+    grad_scale,
+    HAS_OUT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+
+    # v = β2 v + (1-β2) g²
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    # u = g / (sqrt(v / (1-β2^t)) + ε) + λ y      (decay at y, before y moves)
+    denom = tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps
+    u = tl.div_rn(g, denom) + weight_decay * y
+    # y = lerp(y, z, c) + γ (β1 (1-c) - 1) u ; torch.lerp's two-sided form
+    d = z - y
+    y_avg = tl.where(ckp1 < 0.5, y + ckp1 * d, z - d * (1.0 - ckp1))
+    y_new = y_avg + y_coef * u
+    # z = z - γ u
+    z_new = z - lr * u
+
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(z_ptr + offs, z_new, mask=mask)
+    tl.store(y_ptr + offs, cast_for_store(y_new, y_ptr.dtype.element_ty), mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + offs, cast_for_store(y_new, out_ptr.dtype.element_ty), mask=mask)
+
+
+def sf_adamw_triton_(
+    y: torch.Tensor,
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    grad_scale: float = 1.0,
+    lowp_out: torch.Tensor | None = None,
+) -> None:
+    """Launch the fused step on one contiguous tensor (any shape; treated as flat), in place."""
+    n = y.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, BLOCK),)
+    _sf_adamw_kernel[grid](
+        y,
+        grad,
+        z,
+        exp_avg_sq,
+        lowp_out if lowp_out is not None else y,  # unused when HAS_OUT is False
+        n,
+        float(lr),
+        float(ckp1),
+        float(beta2),
+        float(1 - beta2),
+        float(bias_correction2),
+        float(eps),
+        float(weight_decay),
+        float(lr * (beta1 * (1 - ckp1) - 1)),
+        float(grad_scale),
+        HAS_OUT=lowp_out is not None,
+        BLOCK_SIZE=BLOCK,
+        num_warps=NUM_WARPS,
+    )

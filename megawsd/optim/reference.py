@@ -1,0 +1,161 @@
+"""Plain-torch reference of schedule-free AdamW: the oracle every fast path is tested against.
+
+Written for reading, not speed: one tensor at a time, one line per equation of the update in
+DESIGN.md ("Schedule-free AdamW"), with the same operation order as
+``schedulefree.AdamWScheduleFree`` 1.4 (so the two agree to fp32 rounding) and without its
+in-place modification of ``p.grad``.
+
+With k the 0-based step count of a parameter group and t = k + 1::
+
+    γ_t    = lr · min(1, t / warmup_steps)                # lr already holds any LR schedule
+    lr_max = max(lr_max, γ_t)
+    w_t    = t^r · lr_max^q ;  W += w_t ;  c = w_t / W   (c = 0 when W == 0, e.g. lr == 0)
+    v      = β2 v + (1-β2) g²                             # g taken at y
+    u      = g / (sqrt(v / (1-β2^t)) + ε) + λ y           # weight decay at y
+    y      = (1-c) y + c z + γ_t (β1 (1-c) - 1) u         # the parameter holds y in train mode
+    z      = z - γ_t u
+    x      = (y - (1-β1) z) / β1                          # recovered for evaluation, never stored
+
+Two pieces: :func:`advance_group_scalars` (the per-group scalars, a pure function of the group's
+counters) and :func:`sf_adamw_reference_` (the per-tensor update, in place).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Everything one optimizer step needs besides the tensors, computed in float64 on the host.
+
+    ``k``, ``weight_sum`` and ``lr_max`` are the group counters *after* the step; the rest are
+    the coefficients of the update at that step.
+    """
+
+    k: int
+    weight_sum: float
+    lr_max: float
+    lr: float  # γ_t, the scheduled lr (schedulefree logs it as group['scheduled_lr'])
+    ckp1: float  # c = w_t / W
+    bias_correction2: float  # 1 - β2^t
+
+
+def _scheduled_lr(lr: float, k: int, warmup_steps: int) -> float:
+    # Same expression as schedulefree (k+1)/warmup_steps, not min(1, t/warmup): equal values,
+    # but written identically so the floats match bit for bit.
+    sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+    return lr * sched
+
+
+def advance_group_scalars(
+    *,
+    k: int,
+    lr: float,
+    lr_max: float,
+    weight_sum: float,
+    beta2: float,
+    warmup_steps: int,
+    r: float,
+    weight_lr_power: float,
+) -> StepScalars:
+    """Advance a group's counters by one step (k -> k+1) and return the step's coefficients."""
+    lr_t = _scheduled_lr(lr, k, warmup_steps)
+    lr_max = max(lr_t, lr_max)
+    weight = ((k + 1) ** r) * (lr_max**weight_lr_power)
+    weight_sum = weight_sum + weight
+    # lr == 0 from the start gives weight == weight_sum == 0: no averaging, c = 0 (schedulefree
+    # catches ZeroDivisionError for the same case).
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    return StepScalars(
+        k=k + 1,
+        weight_sum=weight_sum,
+        lr_max=lr_max,
+        lr=lr_t,
+        ckp1=ckp1,
+        bias_correction2=1 - beta2 ** (k + 1),
+    )
+
+
+def current_step_scalars(
+    *,
+    k: int,
+    lr: float,
+    lr_max: float,
+    weight_sum: float,
+    beta2: float,
+    warmup_steps: int,
+    r: float,
+    weight_lr_power: float,
+) -> StepScalars:
+    """The coefficients of the step that brought the group to its current counters (k >= 1).
+
+    Used when several ``step()`` calls belong to one engine step (ZeRO-3 sub-groups): the
+    first call advances the counters, the others recompute the same floats from them.
+    """
+    if k < 1:
+        raise ValueError("current_step_scalars needs a group that has stepped at least once")
+    kk = k - 1
+    lr_t = _scheduled_lr(lr, kk, warmup_steps)
+    weight = (k**r) * (lr_max**weight_lr_power)
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    return StepScalars(
+        k=k,
+        weight_sum=weight_sum,
+        lr_max=lr_max,
+        lr=lr_t,
+        ckp1=ckp1,
+        bias_correction2=1 - beta2**k,
+    )
+
+
+@torch.no_grad()
+def sf_adamw_reference_(
+    y: torch.Tensor,
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    grad_scale: float = 1.0,
+    lowp_out: torch.Tensor | None = None,
+) -> None:
+    """One schedule-free AdamW step on one tensor, in place on ``y``, ``z`` and ``exp_avg_sq``.
+
+    ``y`` may be fp32 or a low-precision dtype (bf16/fp16); ``z`` and ``exp_avg_sq`` are the
+    fp32 (or y's dtype when y is fp32/fp64) states. The math runs in the state dtype and the new
+    y is rounded once into ``y``. ``grad`` is read only; ``grad_scale`` multiplies it first (a
+    clip coefficient). ``lowp_out``, when given, receives a copy of the new y in its own dtype.
+    """
+    compute = z.dtype
+    g = grad.to(compute)
+    if grad_scale != 1.0:
+        g = g * grad_scale
+    yc = y.to(compute)  # a copy when y is low precision, y itself otherwise (not written below)
+
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    u = g / denom
+    if weight_decay != 0:
+        u.add_(yc, alpha=weight_decay)  # decay at y, before y moves
+
+    y_new = torch.lerp(yc, z, ckp1)
+    y_new.add_(u, alpha=lr * (beta1 * (1 - ckp1) - 1))
+    z.sub_(u, alpha=lr)
+
+    y.copy_(y_new)
+    if lowp_out is not None:
+        lowp_out.copy_(y_new.reshape(lowp_out.shape))  # same numel; flat or shaped
+
+
+def x_from_yz_reference(y: torch.Tensor, z: torch.Tensor, beta1: float) -> torch.Tensor:
+    """x = (y - (1-β1) z) / β1 in fp32, the formula the x kernel is tested against."""
+    return (y.float() - (1 - beta1) * z.float()) / beta1

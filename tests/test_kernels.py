@@ -1,0 +1,217 @@
+"""Every fast path of the schedule-free AdamW step against the plain-torch reference.
+
+Triton kernels run under TRITON_INTERPRET=1 here (set by conftest.py when there is no CUDA), so
+this file exercises the kernels' code on CPU; on a CUDA machine the same tests run them on GPU.
+torch.compile costs a few seconds per graph: the tests reuse three graphs (fp32 y, bf16 y,
+fp32 y + bf16 copy) cached in the module for the whole session.
+
+Tolerances: fp32 paths differ from the reference only by the rounding of fused vs separate
+multiply-adds (a few ulps per step), so after 25 steps they agree to 2e-6 relative. With bf16
+params y is rounded to bf16 every step; a few-ulp fp32 difference occasionally lands on the
+other side of a bf16 rounding boundary, so y may differ by one bf16 ulp (2^-8 relative) in
+rare elements; z and v stay fp32 and only feel those flips through λ·y, hence 1e-5.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from megawsd.kernels import resolve_backend, triton_runs_on, write_x
+from megawsd.kernels import sf_adamw_compiled as compiled_mod
+from megawsd.optim import ScheduleFreeAdamW, advance_group_scalars, sf_adamw_update
+from megawsd.optim.reference import sf_adamw_reference_, x_from_yz_reference
+
+FAST = ["compiled", "foreach", "triton"]
+SIZES = [2047, 5000]  # odd sizes: partial Triton blocks, vector tails in the C++ loop
+STEPS = 25
+HP = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+
+
+def _skip_if_no_triton(backend: str) -> None:
+    if backend == "triton" and not triton_runs_on(torch.device("cpu")):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0):
+    """Drive sf_adamw_update for `steps` steps; returns (y, z, v, last lowp copy)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(size, generator=gen).to(ydtype)
+    z = y.float().clone()
+    v = torch.zeros(size)
+    out = torch.empty(size, dtype=torch.bfloat16) if lowp else None
+    k, lr_max, ws = 0, -1.0, 0.0
+    for i in range(steps):
+        g = torch.randn(size, generator=gen).to(ydtype)
+        lr = 0.01 * (1 + 0.5 * (i % 3))  # a changing (scheduled) lr
+        s = advance_group_scalars(
+            k=k,
+            lr=lr,
+            lr_max=lr_max,
+            weight_sum=ws,
+            beta2=HP["beta2"],
+            warmup_steps=5,
+            r=0.5,
+            weight_lr_power=2.0,
+        )
+        k, lr_max, ws = s.k, s.lr_max, s.weight_sum
+        coef = dict(lr=s.lr, ckp1=s.ckp1, bias_correction2=s.bias_correction2, **HP)
+        if backend == "reference":
+            sf_adamw_reference_(y, g, z, v, grad_scale=grad_scale, lowp_out=out, **coef)
+        else:
+            ran = sf_adamw_update(
+                y, g, z, v, grad_scale=grad_scale, lowp_out=out, backend=backend, **coef
+            )
+            assert ran == backend
+    return y, z, v, out
+
+
+def _close(a, b, rtol):
+    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("size", SIZES)
+def test_fast_path_matches_reference_fp32(backend, size):
+    _skip_if_no_triton(backend)
+    got = _run(backend, size, torch.float32, grad_scale=0.37)
+    ref = _run("reference", size, torch.float32, grad_scale=0.37)
+    for a, b in zip(got[:3], ref[:3]):
+        _close(a, b, 2e-6)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_path_matches_reference_bf16_params(backend):
+    _skip_if_no_triton(backend)
+    y, z, v, _ = _run(backend, 5000, torch.bfloat16)
+    ry, rz, rv, _ = _run("reference", 5000, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and z.dtype == torch.float32
+    _close(y, ry, 2.0**-8)
+    assert (y != ry).float().mean() < 0.01  # flips are rare, not systematic
+    _close(z, rz, 1e-5)
+    _close(v, rv, 2e-6)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_bf16_copy_output_equals_y_rounded(backend):
+    _skip_if_no_triton(backend)
+    y, _, _, out = _run(backend, 2047, torch.float32, steps=3, lowp=True)
+    assert torch.equal(out, y.to(torch.bfloat16))
+    ry, *_ = _run("reference", 2047, torch.float32, steps=3)
+    _close(y, ry, 2e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_x_equals_formula_and_leaves_y_z(backend, dtype):
+    _skip_if_no_triton(backend)
+    gen = torch.Generator().manual_seed(4)
+    y, z = torch.randn(3, 1001, generator=gen), torch.randn(3, 1001, generator=gen)
+    y0, z0 = y.clone(), z.clone()
+    out = torch.empty(3003, dtype=dtype)
+    write_x(y, z, 0.9, out, backend=backend)
+    expected = x_from_yz_reference(y, z, 0.9).reshape(-1)
+    assert torch.equal(y, y0) and torch.equal(z, z0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=2e-7, atol=1e-7)
+    else:  # at most one bf16 rounding step away from the fp32 value
+        torch.testing.assert_close(out.float(), expected, rtol=2.0**-8, atol=0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_optimizer_fast_backend_matches_reference_on_mixed_params(backend):
+    """Through the optimizer: several shapes, one non-contiguous param (reference route)."""
+    _skip_if_no_triton(backend)
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(64, 33), (257,)]]
+        ps.append(torch.nn.Parameter(torch.randn(16, 12, generator=gen).t()))  # non-contiguous
+        return ps
+
+    results = []
+    for be in (backend, "reference"):
+        ps = make()
+        opt = ScheduleFreeAdamW(ps, lr=0.01, warmup_steps=3, weight_decay=0.1, backend=be)
+        opt.train()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        opt.eval()
+        results.append(ps)
+    for a, b in zip(*results):
+        _close(a.detach(), b.detach(), 2e-6)
+
+
+def test_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch):
+    def broken(name):
+        def fn(*args, **kwargs):
+            raise RuntimeError("no C++ compiler (simulated)")
+
+        return fn
+
+    monkeypatch.setattr(compiled_mod, "_get", broken)
+    monkeypatch.setattr(compiled_mod, "_BROKEN", None)
+    monkeypatch.setattr(compiled_mod, "_WARNED", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = []
+        ran = set()
+        gen = torch.Generator().manual_seed(2)
+        y, z, v = torch.randn(300, generator=gen), torch.randn(300), torch.zeros(300)
+        ry, rz, rv = y.clone(), z.clone(), v.clone()
+        coef = dict(lr=0.01, ckp1=0.5, bias_correction2=0.01, **HP)
+        for _ in range(3):
+            g = torch.randn(300, generator=gen)
+            ran.add(sf_adamw_update(y, g, z, v, backend="compiled", **coef))
+            sf_adamw_reference_(ry, g, rz, rv, **coef)
+        got = [w for w in caught if "torch.compile" in str(w.message)]
+    assert ran == {"foreach"}
+    assert len(got) == 1
+    assert torch.equal(y, ry) and torch.equal(z, rz) and torch.equal(v, rv)
+
+
+def test_resolve_backend():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "compiled"
+    assert resolve_backend("foreach", cpu) == "foreach"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bf16_rounding_matches_torch_on_special_values(backend):
+    """The Triton kernels round fp32 -> bf16 by hand (the interpreter's cast truncates): check
+    ties to even, carries into the exponent, overflow to inf, NaN, inf, signed zero and
+    subnormals against torch's conversion. beta1 = 1 makes x = y exactly."""
+    _skip_if_no_triton(backend)
+    bits = (
+        torch.tensor(
+            [0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3FFF8000, 0x7F7FFFFF, 0x00008000, 0x80018000],
+            dtype=torch.int64,
+        )
+        .to(torch.int32)
+        .view(torch.float32)
+    )
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40])
+    gen = torch.Generator().manual_seed(9)
+    y = torch.cat([bits, special, torch.randn(1000, generator=gen) * 100])
+    out = torch.empty_like(y, dtype=torch.bfloat16)
+    write_x(y, torch.zeros_like(y), 1.0, out, backend=backend)
+    expected = y.to(torch.bfloat16)
+    assert torch.equal(out.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(out[keep].view(torch.int16), expected[keep].view(torch.int16))
+
+
+def test_sf_adamw_update_rejects_mismatched_buffers():
+    y, z, v = torch.zeros(10), torch.zeros(10), torch.zeros(10)
+    coef = dict(lr=0.01, ckp1=0.5, bias_correction2=0.01, **HP)
+    with pytest.raises(ValueError, match="elements"):
+        sf_adamw_update(y, torch.zeros(9), z, v, backend="reference", **coef)
+    with pytest.raises(ValueError, match="dtype"):
+        sf_adamw_update(y, y, z.double(), v, backend="reference", **coef)
