@@ -20,9 +20,9 @@ megawsd data prepare --input 'builtin:python-stdlib?max_mb=12' --out "$DATA" \
 echo "== 2/4 main run: constant LR on $NPROC DeepSpeed ranks -> $RUN"
 megawsd train configs/demo-cpu.yaml --nproc "$NPROC" --run-dir "$RUN" --set "data=$DATA"
 
-echo "== 3/4 cooldown branches at steps 120 and 240 (1-sqrt), and at 240 (linear)"
-megawsd branch "$RUN" --at 120,240 --decay 25% --shape 1-sqrt --nproc "$NPROC"
-megawsd branch "$RUN" --at 240 --decay 25% --shape linear --nproc "$NPROC"
+echo "== 3/4 cooldown branches at steps 80 and 160 (1-sqrt), and at 160 (linear)"
+megawsd branch "$RUN" --at 80,160 --decay 25% --shape 1-sqrt --nproc "$NPROC"
+megawsd branch "$RUN" --at 160 --decay 25% --shape linear --nproc "$NPROC"
 
 echo "== 4/4 comparison"
 megawsd runs "$RUN"

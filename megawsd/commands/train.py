@@ -1,0 +1,78 @@
+"""Train a model from a run config on DeepSpeed.
+
+    megawsd train configs/demo-cpu.yaml --nproc 2
+    megawsd train configs/llama-1b.yaml --hostfile hosts --run-dir runs/1b
+    megawsd train configs/demo-cpu.yaml --set optimizer.lr=1e-3 --set steps=400
+
+With --nproc/--hostfile the DeepSpeed launcher starts the ranks; inside an existing launch
+(deepspeed, torchrun, srun + launcher) or with one rank it runs in this process. Rerunning the
+same command continues from the run's latest checkpoint. SIGTERM/SIGINT: the ranks finish the
+step, save a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="ranks per node (GPUs; CPU processes on a CPU-only machine)")
+    parser.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="require a checkpoint to continue (rerunning resumes anyway)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--master-port", type=int, default=None)
+    parser.add_argument("--master-addr", default=None)
+    parser.add_argument("--node-rank", type=int, default=None,
+                        help="with --no-ssh: this node's index in the hostfile")
+    parser.add_argument("--no-ssh", action="store_true",
+                        help="start only this node's ranks (SLURM, or one command per node)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megawsd.train.config import load_config
+    from megawsd.train.run import default_run_dir
+
+    cfg = load_config(args.config, args.overrides)  # fail here, before any rank starts
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
+    module_args = [str(args.config), "--run-dir", str(run_dir)]
+    for item in args.overrides:
+        module_args += ["--set", item]
+    if args.resume:
+        module_args.append("--resume")
+    return launch_or_run(module_args, run_dir, nproc=args.nproc, hostfile=args.hostfile,
+                         master_port=args.master_port, master_addr=args.master_addr,
+                         node_rank=args.node_rank, no_ssh=args.no_ssh,
+                         check_world=lambda n: cfg.check_layout(n))
+
+
+def launch_or_run(module_args: list[str], run_dir: Path, *, nproc=None, hostfile=None,
+                  master_port=None, master_addr=None, node_rank=None, no_ssh=False,
+                  check_world=None) -> int:
+    """Shared by `megawsd train` and `megawsd branch`."""
+    from megawsd.train import launcher
+
+    if nproc is None and hostfile is None and (launcher.already_launched() or _devices() <= 1):
+        from megawsd.train.__main__ import main
+
+        return main(module_args)
+    if nproc is None and hostfile is None:
+        nproc = _devices()
+    if check_world is not None and hostfile is None:
+        check_world(nproc)
+    cmd = launcher.launcher_command(module_args, nproc=nproc, hostfile=hostfile,
+                                    master_port=master_port, master_addr=master_addr,
+                                    node_rank=node_rank, no_ssh=no_ssh)
+    return launcher.run_launcher(cmd, launcher.launch_env(nproc or 1), run_dir / "run.json")
+
+
+def _devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1

@@ -1,0 +1,60 @@
+"""``python -m megawsd.train CONFIG``: one rank of a run (what the launchers start).
+
+    deepspeed --num_gpus 8 -m megawsd.train configs/llama-1b.yaml
+    deepspeed --hostfile hosts -m megawsd.train configs/llama-7b.yaml --run-dir runs/7b
+    torchrun --nproc_per_node 8 -m megawsd.train configs/llama-1b.yaml
+
+`megawsd train` builds and runs these commands for you; this module is what runs inside
+each rank (it also runs a single rank in-process when nothing launched it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from megawsd.errors import MegawsdError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m megawsd.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--run-dir", default=None, help="run directory (default: config's run_dir "
+                   "or runs/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="require a checkpoint to continue from (rerunning resumes anyway)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optimizer.lr=1e-3 (repeatable)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megawsd.train.launcher import init_distributed
+
+    rank = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    from megawsd.train.run import run_from_args
+
+    try:
+        return run_from_args(args.config, args.run_dir, args.overrides, args.resume)
+    except MegawsdError as err:
+        print(f"megawsd train: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Starting ranks: the DeepSpeed launcher from `megawsd train/branch`, or in-process.
+
+`megawsd train CONFIG --nproc N` runs ``python -m deepspeed.launcher.runner --num_gpus N
+--module megawsd.train CONFIG ...`` (the ``deepspeed`` command, with the same Python), and
+``--hostfile F`` the multi-node form. On machines without CUDA it sets DS_ACCELERATOR=cpu
+(DeepSpeed's CPU accelerator, gloo), one OpenMP thread budget per rank, and a free master port
+so that several runs on one machine do not collide on DeepSpeed's default 29500.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LAUNCHED_VARS = ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def already_launched() -> bool:
+    """Inside a rank started by deepspeed, torchrun, mpirun or srun+launcher."""
+    return any(v in os.environ for v in LAUNCHED_VARS)
+
+
+def cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> int:
+    """Join the process group (a world of one when nothing launched us); returns the rank."""
+    if not already_launched():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if cpu_only():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if cpu_only() else None)
+    return dist.get_rank()
+
+
+def launch_env(nproc_per_node: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if cpu_only():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        threads = max(1, (os.cpu_count() or 1) // max(nproc_per_node, 1))
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the package must be importable in the ranks even when run from a source checkout
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def launcher_command(module_args: list[str], *, nproc: int | None = None,
+                     hostfile: str | None = None, master_port: int | None = None,
+                     master_addr: str | None = None, node_rank: int | None = None,
+                     no_ssh: bool = False, extra: list[str] | None = None) -> list[str]:
+    """The `deepspeed` command line that starts `python -m megawsd.train ...` on every rank."""
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
+    if hostfile:
+        cmd += ["--hostfile", str(hostfile)]
+        if nproc:
+            cmd += ["--num_gpus", str(nproc)]
+    else:
+        cmd += ["--num_gpus", str(nproc or 1)]
+    cmd += ["--master_port", str(master_port or free_port())]
+    if master_addr:
+        cmd += ["--master_addr", master_addr]
+    if no_ssh:
+        cmd += ["--no_ssh", "--node_rank", str(node_rank or 0)]
+    cmd += list(extra or [])
+    cmd += ["--module", "megawsd.train", *module_args]
+    return cmd
+
+
+def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None = None) -> int:
+    """Run the launcher, forwarding SIGTERM/SIGINT to every rank (preemption).
+
+    The signal goes to the ranks only (the `megawsd.train` processes under the launcher):
+    DeepSpeed's launch.py, if signalled itself, terminates its ranks and SIGKILLs them 30 s
+    later, too short for a large checkpoint. The ranks finish their step, checkpoint and exit
+    0, and the launcher then exits 0 too. The outcome is also read from run.json: "stopped"
+    after a signal is a clean exit whatever the launcher returned.
+    """
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    signalled = []
+
+    def forward(signum, frame):
+        signalled.append(signum)
+        ranks = _rank_processes(proc.pid)
+        try:
+            if ranks:
+                for p in ranks:
+                    p.send_signal(signal.SIGTERM)
+            else:  # not spawned yet: stop the whole launch
+                os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, OSError):
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if signalled and status_file is not None and status_file.exists():
+        import json
+
+        status = json.loads(status_file.read_text()).get("status")
+        if status in ("stopped", "done"):
+            log.info("stopped cleanly after %s; resume with the same command",
+                     signal.Signals(signalled[0]).name)
+            return 0
+    return rc
+
+
+def _rank_processes(pid: int) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for c in children:
+        try:
+            if "megawsd.train" in c.cmdline() and "deepspeed.launcher" not in " ".join(c.cmdline()):
+                out.append(c)
+        except psutil.Error:
+            continue
+    return out

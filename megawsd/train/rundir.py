@@ -1,0 +1,193 @@
+"""The run directory (docs/run_directory.md): the files train writes and analysis reads.
+
+Only rank 0 writes here, except the checkpoint shards. Every file that another process may
+read while the run is going (run.json, checkpoints/latest) is replaced atomically
+(write a temp file, ``os.replace``), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megawsd import __version__
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "megawsd_state.json"
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int | None:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _git_rev() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- paths ------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def branches_dir(self) -> Path:
+        return self.path / "branches"
+
+    def tag_dir(self, step: int) -> Path:
+        return self.ckpt_dir / tag_for(step)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        """Step of `checkpoints/latest`, only if that checkpoint is complete."""
+        f = self.ckpt_dir / LATEST
+        if not f.exists():
+            return None
+        step = step_of(f.read_text().strip())
+        if step is None or not (self.tag_dir(step) / STATE_FILE).exists():
+            return None
+        return step
+
+    def saved_steps(self) -> list[int]:
+        """Steps of complete checkpoints (a state file is the last thing written into a tag)."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        steps = []
+        for d in self.ckpt_dir.iterdir():
+            s = step_of(d.name)
+            if s is not None and (d / STATE_FILE).exists():
+                steps.append(s)
+        return sorted(steps)
+
+    def read_state(self, step: int) -> dict[str, Any]:
+        return json.loads((self.tag_dir(step) / STATE_FILE).read_text())
+
+    # -- run.json ---------------------------------------------------------------------------
+    def read_run_json(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_json.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def update_run_json(self, **fields: Any) -> dict[str, Any]:
+        info = self.read_run_json()
+        if not info:
+            info = {"name": self.path.name, "kind": "main", "parent": None, "branch_step": None,
+                    "created": now(), "megawsd_version": __version__, "git": _git_rev(),
+                    "host": socket.gethostname()}
+        info.update(fields)
+        info["updated"] = now()
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_json, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return info
+
+    def write_config(self, resolved: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.config_file, yaml.safe_dump(resolved, sort_keys=False))
+
+    # -- metrics ----------------------------------------------------------------------------
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, drop records after the resumed step: they will be produced again."""
+        if not self.metrics_file.exists():
+            return
+        keep = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write(self.metrics_file, "".join(f"{x}\n" for x in keep))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        out = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+
+class MetricsWriter:
+    """metrics.jsonl (line-buffered, so a killed run loses at most a line) + TensorBoard."""
+
+    def __init__(self, run: RunDir, tensorboard: bool):
+        run.path.mkdir(parents=True, exist_ok=True)
+        self._f = open(run.metrics_file, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run.tb_dir))
+            except ImportError:  # tensorboard not installed: jsonl is the record
+                self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
