@@ -1,0 +1,600 @@
+"""DeepSpeed integration: a drop-in ``initialize`` and schedule-free evaluation under ZeRO 0-3.
+
+``initialize`` takes the same arguments and returns the same 4-tuple as
+``deepspeed.initialize``. In an existing DeepSpeed JSON it additionally understands
+
+    "optimizer": {"type": "ScheduleFreeAdamW", "params": {"lr": ..., "betas": ..., ...}}
+    "scheduler": {"type": "WSD", "params": {...}}
+
+DeepSpeed cannot register optimizer or scheduler types by name, so these two sections are
+removed from the config and passed as client objects (the supported way), with
+``zero_allow_untested_optimizer`` set. Every DeepSpeed-native type is left untouched.
+
+Schedule-free specifics that DeepSpeed does not know about and that this module owns:
+
+- step counters: ZeRO-3 calls the inner optimizer's ``step()`` once per sub-group. Before each
+  engine step we hand the optimizer a step id (``set_step_id``) so its per-group scalars
+  advance once per engine step. The LR schedule advances in ``lr_scheduler.step()``, which
+  DeepSpeed skips on overflow steps, so the schedule follows optimizer steps actually taken.
+- evaluation weights: ``eval_mode(engine)`` writes x = (y - (1-β1) z)/β1 into the model's
+  working weights from the fp32 masters, leaving the masters untouched; leaving it puts y
+  back bit-exactly (see :mod:`megawsd.integrations.ds_layout` for where things live).
+- DeepSpeed's per-parameter accessors (``deepspeed.utils.safe_get_full_optimizer_state``)
+  need the optimizer state linked for every group; we relink after each step and load.
+
+Checkpoints (consolidation, resharding) live in :mod:`megawsd.integrations.ds_checkpoint`.
+
+Supported with ScheduleFreeAdamW (DeepSpeed 0.19.8; tested on CPU ranks over gloo in
+tests/test_deepspeed_dist.py):
+
+=========================  ======  ======================================================
+ZeRO stage                 fp32    bf16
+=========================  ======  ======================================================
+0 (no ZeRO)                yes     refused: ConfigError "zero_optimization.stage = 0: bf16
+                                   with ScheduleFreeAdamW needs ZeRO stage 1, 2 or 3 ..."
+1                          yes     yes (DeepSpeedZeroOptimizer; with
+                                   ``data_types.grad_accum_dtype: fp32`` the BF16_Optimizer)
+2                          yes     yes
+3 (any ``sub_group_size``) yes     yes
+ZeRO-Offload (optimizer    refused: ConfigError "zero_optimization.offload_optimizer.device
+or param, cpu or nvme)     = 'cpu': ZeRO-Offload is not supported with ScheduleFreeAdamW ..."
+=========================  ======  ======================================================
+
+fp16 goes through the same ZeRO 1-3 code paths as bf16 (plus loss scaling, whose overflow
+steps are skipped without advancing the counters or the schedule) but is untested here (no
+fp16 on the CPU accelerator). Pipeline parallelism is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megawsd.errors import ConfigError, OptimizerError, field_error
+from megawsd.integrations import ds_layout
+
+log = logging.getLogger(__name__)
+
+#: Names accepted for ``optimizer.type`` (compared lower-case, without '-' and '_').
+SCHEDULE_FREE_TYPES = {"schedulefreeadamw", "sfadamw", "adamwschedulefree"}
+_SF_PARAM_KEYS = {
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "warmup_steps",
+    "r",
+    "weight_lr_power",
+    "backend",
+}
+
+
+def _norm_type(name: str) -> str:
+    return str(name).lower().replace("-", "").replace("_", "")
+
+
+def is_schedule_free_type(name: str | None) -> bool:
+    return name is not None and _norm_type(name) in SCHEDULE_FREE_TYPES
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+def load_ds_config(config: str | os.PathLike | dict | None) -> dict | None:
+    """A deep copy of the DeepSpeed config given as a dict or a path to a JSON file."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise field_error("config", path, "give a DeepSpeed JSON file that exists, or a dict")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise field_error("config", path, f"is not valid JSON ({e})") from e
+
+
+def _offload_device(section: Any) -> str:
+    if isinstance(section, dict):
+        return str(section.get("device", "none")).lower()
+    return "none"
+
+
+def check_schedule_free_supported(cfg: dict) -> None:
+    """Refuse, with one clear message, the combinations schedule-free cannot run correctly."""
+    zero = cfg.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        dev = _offload_device(zero.get(key))
+        if dev not in ("none", ""):
+            raise field_error(
+                f"zero_optimization.{key}.device",
+                dev,
+                "ZeRO-Offload is not supported with ScheduleFreeAdamW (the offloaded step runs "
+                'DeepSpeed\'s CPU Adam, not schedule-free); set "device": "none" or use a '
+                "DeepSpeed-native optimizer",
+            )
+    if zero.get("cpu_offload") or zero.get("cpu_offload_params"):
+        raise field_error(
+            "zero_optimization.cpu_offload",
+            True,
+            "ZeRO-Offload is not supported with ScheduleFreeAdamW; remove it",
+        )
+    if zero.get("zenflow") or zero.get("super_offload"):
+        raise field_error(
+            "zero_optimization.zenflow", True, "not supported with ScheduleFreeAdamW; remove it"
+        )
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+    for lowp in ("bf16", "fp16"):
+        if stage == 0 and (cfg.get(lowp) or {}).get("enabled"):
+            # DeepSpeed's stage-0 FP16_(Unfused)Optimizer calls step() once at construction
+            # with zero gradients to create the state: a schedule-free step it would count.
+            raise field_error(
+                "zero_optimization.stage",
+                0,
+                f"{lowp} with ScheduleFreeAdamW needs ZeRO stage 1, 2 or 3 (DeepSpeed's stage-0 "
+                f"{lowp} wrapper takes a hidden optimizer step at start-up); set "
+                '"zero_optimization": {"stage": 1} or higher, or train in fp32',
+            )
+    if (cfg.get("pipeline") or {}).get("stages", 1) not in (1, None):
+        raise field_error(
+            "pipeline.stages", cfg["pipeline"]["stages"], "pipeline parallelism is not supported"
+        )
+
+
+def build_optimizer(spec: dict, params) -> torch.optim.Optimizer:
+    """Our ScheduleFreeAdamW from a DeepSpeed ``optimizer`` section."""
+    raw = dict(spec.get("params") or {})
+    unknown = set(raw) - _SF_PARAM_KEYS
+    if unknown:
+        raise field_error(
+            "optimizer.params",
+            sorted(unknown),
+            f"ScheduleFreeAdamW accepts only {sorted(_SF_PARAM_KEYS)}",
+        )
+    if "betas" in raw:
+        raw["betas"] = tuple(raw["betas"])
+    from megawsd.optim import ScheduleFreeAdamW
+
+    return ScheduleFreeAdamW(params, **raw)
+
+
+def _scheduler_factory(spec: dict):
+    """A callable optimizer -> DeepSpeed-protocol scheduler, for a megawsd schedule type."""
+    from megawsd import schedules
+
+    family = str(spec.get("type", "")).lower().replace("_", "-")
+    family = {"inversesqrt": "inverse-sqrt", "multistep": "multi-step"}.get(family, family)
+    if family not in schedules.FAMILIES:
+        raise field_error(
+            "scheduler.type",
+            spec.get("type"),
+            f"use a DeepSpeed scheduler or a megawsd family: {', '.join(schedules.FAMILIES)}",
+        )
+    params = dict(spec.get("params") or {})
+    params.pop("family", None)
+    schedule = schedules.build_schedule({"family": family, **params})
+
+    def make(optimizer):
+        return schedules.DeepSpeedLRScheduler(optimizer, schedule)
+
+    return make
+
+
+def _is_native_scheduler(name: str | None) -> bool:
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    return name in VALID_LR_SCHEDULES
+
+
+def split_config(
+    cfg: dict, client_optimizer: bool = False, client_scheduler: bool = False
+) -> tuple[dict, dict | None, dict | None]:
+    """Take megawsd's optimizer/scheduler sections out of a DeepSpeed config.
+
+    Returns ``(config for deepspeed.initialize, our optimizer spec or None, our scheduler spec
+    or None)``. DeepSpeed-native types stay in the config untouched; a client object given to
+    ``initialize`` wins over the config section, as in DeepSpeed. With our optimizer the
+    config gains ``zero_allow_untested_optimizer: true`` (DeepSpeed asserts otherwise).
+    """
+    cfg = copy.deepcopy(cfg)
+    opt_spec = cfg.get("optimizer")
+    sched_spec = cfg.get("scheduler")
+    ours_opt = None
+    if (
+        not client_optimizer
+        and isinstance(opt_spec, dict)
+        and is_schedule_free_type(opt_spec.get("type"))
+    ):
+        check_schedule_free_supported(cfg)
+        ours_opt = cfg.pop("optimizer")
+        cfg["zero_allow_untested_optimizer"] = True
+    ours_sched = None
+    if (
+        not client_scheduler
+        and isinstance(sched_spec, dict)
+        and not _is_native_scheduler(sched_spec.get("type"))
+    ):
+        ours_sched = cfg.pop("scheduler")
+    return cfg, ours_opt, ours_sched
+
+
+# --------------------------------------------------------------------------------------------
+# initialize
+
+
+@dataclass
+class _EngineState:
+    """What megawsd keeps on an engine (``engine._megawsd``)."""
+
+    schedule_free: bool
+    group_of: dict[int, int] = field(default_factory=dict)  # id(model param) -> group index
+    group_names: list[list[str]] = field(default_factory=list)  # names per inner group
+    in_eval: bool = False
+    shards: list | None = None
+
+
+def initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer=None,
+    model_parameters=None,
+    training_data=None,
+    lr_scheduler=None,
+    distributed_port: int | None = None,
+    mpu=None,
+    dist_init_required: bool | None = None,
+    collate_fn=None,
+    config=None,
+    mesh_param=None,
+    config_params=None,
+):
+    """Drop-in for ``deepspeed.initialize``: same arguments, same 4-tuple
+    ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    The config may come as ``config`` (dict or JSON path), ``config_params`` or
+    ``args.deepspeed_config``, as in DeepSpeed. An explicit ``optimizer=``/``lr_scheduler=``
+    argument wins over the config, as in DeepSpeed.
+    """
+    import deepspeed
+
+    if config is None and config_params is not None:
+        config, config_params = config_params, None
+    if config is None and args is not None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+        args = copy.copy(args)
+        args.deepspeed_config = None
+    cfg = load_ds_config(config)
+    if cfg is None:
+        raise ConfigError("config = None: pass a DeepSpeed config (dict or JSON path)")
+    if model is None:
+        raise ConfigError("model = None: initialize needs the model to wrap")
+
+    cfg, opt_spec, sched_spec = split_config(
+        cfg, client_optimizer=optimizer is not None, client_scheduler=lr_scheduler is not None
+    )
+    schedule_free = False
+    if opt_spec is not None:
+        params = model_parameters if model_parameters is not None else model.parameters()
+        optimizer = build_optimizer(opt_spec, list(params))
+        model_parameters = None
+        schedule_free = True
+    elif optimizer is not None and _looks_schedule_free(optimizer):
+        check_schedule_free_supported(cfg)
+        cfg["zero_allow_untested_optimizer"] = True
+        schedule_free = True
+    if sched_spec is not None:
+        lr_scheduler = _scheduler_factory(sched_spec)
+
+    # Group membership by parameter name, recorded before DeepSpeed flattens the groups (and
+    # drops empty ones, as it does in _configure_optimizer).
+    group_names: list[list[str]] = []
+    group_of: dict[int, int] = {}
+    if schedule_free and isinstance(optimizer, torch.optim.Optimizer):
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        for g in optimizer.param_groups:
+            if not g["params"]:
+                continue
+            names = [name_of[id(p)] for p in g["params"] if p.requires_grad and id(p) in name_of]
+            for p in g["params"]:
+                group_of[id(p)] = len(group_names)
+            group_names.append(names)
+
+    kwargs: dict[str, Any] = dict(
+        args=args,
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        training_data=training_data,
+        lr_scheduler=lr_scheduler,
+        mpu=mpu,
+        dist_init_required=dist_init_required,
+        collate_fn=collate_fn,
+        config=cfg,
+        mesh_param=mesh_param,
+    )
+    if distributed_port is not None:
+        kwargs["distributed_port"] = distributed_port
+    engine, ds_opt, loader, sched = deepspeed.initialize(**kwargs)
+
+    schedule_free = schedule_free or _looks_schedule_free(ds_layout.inner_optimizer(engine))
+    engine._megawsd = _EngineState(
+        schedule_free=schedule_free, group_of=group_of, group_names=group_names
+    )
+    if schedule_free:
+        _attach(engine)
+    return engine, ds_opt, loader, sched
+
+
+def _looks_schedule_free(opt) -> bool:
+    """Our optimizer or the stock ``schedulefree.AdamWScheduleFree`` (same state layout)."""
+    return isinstance(opt, torch.optim.Optimizer) and bool(opt.param_groups) and all(
+        "train_mode" in g and "weight_sum" in g for g in opt.param_groups
+    )
+
+
+def _attach(engine) -> None:
+    """Install the step hook, train mode, and checkpoint hooks on a schedule-free engine."""
+    inner = ds_layout.inner_optimizer(engine)
+    if ds_layout.path_name(engine) == "stage0" and engine.optimizer is not inner:
+        raise OptimizerError(
+            f"optimizer wrapper = {type(engine.optimizer).__name__}: not supported with "
+            "schedule-free; use ZeRO stage 1-3 for bf16/fp16, or fp32"
+        )
+    # Only the flag: no parameter holds x yet (there is no z before the first step).
+    for g in inner.param_groups:
+        g["train_mode"] = True
+
+    wrapped = engine.optimizer
+    orig_step = wrapped.step
+
+    def step(*args, **kwargs):
+        if engine._megawsd.in_eval:
+            raise OptimizerError(
+                "engine.step() inside eval_mode: the model holds x; leave eval_mode "
+                "(or call engine_train(engine)) before stepping"
+            )
+        if hasattr(inner, "set_step_id"):
+            inner.set_step_id(int(engine.global_steps))
+        out = orig_step(*args, **kwargs)
+        ds_layout.relink_state_fragments(engine)
+        return out
+
+    wrapped.step = step
+
+    orig_load = engine.load_checkpoint
+
+    def load_checkpoint_hook(*args, **kwargs):
+        out = orig_load(*args, **kwargs)
+        ds_layout.relink_state_fragments(engine)
+        return out
+
+    engine.load_checkpoint = load_checkpoint_hook
+
+    orig_save = engine.save_checkpoint
+
+    def save_checkpoint_hook(save_dir, tag=None, client_state=None, *args, **kwargs):
+        # Parameter names per optimizer group: stage-0 checkpoints have no other record of
+        # which state entry belongs to which parameter, and groups carry betas for x.
+        from megawsd.integrations.ds_checkpoint import GROUP_NAMES_KEY
+
+        client_state = dict(client_state or {})
+        client_state[GROUP_NAMES_KEY] = _group_names(engine)
+        args = (save_dir, tag, client_state, *args)
+        # The checkpoint holds y: leave eval mode around the save if needed.
+        if engine._megawsd.in_eval:
+            engine_train(engine)
+            try:
+                return orig_save(*args, **kwargs)
+            finally:
+                engine_eval(engine)
+        return orig_save(*args, **kwargs)
+
+    engine.save_checkpoint = save_checkpoint_hook
+
+
+def _group_names(engine) -> list[list[str]]:
+    """Trainable parameter names of each inner optimizer group, in the group's order."""
+    st = _state(engine)
+    if st.group_names:
+        return [list(n) for n in st.group_names]
+    return [[n for n, p in engine.module.named_parameters() if p.requires_grad]]
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation weights
+
+
+def _write_x(y: torch.Tensor, z: torch.Tensor, beta1: float, out: torch.Tensor) -> None:
+    """x = (y - (1-β1) z)/β1 into ``out`` (any float dtype), y and z untouched."""
+    from megawsd.kernels import write_x
+
+    write_x(y, z, beta1, out)
+
+
+def _state(engine) -> _EngineState:
+    st = getattr(engine, "_megawsd", None)
+    if st is None:
+        raise OptimizerError(
+            "engine: was not created by megawsd.deepspeed.initialize; create it there so the "
+            "schedule-free hooks are installed"
+        )
+    return st
+
+
+@torch.no_grad()
+def engine_eval(engine) -> None:
+    """Put x into the model's working weights (all ranks must call; a no-op when already in)."""
+    st = _state(engine)
+    if not st.schedule_free or st.in_eval:
+        st.in_eval = st.schedule_free or st.in_eval
+        return
+    inner = ds_layout.inner_optimizer(engine)
+    ds_layout.before_write(engine)
+    shards = ds_layout.shards(engine)
+    for sh in shards:
+        z = inner.state.get(sh.y, {}).get("z")
+        if z is None:
+            continue  # never stepped: x == y
+        beta1 = sh.group["betas"][0]
+        if sh.aliased:
+            sh.stash = sh.y.detach().clone()
+            _write_x(sh.stash, z, beta1, sh.y)
+        else:
+            _write_x(sh.y, z, beta1, sh.lp)
+    ds_layout.publish(engine)
+    st.shards = shards
+    st.in_eval = True
+
+
+@torch.no_grad()
+def engine_train(engine) -> None:
+    """Put y back into the model's working weights, bit-exactly (all ranks must call)."""
+    st = _state(engine)
+    if not st.in_eval:
+        return
+    if not st.schedule_free:
+        st.in_eval = False
+        return
+    ds_layout.before_write(engine)
+    for sh in st.shards or []:
+        if sh.aliased:
+            if sh.stash is not None:
+                sh.y.copy_(sh.stash)
+        else:
+            sh.lp.copy_(sh.y)
+        sh.stash = None
+    ds_layout.publish(engine)
+    st.shards = None
+    st.in_eval = False
+
+
+@contextlib.contextmanager
+def eval_mode(engine) -> Iterator[None]:
+    """``with eval_mode(engine):`` evaluate at x; y is restored on exit (also on error).
+
+    Also puts the module in ``eval()`` (dropout off) and restores its previous mode.
+    """
+    was_training = engine.module.training
+    engine_eval(engine)
+    engine.module.eval()
+    try:
+        yield
+    finally:
+        engine_train(engine)
+        engine.module.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# full (consolidated) weights of a live engine
+
+
+def _stage0_full(engine, key: str | None) -> dict[int, torch.Tensor]:
+    """id(model param) -> fp32 full tensor of y (key None) or state[key], stage 0 paths."""
+    st = _state(engine)
+    inner = ds_layout.inner_optimizer(engine)
+    out: dict[int, torch.Tensor] = {}
+    if ds_layout.path_name(engine) == "stage0":  # fp32: the model's params are the masters
+        stash = {id(sh.y): sh.stash for sh in (st.shards or []) if sh.stash is not None}
+        for g in inner.param_groups:
+            for p in g["params"]:
+                if key is None:
+                    out[id(p)] = stash.get(id(p), p.detach()).float().clone()
+                else:
+                    s = inner.state.get(p, {})
+                    out[id(p)] = s[key].float().clone() if key in s else None
+        return out
+    raise OptimizerError(f"optimizer wrapper = {type(engine.optimizer).__name__}: unsupported")
+
+
+def full_param_tensors(engine, key: str | None = None) -> dict[str, torch.Tensor | None]:
+    """Every trainable parameter's full fp32 master (key None) or optimizer state ``key``.
+
+    Collective: every rank must call it; every rank gets the full tensors (DeepSpeed's
+    ``safe_get_full_*`` all-reduce them). None where the state does not exist yet.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if ds_layout.zero_stage(engine) == 0:
+        by_id = _stage0_full(engine, key)
+        return {n: by_id.get(id(p)) for n, p in engine.module.named_parameters() if p.requires_grad}
+    out: dict[str, torch.Tensor | None] = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if key is None:
+            t = safe_get_full_fp32_param(p)
+        else:
+            t = safe_get_full_optimizer_state(p, key)
+        out[name] = None if t is None else t.detach().float().clone()
+    return out
+
+
+def _beta1_by_name(engine) -> dict[str, float]:
+    st = _state(engine)
+    inner = ds_layout.inner_optimizer(engine)
+    betas = [g["betas"][0] for g in inner.param_groups]
+    out = {}
+    for name, p in engine.module.named_parameters():
+        gi = st.group_of.get(id(p), 0)
+        out[name] = betas[gi] if gi < len(betas) else betas[0]
+    return out
+
+
+def consolidated_state_dict(engine, weights: str = "x") -> dict[str, torch.Tensor]:
+    """Full fp32 weights by parameter name, on rank 0 (an empty dict on other ranks).
+
+    ``weights="x"``: the schedule-free evaluation weights (y - (1-β1) z)/β1, computed in fp32
+    from the masters; ``"y"``: the masters themselves. Collective: every rank must call it.
+    Non-schedule-free engines return their masters for either choice.
+    """
+    if weights not in ("x", "y"):
+        raise field_error("weights", weights, 'use "x" (evaluation weights) or "y" (masters)')
+    ys = full_param_tensors(engine, None)
+    st = _state(engine)
+    if weights == "x" and st.schedule_free:
+        zs = full_param_tensors(engine, "z")
+        b1 = _beta1_by_name(engine)
+        result = {}
+        for name, y in ys.items():
+            z = zs.get(name)
+            if z is None:
+                result[name] = y
+            else:  # the same kernel as eval_mode, so export and evaluation agree bit for bit
+                result[name] = torch.empty_like(y)
+                _write_x(y, z, b1[name], result[name])
+    else:
+        result = dict(ys)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return result if rank == 0 else {}
+
+
+# Re-exported here so that train code imports checkpoint functions from one place.
+from megawsd.integrations.ds_checkpoint import (  # noqa: E402
+    consolidate_checkpoint,
+    load_checkpoint,
+    read_full_checkpoint,
+)
+
+__all__ = [
+    "initialize",
+    "eval_mode",
+    "engine_eval",
+    "engine_train",
+    "consolidated_state_dict",
+    "consolidate_checkpoint",
+    "load_checkpoint",
+    "read_full_checkpoint",
+    "full_param_tensors",
+    "is_schedule_free_type",
+]
