@@ -71,9 +71,9 @@ def setup(tmp_path_factory):
     data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
     cfg = write_config(tmp / "run.yaml", data, steps=STEPS, optimizer__type="schedule_free_adamw",
                        optimizer__params={"backend": "foreach"},
-                       # untied: the 2 -> 1 rank resharding (megawsd.integrations.ds_checkpoint)
-                       # rejects tied embeddings' alias 'lm_head.weight' (reported, not ours)
-                       model={"preset": "tiny", "overrides": {"tie_word_embeddings": False}},
+                       # tied embeddings (the presets' default): the 2 -> 1 rank resharding
+                       # must accept the alias 'lm_head.weight'
+                       model={"preset": "tiny"},
                        deepspeed__zero_stage=2, checkpoint__interval=3, checkpoint__keep_last=2,
                        checkpoint__at=[12], eval__interval=8)
     straight = tmp / "straight"

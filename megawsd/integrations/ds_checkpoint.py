@@ -276,8 +276,11 @@ def load_full_state(engine, full: FullCheckpoint) -> None:
         ds.engine_train(engine)
     inner = ds_layout.inner_optimizer(engine)
     named = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    # Tied weights (e.g. lm_head.weight = embed_tokens.weight): named_parameters() lists the
+    # shared tensor once, the consolidated checkpoint under every name. Aliases are fine.
+    aliases = {n for n, _ in engine.module.named_parameters(remove_duplicate=False)} - set(named)
     missing = sorted(set(named) - set(full.params))
-    extra = sorted(set(full.params) - set(named))
+    extra = sorted(set(full.params) - set(named) - aliases)
     if missing or extra:
         raise CheckpointError(
             f"checkpoint parameters differ from the model: missing {missing[:5]}, unexpected "

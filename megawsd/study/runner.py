@@ -1,0 +1,285 @@
+"""Run what a study is missing, in the plan's fixed order; resumable after a kill.
+
+Progress is read from the run directories, never from a file of our own that could disagree
+with them: a run is done when its run.json says ``status: done`` at its planned last step; a
+run that was started and killed is continued by rerunning the same `megawsd train` / `megawsd
+branch` command (both resume from the run's latest checkpoint); an offline SWA/EMA result is a
+file under ``averages/`` written atomically once computed.
+
+Every run is a subprocess ``python -m megawsd.cli train|branch ...`` (DeepSpeed keeps global
+state, so several engines in one process do not work, and a crash stays contained), logging
+to ``STUDY/logs/``. ``--jobs J`` runs up to J independent runs at once (a branch waits for its
+parent's checkpoint at the branch step); the launch order stays the plan's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megawsd.errors import ConfigError, MegawsdError
+from megawsd.study.plan import Plan, PlannedRun, make_plan
+from megawsd.study.spec import StudySpec, load_spec
+
+log = logging.getLogger("megawsd.study")
+
+# Config keys that may differ between a done run and the plan without changing its result.
+_NOT_RESULT_KEYS = {"run_dir", "name", "eval", "checkpoint", "logging", "micro_batch_size",
+                    "deepspeed"}
+
+
+def study_dir_for(spec: StudySpec, out: str | None) -> Path:
+    return Path(out or spec.out or Path("studies") / (spec.name or "study"))
+
+
+def _flat(name: str) -> str:
+    return name.removeprefix("runs/").replace("/branches/", "--").replace("/", "--")
+
+
+def run_state(study_dir: Path, r: PlannedRun) -> str:
+    """'done' | 'partial' (started: resume it) | 'missing'."""
+    path = study_dir / r.path
+    try:
+        info = json.loads((path / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return "missing"
+    if info.get("status") == "done" and info.get("step") == r.steps:
+        return "done"
+    return "partial"
+
+
+def check_done_run(study_dir: Path, r: PlannedRun) -> None:
+    """A finished run must be the run the plan asks for; else its result would be mislabeled."""
+    path = study_dir / r.path
+    stored = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if r.kind == "train":
+        from megawsd.train.config import from_dict
+
+        want = from_dict(r.config).resolved()
+        diff = sorted(k for k in set(want) | set(stored)
+                      if k not in _NOT_RESULT_KEYS and want.get(k) != stored.get(k))
+    else:
+        b = ((stored.get("schedule") or {}).get("branches") or [{}])[-1]
+        got = {"at": b.get("at_step"), "decay": b.get("decay_steps"), "shape": b.get("shape"),
+               "steps": stored.get("steps")}
+        exp = {"at": r.at, "decay": r.decay, "shape": r.shape, "steps": r.steps}
+        diff = [k for k in exp if exp[k] != got[k]]
+        mr = b.get("min_ratio")
+        if mr is not None and r.min_ratio is not None and abs(mr - r.min_ratio) > 1e-12:
+            diff.append("min_ratio")
+    if diff:
+        raise ConfigError(f"{str(path)!r}: a finished run with another config ({', '.join(diff)}) "
+                          "than the study plans; the study changed since it ran: use another "
+                          "--out directory, or move that run away to retrain it")
+
+
+def _prepare_data(spec: StudySpec, logs: Path) -> None:
+    d = spec.data
+    if d is None or (Path(d.out) / "meta.json").exists():
+        return
+    cmd = [sys.executable, "-m", "megawsd.cli", "data", "prepare", "--input", d.input,
+           "--out", d.out, "--vocab-size", str(d.vocab_size), "--no-progress", *d.args]
+    log.info("preparing data: %s", " ".join(cmd[3:]))
+    with open(logs / "data-prepare.log", "a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise MegawsdError(f"data.input = {d.input!r}: `megawsd data prepare` failed (exit {rc}); "
+                           f"see {logs / 'data-prepare.log'}")
+
+
+def _command(study_dir: Path, r: PlannedRun, config_file: Path | None, nproc: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "megawsd.cli"]
+    if r.kind == "train":
+        cmd += ["train", str(config_file), "--run-dir", str(study_dir / r.path)]
+    else:
+        cmd += ["branch", str(study_dir / r.parent), "--at", str(r.at), "--decay", str(r.decay),
+                "--shape", r.shape, "--min-ratio", repr(float(r.min_ratio or 0.0)),
+                "--name", Path(r.path).name]
+    if nproc and nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    return cmd
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
+    """Linux: the child gets SIGTERM (checkpoint, exit) if the study process dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _ready(study_dir: Path, r: PlannedRun, done: set[str]) -> bool:
+    if r.kind == "train":
+        return True
+    if r.parent in done:
+        return True
+    from megawsd.train.rundir import RunDir
+
+    return r.at in RunDir(study_dir / r.parent).saved_steps()
+
+
+def execute(plan: Plan, study_dir: Path, *, nproc: int | None = None, jobs: int = 1,
+            dry_run: bool = False) -> dict[str, Any]:
+    """Run the missing runs. Returns {"skipped": [...], "ran": [...]}."""
+    logs = study_dir / "logs"
+    cfg_dir = study_dir / "plan"
+    logs.mkdir(parents=True, exist_ok=True)
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    todo: list[PlannedRun] = []
+    for r in plan.runs:
+        state = run_state(study_dir, r)
+        if state == "done":
+            check_done_run(study_dir, r)
+            done.add(r.name)
+        else:
+            todo.append(r)
+    skipped = sorted(done)
+    log.info("study %s: %d of %d runs done, %d to run", plan.name, len(done), len(plan.runs),
+             len(todo))
+    if dry_run:
+        return {"skipped": skipped, "ran": [], "todo": [r.name for r in todo]}
+    env = dict(os.environ, MEGAWSD_NO_BAR="1")
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (jobs * max(nproc or 1, 1))))
+    stop = _Stop()
+    running: dict[str, tuple[subprocess.Popen, Any, PlannedRun]] = {}
+    ran: list[str] = []
+    failure: str | None = None
+    try:
+        while (todo or running) and not (stop.requested and not running):
+            for name, (proc, fh, r) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                fh.close()
+                del running[name]
+                if proc.returncode == 0 and run_state(study_dir, r) == "done":
+                    done.add(name)
+                    ran.append(name)
+                    log.info("done: %s", name)
+                elif not stop.requested and failure is None:
+                    failure = (f"run {name!r} failed (exit {proc.returncode}); see "
+                               f"{logs / (_flat(name) + '.log')}; fix it and rerun the study with "
+                               "--resume (finished runs are kept)")
+            if stop.requested or failure:
+                for proc, _, _ in running.values():
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)  # the run checkpoints and exits
+                todo = []
+                time.sleep(0.2)
+                continue
+            while todo and len(running) < jobs:
+                nxt = next((r for r in todo if _ready(study_dir, r, done)), None)
+                if nxt is None or (jobs == 1 and nxt is not todo[0]):
+                    break
+                todo.remove(nxt)
+                config_file = None
+                if nxt.kind == "train":
+                    config_file = cfg_dir / f"{_flat(nxt.name)}.yaml"
+                    config_file.write_text(yaml.safe_dump(nxt.config, sort_keys=False))
+                cmd = _command(study_dir, nxt, config_file, nproc)
+                log.info("start: %s", nxt.name)
+                fh = open(logs / f"{_flat(nxt.name)}.log", "a")
+                fh.write(f"\n$ {' '.join(cmd)}\n")
+                fh.flush()
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
+                running[nxt.name] = (proc, fh, nxt)
+            if todo and not running:
+                raise MegawsdError(f"run {todo[0].name!r}: its parent has no checkpoint at step "
+                                   f"{todo[0].at}; rerun with --resume")
+            time.sleep(0.2)
+    finally:
+        for proc, fh, _ in running.values():
+            proc.wait()
+            fh.close()
+        stop.restore()
+    if failure:
+        raise MegawsdError(failure)
+    if stop.requested:
+        raise MegawsdError(f"study {plan.name!r}: stopped by a signal; rerun with --resume to "
+                           "continue (runs checkpointed on the way out)")
+    return {"skipped": skipped, "ran": ran, "todo": []}
+
+
+def compute_averages(plan: Plan, study_dir: Path) -> list[str]:
+    """SWA/EMA cells: compute the ones whose result file is missing."""
+    from megawsd.study.averaged import evaluate_average
+    from megawsd.train.rundir import atomic_write
+
+    made = []
+    for c in plan.cells:
+        if c.source != "average":
+            continue
+        out = study_dir / c.average["file"]
+        if out.exists():
+            continue
+        log.info("averaging %s: %s of %d snapshots", c.run, c.average["kind"],
+                 len(c.average["steps"]))
+        res = evaluate_average(study_dir / c.run, c.average["steps"], c.average["kind"],
+                               c.average.get("decay"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, json.dumps({**res, "run": c.run, "budget": c.budget}, indent=2) + "\n")
+        made.append(str(out))
+    return made
+
+
+def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | None = None,
+              resume: bool = False, jobs: int = 1, dry_run: bool = False,
+              report: bool = True) -> Path:
+    """`megawsd study STUDY.yaml`: plan, run what is missing, average, report."""
+    from megawsd.train.rundir import atomic_write
+
+    spec = load_spec(spec_path)
+    plan = make_plan(spec)
+    study_dir = study_dir_for(spec, out)
+    if jobs < 1:
+        raise ConfigError(f"--jobs = {jobs}: give 1 or more")
+    started = [r.name for r in plan.runs if run_state(study_dir, r) != "missing"]
+    if started and not resume and not dry_run:
+        raise ConfigError(f"--out = {str(study_dir)!r}: holds runs of a study already "
+                          f"({len(started)} of {len(plan.runs)} started); pass --resume to "
+                          "continue it, or another --out for a new study")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(study_dir / "study.yaml",
+                 yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    atomic_write(study_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
+    (study_dir / "logs").mkdir(exist_ok=True)
+    if not dry_run:
+        _prepare_data(spec, study_dir / "logs")
+    result = execute(plan, study_dir, nproc=nproc, jobs=jobs, dry_run=dry_run)
+    if dry_run:
+        for name in result["todo"]:
+            print(f"to run: {name}")
+        return study_dir
+    compute_averages(plan, study_dir)
+    if report:
+        from megawsd.analysis.study_report import write_report
+
+        path = write_report(study_dir)
+        log.info("report: %s", path)
+    return study_dir
