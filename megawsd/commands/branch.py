@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +64,16 @@ def run(args: argparse.Namespace) -> int:
         if args.no_train:
             continue
         cfg = from_dict(p.config)
-        config_file = run.config_file
-        rc = launch_or_run([str(config_file), "--run-dir", str(run.path)], run.path,
-                           nproc=nproc if (nproc or 1) > 1 or args.hostfile else None,
-                           hostfile=args.hostfile, master_port=args.master_port,
-                           check_world=lambda n, cfg=cfg: cfg.check_layout(n))
+        module_args = [str(run.config_file), "--run-dir", str(run.path)]
+        launched = (nproc or 1) > 1 or args.hostfile
+        if not launched and len(plans) > 1:
+            # One process cannot host two DeepSpeed trainings in a row (its process-group
+            # registry keeps the first one's groups), so each branch gets its own process.
+            rc = subprocess.call([sys.executable, "-m", "megawsd.train", *module_args])
+        else:
+            rc = launch_or_run(module_args, run.path, nproc=nproc if launched else None,
+                               hostfile=args.hostfile, master_port=args.master_port,
+                               check_world=lambda n, cfg=cfg: cfg.check_layout(n))
         if rc != 0:
             log.error("branch %s failed (exit %d)", p.name, rc)
             return rc
