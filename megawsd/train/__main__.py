@@ -33,11 +33,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _dist_timeout(args: argparse.Namespace) -> float | None:
+    """stability.dist_timeout_s of the config (needed before the process group exists);
+    a config error is reported after joining, like every other error."""
+    from megawsd.train.config import load_config
+
+    try:
+        return load_config(args.config, args.overrides).stability.dist_timeout_s
+    except MegawsdError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megawsd.train.launcher import init_distributed
 
-    rank = init_distributed()
+    rank = init_distributed(_dist_timeout(args))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
                         force=True)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megawsd.errors import CheckpointError
+from megawsd.train import integrity
 from megawsd.train.rundir import LATEST, STATE_FILE, RunDir, atomic_write, tag_for
 
 log = logging.getLogger(__name__)
@@ -58,29 +59,64 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int) -> Path:
-    """Save on every rank (collective); returns the final tag directory."""
+def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
+         manifest: str = "sha256", inject: OSError | None = None) -> Path:
+    """Save on every rank (collective); returns the final tag directory.
+
+    A write error on any rank (disk full, permissions) is caught where it happens, agreed on
+    by all ranks, the temporary directory removed, and CheckpointSaveError raised on every
+    rank: earlier checkpoints and ``latest`` are never touched (megawsd.train.integrity).
+    ``manifest``: "sha256" or "size" (what the manifest records); ``inject``: fault injection.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     tag = tag_for(step)
     tmp_tag = f".tmp_{tag}"
     tmp_dir = run.ckpt_dir / tmp_tag
     final = run.ckpt_dir / tag
+    previous = run.latest_step()
     if rank == 0:
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tmp_dir.exists():  # left by a killed save
             shutil.rmtree(tmp_dir)
     _barrier()
-    engine.save_checkpoint(str(run.ckpt_dir), tag=tmp_tag, save_latest=False,
-                           client_state={"megawsd_step": step})
-    torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        atomic_write(tmp_dir / STATE_FILE, json.dumps({**state, "step": step}, indent=2) + "\n")
-        if final.exists():  # the same step saved again (a resumed run re-reaching it)
-            trash = run.ckpt_dir / f".old_{tag}_{os.getpid()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp_dir, final)
-        atomic_write(run.ckpt_dir / LATEST, tag + "\n")
+    with integrity.WriteGuard(engine, inject) as guard:
+        engine.save_checkpoint(str(run.ckpt_dir), tag=tmp_tag, save_latest=False,
+                               client_state={"megawsd_step": step})
+        if guard.error is None:
+            with guard.local():
+                torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
+    failures = integrity.agree(guard.error, world)
+    if not failures:
+        error = None
+        if rank == 0:
+            try:
+                atomic_write(tmp_dir / STATE_FILE,
+                             json.dumps({**state, "step": step}, indent=2) + "\n")
+            except OSError as err:
+                error = err
+        failures = integrity.agree(error, world)
+    if not failures:
+        files = integrity.build_manifest(tmp_dir, rank=rank, world=world, level=manifest)
+        error = None
+        if rank == 0:
+            try:
+                integrity.write_manifest(tmp_dir, files)
+                integrity.fsync_tree(tmp_dir)  # nothing is published that is not on disk
+                if final.exists():  # the same step saved again (a resumed run re-reaching it)
+                    trash = run.ckpt_dir / f".old_{tag}_{os.getpid()}"
+                    os.replace(final, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                os.replace(tmp_dir, final)
+                integrity.fsync_dir(run.ckpt_dir)
+                integrity.atomic_write_text(run.ckpt_dir / LATEST, tag + "\n")
+            except OSError as err:
+                error = err
+        failures = integrity.agree(error, world)
+    if failures:
+        if rank == 0:
+            integrity.remove_tree(tmp_dir)
+        _barrier()
+        raise integrity.save_error(step, final, failures, previous)
     _barrier()
     return final
 

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megawsd.errors import ConfigError
+from megawsd.train.stability import StabilityConfig
 
 OPTIMIZER_ALIASES = {
     "adamw": "adamw",
@@ -168,6 +169,7 @@ class RunConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     deepspeed: DeepSpeedBlock = Field(default_factory=DeepSpeedBlock)
     init_from: InitFrom | None = None
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)  # issue 6
 
     @field_validator("tokens", "steps", mode="before")
     @classmethod

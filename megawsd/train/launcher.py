@@ -39,8 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> int:
-    """Join the process group (a world of one when nothing launched us); returns the rank."""
+def init_distributed(timeout_s: float | None = None) -> int:
+    """Join the process group (a world of one when nothing launched us); returns the rank.
+
+    ``timeout_s`` bounds every collective: a rank whose peer died or hangs raises after it
+    instead of waiting forever (stability.dist_timeout_s; the DeepSpeed launcher then
+    terminates the other ranks)."""
     if not already_launched():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -51,7 +55,12 @@ def init_distributed() -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if cpu_only() else None)
+        kwargs = {}
+        if timeout_s is not None:
+            import datetime
+
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        deepspeed.init_distributed(dist_backend="gloo" if cpu_only() else None, **kwargs)
     return dist.get_rank()
 
 

@@ -26,9 +26,12 @@ import torch.nn.functional as F
 
 from megawsd.errors import CheckpointError, ConfigError
 from megawsd.train import checkpoint as ckpt
+from megawsd.train import integrity
 from megawsd.train.config import RunConfig
 from megawsd.train.engine import build_engine, build_stream, set_lr
-from megawsd.train.rundir import MetricsWriter, RunDir, atomic_write
+from megawsd.train.guard import EventLog, StabilityGuard
+from megawsd.train.rundir import MetricsWriter, RunDir, atomic_write, tag_for
+from megawsd.train.stability import StabilityError
 
 log = logging.getLogger("megawsd.train")
 
@@ -52,6 +55,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
     rank, world = dist.get_rank(), dist.get_world_size()
     run = RunDir(run_dir)
     stream = build_stream(cfg)
+    # Token files changed since preparation are refused before anything is built.
+    integrity.rank0_check(lambda: integrity.verify_data(
+        integrity.stream_metas(stream), run.path, cfg.stability.verify_data), world)
     gas = cfg.check_layout(world)
     schedule = cfg.build_schedule()
     peak_lr = cfg.optimizer.lr
@@ -61,7 +67,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
     device = engine.device
     schedule_free = getattr(getattr(engine, "_megawsd", None), "schedule_free", False)
 
-    start = _restore(engine, cfg, run, stream, rank, world, require_checkpoint)
+    guard = StabilityGuard(cfg.stability, engine, rank=rank, world=world)
+    start = _restore(engine, cfg, run, stream, rank, world, require_checkpoint, guard)
     if start >= total:
         log.info("%s is already at step %d of %d: nothing to do", run.path, start, total)
         return 0
@@ -74,6 +81,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
         # The architecture, for export and analysis (which never rebuild it from presets).
         atomic_write(run.path / "model_config.json", hf_config.to_json_string())
     metrics = MetricsWriter(run, cfg.logging.tensorboard) if rank == 0 else None
+    events = EventLog(run.path, metrics) if rank == 0 else None
+    if events is not None:
+        events.truncate(guard.monitor.seq)  # events after the checkpoint happen again
     val = stream.val_batches(cfg.eval.batches, cfg.eval.batch_size or cfg.micro_batch_size * world,
                              rank, world)
     stop = StopSignal()
@@ -84,23 +94,42 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
             t0 = time.perf_counter()
             lr = peak_lr * schedule.factor(step)
             set_lr(engine, lr)
+            index = guard.batch_index(step)  # the batch stream minus skipped batches
+            guard.begin_step(step)
             loss_sum = torch.zeros((), device=device)
             for m in range(gas):
-                batch = stream.micro_batch(step, m, cfg.micro_batch_size, rank, world).to(device)
-                loss = _lm_loss(engine, batch)
+                batch = stream.micro_batch(index, m, cfg.micro_batch_size, rank, world).to(device)
+                loss = guard.fault_loss(_lm_loss(engine, batch), index)
                 engine.backward(loss)
+                loss_sum += loss.detach().float()
+                if m == gas - 1:
+                    # One collective for the mean loss, the stop flag and max |act|: every
+                    # rank stops together and the stability gate decides the same everywhere.
+                    last_loss, stopping = guard.before_step(step, loss_sum / gas,
+                                                            stop.requested, lr)
                 t_opt = time.perf_counter()
                 engine.step()  # the optimizer update on the last micro-batch (the boundary)
                 opt_time = time.perf_counter() - t_opt
-                loss_sum += loss.detach().float()
+            out = guard.after_step()
+            if out.action == "rollback":
+                try:
+                    step = _rollback(engine, cfg, run, stream, guard, step + 1, out.events,
+                                     rank, world)
+                finally:
+                    if events is not None:
+                        events.write(out.events)
+                continue
+            if events is not None:
+                events.write(out.events)
+            if not out.applied:
+                continue  # not applied: the schedule does not advance, the next batch is read
             step += 1
-            # One collective for the mean loss and the stop flag: every rank stops together.
-            flags = torch.stack([loss_sum / gas, torch.tensor(float(stop.requested), device=device)])
-            dist.all_reduce(flags)
-            last_loss, stopping = flags[0].item() / world, flags[1].item() > 0
             dt = time.perf_counter() - t0
             if rank == 0 and (step % cfg.logging.interval == 0 or step == total or stopping):
-                metrics.write(_train_record(step, cfg, last_loss, lr, engine, dt, opt_time))
+                record = _train_record(step, cfg, last_loss, lr, engine, dt, opt_time)
+                if out.grad_norm is not None:
+                    record["grad_norm"] = out.grad_norm
+                metrics.write({**record, **out.stats})
             progress.update(step, last_loss, lr, cfg.tokens_per_step / dt)
             if cfg.eval.batches and ((cfg.eval.interval and step % cfg.eval.interval == 0)
                                      or step == total):
@@ -110,15 +139,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
                                    "val_loss": last_val, "val_ppl": _ppl(last_val),
                                    "eval_mode": "x" if schedule_free else "params"})
             if _checkpoint_due(cfg, step, total) or stopping:
-                _save(engine, cfg, run, stream, schedule, step, rank, world)
+                _save(engine, cfg, run, stream, schedule, step, rank, world, guard, events)
             if stopping:
                 break
     except BaseException:
         if rank == 0:
-            run.update_run_json(status="failed", step=step)
+            try:
+                run.update_run_json(status="failed", step=step)
+            except OSError as err:  # e.g. the disk that just filled up: keep the first error
+                log.error("could not mark %s failed: %s", run.run_json, err)
         raise
     finally:
         progress.close()
+        if events is not None:
+            events.close()
         if metrics is not None:
             metrics.close()
     if rank == 0:
@@ -184,17 +218,32 @@ def _checkpoint_due(cfg: RunConfig, step: int, total: int) -> bool:
         step == total and c.save_final)
 
 
-def _state(engine, cfg, stream, schedule, step, world) -> dict:
+def _state(engine, cfg, stream, schedule, step, world, guard) -> dict:
     from megawsd.integrations.ds_layout import zero_stage
 
     return {"step": step, "tokens": step * cfg.tokens_per_step, "schedule": schedule.to_dict(),
             "data": stream.state_dict(), "world_size": world, "zero_stage": zero_stage(engine),
-            "seed": cfg.seed, "optimizer": cfg.optimizer.kind, "time": time.time()}
+            "seed": cfg.seed, "optimizer": cfg.optimizer.kind, "time": time.time(),
+            "stability": guard.state_dict()}
 
 
-def _save(engine, cfg, run, stream, schedule, step, rank, world) -> None:
+def _save(engine, cfg, run, stream, schedule, step, rank, world, guard, events) -> None:
     t0 = time.perf_counter()
-    ckpt.save(engine, run, step, _state(engine, cfg, stream, schedule, step, world), rank=rank)
+    s = cfg.stability
+    try:
+        ckpt.save(engine, run, step, _state(engine, cfg, stream, schedule, step, world, guard),
+                  rank=rank, manifest="size" if s.verify_checkpoints == "size" else "sha256",
+                  inject=guard.faults.save_error(step) if guard.faults else None)
+    except integrity.CheckpointSaveError as err:
+        if s.on_save_error == "stop":
+            raise
+        log.warning("%s\ncontinuing without it (stability.on_save_error: warn)", err)
+        if events is not None:
+            from megawsd.train.stability import Event
+
+            events.write([Event(step=step, type="save_error", action="warn", value=None,
+                                seq=guard.monitor.seq, detail={"error": str(err)})])
+        return
     if rank == 0:
         c = cfg.checkpoint
         ckpt.apply_retention(run, c.keep_last, c.keep_every, set(c.at))
@@ -202,13 +251,16 @@ def _save(engine, cfg, run, stream, schedule, step, rank, world) -> None:
         log.info("checkpoint step %d (%.1fs)", step, time.perf_counter() - t0)
 
 
-def _restore(engine, cfg, run, stream, rank, world, require_checkpoint) -> int:
-    """Continue this run's own latest checkpoint, else start a branch from its parent's,
-    else start at step 0. Returns the number of steps already taken."""
-    own = run.latest_step()
+def _restore(engine, cfg, run, stream, rank, world, require_checkpoint, guard) -> int:
+    """Continue this run's own newest intact checkpoint, else start a branch from its
+    parent's, else start at step 0. Returns the number of steps already taken."""
+    own = integrity.choose_checkpoint(
+        run.ckpt_dir, run.saved_steps(), tag_for, latest=run.latest_step(),
+        level=cfg.stability.verify_checkpoints, rank=rank, world=world)
     if own is not None:
         state = ckpt.load(engine, run, own, rank=rank, world_size=world)
         _check_data(stream, state, f"{run.path}/checkpoints (resume)")
+        guard.load_state_dict(state.get("stability"))
         log.info("resumed %s at step %d", run.path, own)
         return own
     if require_checkpoint:
@@ -219,9 +271,45 @@ def _restore(engine, cfg, run, stream, rank, world, require_checkpoint) -> int:
         state = ckpt.load(engine, parent, cfg.init_from.step, rank=rank, world_size=world)
         before = getattr(stream, "before", stream)  # a branch with new data: the parent's part
         _check_data(before, state, f"parent {parent.path}")
+        guard.load_state_dict(state.get("stability"))  # the parent's skipped batches
         log.info("branch %s from %s at step %d", run.path, parent.path, cfg.init_from.step)
         return cfg.init_from.step
     return 0
+
+
+def _rollback(engine, cfg, run, stream, guard, attempted, events, rank, world) -> int:
+    """Reload the newest intact checkpoint before step ``attempted`` (or the branch point),
+    skip the offending batches, and return the step to continue from. No checkpoint to go
+    back to: the step is skipped instead; too many rollbacks: StabilityError."""
+    steps = [s for s in run.saved_steps() if s < attempted]
+    source, target = run, None
+    if steps:
+        target = integrity.choose_checkpoint(run.ckpt_dir, steps, tag_for, latest=None,
+                                             level=cfg.stability.verify_checkpoints,
+                                             rank=rank, world=world)
+    elif cfg.init_from is not None and cfg.init_from.step < attempted:
+        source, target = RunDir((run.path / cfg.init_from.run).resolve()), cfg.init_from.step
+    rolling = [e for e in events if e.action == "rollback"]
+    if target is None:
+        for e in rolling:
+            e.action, e.detail["rollback"] = "skip", "no checkpoint before this step"
+        guard.skip_pending()
+        return attempted - 1
+    try:
+        guard.monitor.check_rollback_budget(attempted)
+    except StabilityError:
+        for e in rolling:
+            e.action = "stop"
+        raise
+    state = ckpt.load(engine, source, target, rank=rank, world_size=world)
+    _check_data(getattr(stream, "before", stream) if source is not run else stream, state,
+                f"rollback to {source.path} step {target}")
+    lo, hi = guard.rollback(attempted, target, state)
+    for e in rolling:
+        e.detail.update(rollback_to=target, skipped_batches=[lo, hi])
+    log.warning("rolled back from step %d to checkpoint step %d, skipping batches [%d, %d)",
+                attempted, target, lo, hi)
+    return target
 
 
 def _check_data(stream, state: dict, where: str) -> None:

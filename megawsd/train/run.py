@@ -10,11 +10,13 @@ import yaml
 
 from megawsd.errors import ConfigError
 from megawsd.train.config import RunConfig, load_config
+from megawsd.train.integrity import rank0_check
 from megawsd.train.rundir import RunDir
+from megawsd.train.runlock import RunLock
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {"steps", "eval", "checkpoint", "logging", "run_dir", "name",
-                     "micro_batch_size", "deepspeed"}
+                     "micro_batch_size", "deepspeed", "stability"}
 
 
 def default_run_dir(cfg: RunConfig, config_path: str | Path) -> Path:
@@ -48,8 +50,15 @@ def run_from_args(config: str, run_dir: str | None, overrides: list[str], resume
     resolved["run_dir"] = str(run.path)
     rank = dist.get_rank()
     cfg.check_layout(dist.get_world_size())
-    check_same_run(run, resolved)
-    if rank == 0:
-        run.write_config(resolved)
-    dist.barrier()
-    return train(cfg, run.path, require_checkpoint=resume)
+    # One process group per run directory: rank 0 holds RUN/.lock, every rank learns
+    # whether it got it (megawsd.train.runlock).
+    lock = rank0_check(lambda: RunLock(run.path).acquire(), dist.get_world_size())
+    try:
+        check_same_run(run, resolved)
+        if rank == 0:
+            run.write_config(resolved)
+        dist.barrier()
+        return train(cfg, run.path, require_checkpoint=resume)
+    finally:
+        if lock is not None:
+            lock.release()
