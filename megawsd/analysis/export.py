@@ -590,7 +590,9 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, [s.describe() for s in sources], weights, tok_kind, notes)
+    # x and y coincide for any optimizer but schedule-free: say what was really written.
+    label = weights if any(is_schedule_free(s.run) for s in sources) else "trained"
+    return ExportResult(out, [s.describe() for s in sources], label, tok_kind, notes)
 
 
 def _member_info(s: Source) -> dict[str, Any]:
