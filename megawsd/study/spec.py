@@ -261,16 +261,10 @@ class StudySpec(_Strict):
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate STUDY.yaml; a base given as a path is read relative to the cwd or the
     study file. Raises ConfigError naming the field, the value and the fix."""
+    from megawsd.train.config import read_yaml_mapping
+
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"study = {str(p)!r}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"study = {str(p)!r}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"study = {str(p)!r}: expected a mapping of keys")
-    raw = copy.deepcopy(raw)
+    raw = copy.deepcopy(read_yaml_mapping(p, "study"))
     if isinstance(raw.get("base"), str):
         base = Path(raw["base"])
         if not base.exists() and (p.parent / base).exists():

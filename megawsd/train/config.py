@@ -247,17 +247,24 @@ class RunConfig(_Strict):
 
 # -- loading ---------------------------------------------------------------------------------
 
+def read_yaml_mapping(path: Path, field: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; ConfigError naming ``field`` otherwise."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{field} = {str(path)!r}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{field} = {str(path)!r}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{field} = {str(path)!r}: expected a mapping of keys, "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML, apply ``--set key.sub=value`` overrides, validate; ConfigError on any problem."""
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config = {str(p)!r}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config = {str(p)!r}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config = {str(p)!r}: expected a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(p, "config")
     raw = apply_overrides(raw, overrides or [])
     _resolve_relative_paths(raw, p.parent)
     return from_dict(raw, source=str(p))
