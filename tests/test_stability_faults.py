@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helpers import run_ranks
-from tests.workers.train_common import losses, prepare_data
+from tests.workers.train_common import cli_env, losses, prepare_data, wait_for_step
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parent.parent
@@ -103,25 +103,6 @@ def test_full_disk_corrupt_checkpoints_and_lock(faults):
     assert "RunLockedError" in lk["error"] and f"pid {lk['holder_pid']}" in lk["error"]
 
 
-def _env():
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-                PYTHONPATH=str(REPO), MEGAWSD_NO_BAR="1")
-
-
-def _wait_for_step(run_dir: Path, step: int, proc, timeout=240.0) -> None:
-    f = run_dir / "metrics.jsonl"
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: exit {proc.returncode}")
-        if f.exists():
-            steps = [json.loads(x).get("step", 0) for x in f.read_text().splitlines() if x.strip()]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
 def _rank_process(launcher_pid: int, rank: int):
     import psutil
 
@@ -142,11 +123,11 @@ def test_kill_rank_ends_job_then_rerun_resumes_and_matches(faults):
     run = tmp / "killed"
     cmd = [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--nproc", "2",
            "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         kill_at = random.Random().randint(2, 8)
-        _wait_for_step(run, kill_at, proc)
+        wait_for_step(run, kill_at, proc, timeout=240.0)
         victim = _rank_process(proc.pid, 0)  # rank 0 holds the run lock: it goes stale
         assert victim is not None
         victim.send_signal(signal.SIGKILL)
@@ -158,7 +139,7 @@ def test_kill_rank_ends_job_then_rerun_resumes_and_matches(faults):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert ended < 60, f"job took {ended:.0f}s to end after a rank died"
-    rerun = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True,
+    rerun = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert "taking over a stale lock" in rerun.stderr

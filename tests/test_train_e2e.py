@@ -9,51 +9,29 @@ A two-"node" launch (hostfile, --no_ssh, one rank per node) must reproduce the s
 
 import hashlib
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.dist_helpers import free_port
-from tests.workers.train_common import losses, prepare_data, write_config
+from tests.workers.train_common import cli_env, losses, prepare_data, wait_for_step, write_config
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 24
 
 
-def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(REPO), MEGAWSD_NO_BAR="1")
-    return env
-
-
 def megawsd(*args, check=True, timeout=400):
-    proc = subprocess.run([sys.executable, "-m", "megawsd.cli", *map(str, args)], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "megawsd.cli", *map(str, args)], env=cli_env(),
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"megawsd {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
-
-
-def _wait_for_step(run_dir: Path, step: int, proc, timeout=300.0) -> int:
-    f = run_dir / "metrics.jsonl"
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: exit {proc.returncode}")
-        if f.exists():
-            steps = [json.loads(x)["step"] for x in f.read_text().splitlines() if x.strip()]
-            if steps and max(steps) >= step:
-                return max(steps)
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
 def _tree_digest(path: Path) -> str:
@@ -105,7 +83,7 @@ def _ranks(cfg: Path, run: Path, world: int = 2, extra=()) -> list:
     port = free_port()
     return [subprocess.Popen(
         [sys.executable, "-m", "megawsd.train", str(cfg), "--run-dir", str(run), *extra],
-        env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+        env={**cli_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for r in range(world)]
@@ -116,9 +94,9 @@ def test_sigterm_then_sigkill_resume_equals_straight_run(setup):
     run = tmp / "interrupted"
     cmd = [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--nproc", "2", "--run-dir", str(run)]
     # 1. SIGTERM to `megawsd train`: the ranks finish the step, checkpoint, and it exits 0
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for_step(run, 4, proc)
+    wait_for_step(run, 4, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-4000:]
@@ -130,7 +108,7 @@ def test_sigterm_then_sigkill_resume_equals_straight_run(setup):
     # 2. rerun (resumes), SIGKILL every rank at a random later step
     kill_at = random.Random().randint(stopped + 2, STEPS - 4)
     ranks = _ranks(cfg, run)
-    _wait_for_step(run, kill_at, ranks[0])
+    wait_for_step(run, kill_at, ranks[0])
     for p in ranks:
         p.kill()
         p.wait()
@@ -186,7 +164,7 @@ def test_runs_plot_export_read_the_tree(setup):
             "m = M.from_pretrained(sys.argv[1]); "
             "out = m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, do_sample=False); "
             "print(out.shape[1])")
-    gen = subprocess.run([sys.executable, "-c", code, str(tmp / "hf")], env=_env(),
+    gen = subprocess.run([sys.executable, "-c", code, str(tmp / "hf")], env=cli_env(),
                          capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0 and gen.stdout.strip().endswith("8"), gen.stderr[-2000:]
 
@@ -200,7 +178,7 @@ def test_two_nodes_through_the_launcher(setup):
         [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--hostfile", str(hostfile),
          "--no-ssh", "--node-rank", str(n), "--master-addr", "127.0.0.1", "--master-port",
          str(port), "--run-dir", str(run), "--set", f"steps={STEPS // 2}"],
-        env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for n in (0, 1)]
     errs = [p.communicate(timeout=400)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)

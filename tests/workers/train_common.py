@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import time
 from pathlib import Path
 
 import yaml
@@ -61,3 +63,27 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def lrs(run_dir: Path) -> dict[int, float]:
     return {s: r["lr"] for s, r in train_records(run_dir).items()}
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for `megawsd` subprocesses: CPU ranks, one thread each, no progress bar."""
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                PYTHONPATH=str(REPO), MEGAWSD_NO_BAR="1")
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300.0) -> int:
+    """Poll RUN/metrics.jsonl until a record reaches ``step``; fail if ``proc`` ends first."""
+    f = run_dir / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: exit {proc.returncode}")
+        if f.exists():
+            steps = [json.loads(x).get("step", 0) for x in f.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
