@@ -7,12 +7,16 @@ Prints ONE JSON object on stdout (progress goes to stderr):
 
 For each size (total params), tensor count (``--tensors``: 1 = one flat partition, which is what
 DeepSpeed ZeRO hands the optimizer; 8 = a few separate layers, where per-call overhead shows)
-and param dtype it reports the median step time of
+and param dtype it reports the step time (median of per-round medians, with min and max over
+``--rounds`` interleaved rounds; see bench/bench_timing.py for why) of
 - ``megawsd``: ``ScheduleFreeAdamW(backend="auto")`` (Triton on CUDA, torch.compile on CPU),
 - ``schedulefree_foreach``: ``schedulefree.AdamWScheduleFree(foreach=True)``,
 - ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(fused=True / foreach=True)``,
 plus the machine's copy bandwidth measured in the same run (``dst.copy_(src)``, counted as read +
-write; once up front and once per row, interleaved with the steps) and each contender's achieved bandwidth = minimum bytes moved / time. Minimum bytes per
+write; once up front and once per row, interleaved with the steps) and each contender's achieved
+bandwidth = minimum bytes moved / time. ``speedup_of_megawsd`` is peer time / megawsd time taken
+round by round (> 1: megawsd faster), with its spread and ``decided`` (all rounds on one side of
+1.0). Minimum bytes per
 param: fp32 params and grads 28 (read y, g, z, v; write y, z, v -- AdamW likewise with p, g, m,
 v); bf16 params and grads with fp32 states 22. Ratios compare against megawsd; absolute times
 depend on the machine and on whatever else runs on it.
@@ -29,6 +33,7 @@ import sys
 import time
 
 import torch
+from bench_timing import interleaved_rounds, load_average, summarize
 
 BYTES_PER_PARAM = {"fp32": 28, "bf16": 22}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -136,9 +141,8 @@ def _machine(device: torch.device, threads: int) -> dict:
 
 
 def _bench_one(size, n_tensors, dname, contenders, device, args) -> dict:
-    """Time every contender on one (size, dtype). Steps are interleaved round-robin (one step of
-    each contender per round) so that load from other processes on a shared machine hits all
-    contenders alike; the median over rounds is reported."""
+    """Time every contender on one (size, dtype) with bench_timing's method: interleaved
+    rounds, one median per round, ratios taken within a round, the spread over rounds."""
     row: dict = {
         "params": size,
         "tensors": n_tensors,
@@ -161,28 +165,27 @@ def _bench_one(size, n_tensors, dname, contenders, device, args) -> dict:
     src = torch.ones(size, device=device)
     dst = torch.zeros_like(src)
     opts["_copy"] = type("Copy", (), {"step": staticmethod(lambda: dst.copy_(src))})()
-    samples: dict[str, list[float]] = {name: [] for name in opts}
-    for _ in range(args.repeats):
-        for name, opt in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            _sync(device)
-            samples[name].append(time.perf_counter() - t0)
-    times = {name: statistics.median(ts) for name, ts in samples.items()}
-    row_copy_bw = 2 * size * 4 / times.pop("_copy")
+    samples = interleaved_rounds(
+        {name: opt.step for name, opt in opts.items()},
+        rounds=args.rounds,
+        calls_per_round=args.repeats,
+        sync=lambda: _sync(device),
+    )
+    summary = summarize(samples, baseline="megawsd")
+    copy_s = summary["step_s"].pop("_copy")["median"]
+    row_copy_bw = 2 * size * 4 / copy_s
     row["copy_bandwidth_GBps"] = row_copy_bw / 1e9
-    for name, t in times.items():
-        achieved = size * BYTES_PER_PARAM[dname] / t
+    for name, spread in summary["step_s"].items():
+        achieved = size * BYTES_PER_PARAM[dname] / spread["median"]
         row[name] = {
-            "median_step_s": t,
-            "min_step_s": min(samples[name]),
+            "step_s": spread,  # median/min/max over rounds of each round's median
             "achieved_GBps": achieved / 1e9,
             "fraction_of_copy_bw": achieved / row_copy_bw,
         }
-    if "megawsd" in times:
-        row["speedup_of_megawsd"] = {
-            peer: times[peer] / times["megawsd"] for peer in times if peer != "megawsd"
-        }
+    if "megawsd_speedup" in summary:
+        summary["megawsd_speedup"].pop("_copy", None)
+        # peer time / megawsd time, round by round: > 1 means megawsd is faster.
+        row["speedup_of_megawsd"] = summary["megawsd_speedup"]
     return row
 
 
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         default="1,8",
         help="comma list: split each size into this many tensors (1 = one flat ZeRO partition)",
     )
-    ap.add_argument("--repeats", type=int, default=10, help="timed steps per contender")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one median each)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per contender per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -210,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         contenders = {k: v for k, v in contenders.items() if k in args.only.split(",")}
 
+    load_start = load_average()
     bw_bytes = min(max(sizes) * 4, 512 * 2**20)  # as large as the biggest fp32 buffer, capped
     copy_bw = copy_bandwidth(bw_bytes, device, repeats=args.repeats)
     _log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s ({bw_bytes / 2**20:.0f} MiB buffers)")
@@ -223,13 +228,16 @@ def main(argv: list[str] | None = None) -> int:
 
     out = {
         "benchmark": "optimizer_step",
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
         "machine": _machine(device, args.threads),
         "copy_bandwidth_GBps": copy_bw / 1e9,
         "config": {
             "sizes": sizes,
             "dtypes": dtypes,
             "tensors_per_size": [int(t) for t in args.tensors.split(",")],
-            "repeats": args.repeats,
+            "rounds": args.rounds,
+            "repeats_per_round": args.repeats,
             "warmup": args.warmup,
             "megawsd_backend": "triton" if device.type == "cuda" else "compiled",
         },
