@@ -37,11 +37,14 @@ def interleaved_rounds(
     rounds: int,
     calls_per_round: int,
     sync: Callable[[], None] = lambda: None,
+    before: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[list[float]]]:
     """Time each callable ``calls_per_round`` times per round, round-robin across callables.
 
     Returns ``{name: [[seconds, ...] per round]}``. ``sync`` runs after each call, inside the
-    timed region (a GPU call returns before its kernel ends).
+    timed region (a GPU call returns before its kernel ends). ``before[name]``, if given, runs
+    untimed (then ``sync``) before each call of ``name``: e.g. the forward/backward that an
+    ``engine.step()`` needs.
     """
     if rounds < 1 or calls_per_round < 1:
         raise ValueError(f"rounds={rounds} and calls_per_round={calls_per_round} must be >= 1")
@@ -51,6 +54,9 @@ def interleaved_rounds(
             samples[name].append([])
         for _ in range(calls_per_round):
             for name, fn in calls.items():
+                if before and name in before:
+                    before[name]()
+                    sync()
                 t0 = time.perf_counter()
                 fn()
                 sync()
@@ -63,9 +69,10 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def summarize(samples: dict[str, list[list[float]]], baseline: str) -> dict:
-    """Per contender: median/min/max of its round medians; per peer: the ratio peer/baseline
-    computed round by round (> 1 means the baseline is faster), with its median, min and max,
-    and ``decided`` = whether every round agrees on which side of 1.0 the ratio lies."""
+    """Per contender: median/min/max of its round medians (``step_s``); per peer: its time over
+    the baseline's, computed round by round (``time_over_baseline``; > 1 means the baseline is
+    faster), with its median, min and max, and ``decided`` = whether every round agrees on
+    which side of 1.0 the ratio lies."""
     medians = {name: [statistics.median(r) for r in rs] for name, rs in samples.items()}
     out: dict = {"step_s": {name: _spread(ms) for name, ms in medians.items()}}
     if baseline not in medians:
@@ -78,5 +85,6 @@ def summarize(samples: dict[str, list[list[float]]], baseline: str) -> dict:
         spread = _spread(per_round)
         spread["decided"] = spread["min"] > 1.0 or spread["max"] < 1.0
         ratios[name] = spread
-    out[f"{baseline}_speedup"] = ratios
+    out["baseline"] = baseline
+    out["time_over_baseline"] = ratios
     return out

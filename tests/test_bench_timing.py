@@ -29,14 +29,14 @@ def test_ratios_are_taken_within_a_round():
     }
     s = summarize(samples, baseline="ours")
     assert s["step_s"]["ours"] == {"median": 5.5, "min": 1.0, "max": 10.0}
-    assert s["ours_speedup"]["peer"] == pytest.approx(
+    assert s["time_over_baseline"]["peer"] == pytest.approx(
         {"median": 2.0, "min": 2.0, "max": 2.0, "decided": True}
     )
 
 
 def test_a_spread_straddling_one_is_undecided():
     samples = {"ours": [[1.0], [1.0], [1.0]], "peer": [[0.9], [1.2], [1.1]]}
-    ratio = summarize(samples, baseline="ours")["ours_speedup"]["peer"]
+    ratio = summarize(samples, baseline="ours")["time_over_baseline"]["peer"]
     assert ratio["min"] < 1.0 < ratio["max"]
     assert ratio["decided"] is False
 
@@ -44,3 +44,17 @@ def test_a_spread_straddling_one_is_undecided():
 def test_bad_round_counts_are_refused():
     with pytest.raises(ValueError, match="rounds=0"):
         interleaved_rounds({"a": lambda: None}, rounds=0, calls_per_round=1)
+
+
+def test_before_runs_untimed_before_each_call():
+    import time
+
+    order = []
+    samples = interleaved_rounds(
+        {"a": lambda: order.append("a")},
+        rounds=1,
+        calls_per_round=2,
+        before={"a": lambda: (order.append("prep"), time.sleep(0.05))},
+    )
+    assert order == ["prep", "a", "prep", "a"]
+    assert max(samples["a"][0]) < 0.04  # the sleep in `before` is not timed
