@@ -12,6 +12,8 @@ and param dtype it reports the step time (median of per-round medians, with min 
 - ``megawsd``: ``ScheduleFreeAdamW(backend="auto")`` (Triton on CUDA, torch.compile on CPU),
 - ``schedulefree_foreach``: ``schedulefree.AdamWScheduleFree(foreach=True)``,
 - ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(fused=True / foreach=True)``,
+- ``ds_fused_adam`` (CUDA only): DeepSpeed's ``FusedAdam``, what ``deepspeed.initialize`` builds
+  for ``"type": "AdamW"`` on a GPU (reported as an error entry if its op does not build),
 plus the machine's copy bandwidth measured in the same run (``dst.copy_(src)``, counted as read +
 write; once up front and once per row, interleaved with the steps) and each contender's achieved
 bandwidth = minimum bytes moved / time. ``speedup_of_megawsd`` is peer time / megawsd time taken
@@ -104,7 +106,14 @@ def _contenders(device: torch.device):
         opt.train()
         return opt
 
+    def ds_fused_adam(ps):  # DeepSpeed's CUDA FusedAdam (JIT-built on first use), GPU only
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(ps, lr=1e-3, weight_decay=0.1, adam_w_mode=True)
+
+    gpu_only = {"ds_fused_adam": ds_fused_adam} if device.type == "cuda" else {}
     return {
+        **gpu_only,
         "megawsd": megawsd_sf,
         "schedulefree_foreach": sf_foreach,
         "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
