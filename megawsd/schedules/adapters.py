@@ -201,35 +201,41 @@ def from_deepspeed_scheduler(type_: str, params: dict[str, Any], peak_lr: float 
     ``warmup_max_lr`` defaults to 1e-3, as in DeepSpeed. Like DeepSpeed, ``total_num_steps`` may
     be at most the warmup (the LR drops to its floor when warmup ends; this warns).
     """
+    if type_ not in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+        raise field_error("scheduler.type", type_,
+                          "megawsd converts WarmupLR, WarmupDecayLR and WarmupCosineLR; "
+                          "for others use a megawsd schedule (type 'WSD')")
     p = dict(params)
-    warmup = max(2, int(p.pop("warmup_num_steps", 1000)))  # DeepSpeed's own max(2, .)
+    warmup = p.pop("warmup_num_steps", 1000)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup <= 0:
+        raise field_error("scheduler.params.warmup_num_steps", warmup, "give a whole number > 0 (DeepSpeed's rule)")
+    warmup = max(2, warmup)  # DeepSpeed's own max(2, .)
     warmup_type = p.pop("warmup_type", "log")
+    if warmup_type not in ("log", "linear"):
+        warnings.warn(f"DeepSpeed's {type_} replaces warmup_type {warmup_type!r} by 'log' (it has only "
+                      "'log' and 'linear'); megawsd follows DeepSpeed", UserWarning, stacklevel=2)
+        warmup_type = "log"
     total = p.pop("total_num_steps", None)
     p.pop("last_batch_iteration", None)
     if type_ in ("WarmupLR", "WarmupDecayLR"):
-        min_lr = float(p.pop("warmup_min_lr", 0.0))
-        max_lr = p.pop("warmup_max_lr", None)
+        min_lr = _one_lr("warmup_min_lr", p.pop("warmup_min_lr", 0.0))
+        max_lr = _one_lr("warmup_max_lr", p.pop("warmup_max_lr", None))
         if max_lr is None and type_ == "WarmupDecayLR":
             max_lr = peak_lr if peak_lr is not None else 0.001  # its signature's default
         elif max_lr is None:  # DeepSpeed 0.19: WarmupLR warms each group up to its own lr
             max_lr = peak_lr if peak_lr is not None else _group_lr(optimizer, min_lr)
         ratio = 0.0
         if max_lr is not None:
-            max_lr = float(max_lr)
             if max_lr <= 0:
                 raise field_error("scheduler.params.warmup_max_lr", max_lr, "must be > 0")
             ratio = min_lr / max_lr
         config = dict(family="constant" if type_ == "WarmupLR" else "linear", total_steps=total,
                       warmup_steps=warmup, warmup_shape=warmup_type, warmup_init=ratio,
                       min_ratio=ratio if type_ == "WarmupDecayLR" else 0.0, peak_lr=max_lr)
-    elif type_ == "WarmupCosineLR":
+    else:  # WarmupCosineLR
         config = dict(family="cosine", total_steps=total, warmup_steps=warmup,
                       warmup_shape=warmup_type, warmup_init=float(p.pop("warmup_min_ratio", 0.0)),
                       min_ratio=float(p.pop("cos_min_ratio", 0.0001)), peak_lr=peak_lr)
-    else:
-        raise field_error("scheduler.type", type_,
-                          "megawsd converts WarmupLR, WarmupDecayLR and WarmupCosineLR; "
-                          "for others use a megawsd schedule (type 'WSD')")
     if p:
         key = sorted(p)[0]
         raise field_error(f"scheduler.params.{key}", p[key], f"not a parameter of DeepSpeed's {type_}")
@@ -239,6 +245,17 @@ def from_deepspeed_scheduler(type_: str, params: dict[str, Any], peak_lr: float 
                       "has no decay: the LR drops to its floor when warmup ends; megawsd follows "
                       "DeepSpeed", UserWarning, stacklevel=2)
     return build_schedule(config)
+
+
+def _one_lr(name: str, value: Any) -> Any:
+    """DeepSpeed also takes one LR per param group (a list); one schedule needs them equal."""
+    if isinstance(value, (list, tuple)):
+        if not value or any(v != value[0] for v in value):
+            raise field_error(f"scheduler.params.{name}", value,
+                              "per-group LRs that differ are not one schedule; give one number "
+                              "(and per-group LRs in the optimizer's param groups)")
+        value = value[0]
+    return value if value is None else float(value)
 
 
 def _group_lr(optimizer: Any, min_lr: float) -> float | None:

@@ -219,6 +219,8 @@ class Schedule:
             parts.append(f"branch@{b.at_step}+{b.decay_steps}({b.shape})")
         if c.units_per_step != 1:
             parts.append(f"units/step={c.units_per_step}")
+        if c.compat is not None:
+            parts.append(f"compat={c.compat}")
         return " ".join(parts)
 
     # -- serialisation and branches ----------------------------------------------------------
