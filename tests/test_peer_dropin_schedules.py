@@ -293,7 +293,7 @@ def _ds_values(cls, opt, n, **kw):
     return out
 
 
-@pytest.mark.parametrize("warmup,total", [(10, 10), (10, 4), (1, 2), (2, 1)])
+@pytest.mark.parametrize("warmup,total", [(10, 10), (10, 4), (1, 2), (2, 1), (5, 0), (5, -3)])
 @pytest.mark.parametrize("warmup_type", ["log", "linear"])
 def test_deepspeed_total_at_most_warmup_follows_deepspeed(warmup, total, warmup_type):
     from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR
@@ -397,3 +397,6 @@ def test_compat_is_absent_from_native_dicts_and_round_trips():
         early = from_transformers_wsd(0, 20, num_training_steps=15)
     assert early.decay_start < 0 and min(k for k, _ in early.key_steps()) == 0
     assert early.describe() == "wsd T=15 decay=20(cosine) compat=transformers"
+    with pytest.warns(UserWarning):  # warmup outlasts the run: the end is the warmup's end
+        short = from_transformers_wsd(10, 20, num_training_steps=7)
+    assert short.total_steps == 10 and short.factor(9) > 0.5 and short.factor(10) == short.factor(99) == 0.0

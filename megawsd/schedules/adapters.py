@@ -239,8 +239,9 @@ def from_deepspeed_scheduler(type_: str, params: dict[str, Any], peak_lr: float 
     if p:
         key = sorted(p)[0]
         raise field_error(f"scheduler.params.{key}", p[key], f"not a parameter of DeepSpeed's {type_}")
-    if type_ != "WarmupLR" and isinstance(total, int) and 0 < total <= warmup:
-        config["compat"] = "deepspeed"
+    if type_ != "WarmupLR" and isinstance(total, int) and total <= warmup:
+        # DeepSpeed: warmup, then the floor (for any total <= warmup, 0 and below included)
+        config.update(compat="deepspeed", total_steps=max(total, 1))
         warnings.warn(f"DeepSpeed's {type_} with total_num_steps {total} <= warmup_num_steps {warmup} "
                       "has no decay: the LR drops to its floor when warmup ends; megawsd follows "
                       "DeepSpeed", UserWarning, stacklevel=2)

@@ -152,6 +152,8 @@ class Schedule:
         if self._branches:
             last = self._branches[-1]
             return last.at + last.length
+        if self.config.compat is not None and self._total is not None:
+            return max(self._total, self._warmup)  # a peer's warmup may outlast total_steps
         return self._total
 
     @property
