@@ -150,8 +150,8 @@ def test_lambda_lr_and_deepspeed_scheduler_follow_factor():
         o1.step()
         l1.step()
         ds.step()
-    # LambdaLR's checkpoint holds no schedule internals.
-    assert l1.state_dict()["lr_lambdas"] == [None, None]
+    # LambdaLR's checkpoint holds no schedule internals (a partial's __dict__ is empty).
+    assert l1.state_dict()["lr_lambdas"] == [{}, {}]
 
 
 def test_deepspeed_scheduler_state_is_the_step_and_changes_are_refused():

@@ -13,6 +13,7 @@ keeps them in samples with ``units_per_step = global_batch_size`` and is evaluat
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -161,7 +162,11 @@ def schedule_from_scheduler_kwargs(kw: dict[str, Any], *, units_per_step: int = 
                                    extra: dict[str, Any] | None = None) -> Schedule:
     """The megawsd schedule of ``OptimizerParamScheduler(**kw)`` (lengths in the scheduler's
     units; ``units_per_step`` of them per optimizer step). ``extra`` adds megawsd-only fields
-    (``power``, ``half_life``) for megawsd's WSD shapes."""
+    (``power``, ``half_life``) for megawsd's WSD shapes.
+
+    Megatron also takes a WSD decay of 0 or one longer than ``lr_decay_steps - lr_warmup_steps``
+    (the decay then starts inside the warmup and is entered part-way when warmup ends, with a
+    jump); those warn and give a ``compat="megatron"`` schedule with Megatron's values."""
     style = kw["lr_decay_style"]
     if style not in _FAMILY_OF_STYLE:
         raise field_error("lr_decay_style", style, f"valid: {', '.join(MEGATRON_DECAY_STYLES)}")
@@ -180,8 +185,16 @@ def schedule_from_scheduler_kwargs(kw: dict[str, Any], *, units_per_step: int = 
         units_per_step=units_per_step,
     )
     if style == "WSD":
-        cfg["decay_steps"] = int(kw["wsd_decay_steps"])
+        cfg["decay_steps"] = wsd = int(kw["wsd_decay_steps"])
         cfg["decay_shape"] = kw.get("lr_wsd_decay_style") or "exponential"
+        if wsd == 0 or float(kw["lr_warmup_steps"]) + wsd > int(total):
+            cfg["compat"] = "megatron"
+            warnings.warn(
+                f"Megatron's WSD with warmup {kw['lr_warmup_steps']:g} + WSD decay {wsd} and "
+                f"lr_decay_steps {int(total)} " + (
+                    "has no decay: the LR drops to min_lr after lr_decay_steps" if wsd == 0 else
+                    "overlap: the decay is entered part-way when warmup ends (the LR jumps down)")
+                + "; megawsd follows Megatron", UserWarning, stacklevel=2)
     cfg.update(extra or {})
     return build_schedule(cfg)
 
@@ -218,6 +231,10 @@ def to_megatron_args(
     c = s.config
     if c.peak_lr is None:
         raise field_error("schedule.peak_lr", None, "Megatron flags carry absolute LRs; set peak_lr")
+    if c.compat not in (None, "megatron"):
+        raise field_error("schedule.compat", c.compat,
+                          "this schedule follows another library's boundary steps, which Megatron "
+                          "computes differently; Megatron cannot reproduce it")
     if c.branches:
         c = _branch_as_wsd(s)
     if c.family not in _STYLE_OF_FAMILY:

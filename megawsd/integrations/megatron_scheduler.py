@@ -16,6 +16,11 @@ Units are Megatron's: ``num_steps`` counts what ``step(increment)`` adds (sample
 ``increment = global batch size``); ``units_per_step`` tells megawsd how many make one
 optimizer step, for describing the schedule in optimizer steps (branch points, plots).
 
+Param groups whose LRs are no peak times a factor in [0, 1] (Megatron's per-group ``max_lr`` of 0,
+below ``init_lr`` or below ``min_lr``; ``max_lr = 0`` overall) get Megatron's own formula
+(``min_lr + coeff * (max_lr - min_lr)``, the coefficient from megawsd's shape), with a warning:
+Megatron accepts them and its LR then rises where a schedule would fall.
+
 Override semantics are Megatron's (``_check_and_set``): ``override_opt_param_scheduler`` keeps
 the constructor's values, ``use_checkpoint_opt_param_scheduler`` adopts the checkpoint's, neither
 requires them equal (a mismatch raises ScheduleMismatchError, an AssertionError like Megatron's).
@@ -24,6 +29,7 @@ requires them equal (a mismatch raises ScheduleMismatchError, an AssertionError 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -85,6 +91,7 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
         # in units (its own units_per_step), evaluated at num_steps / units_per_step steps.
         self._given = None if schedule is None else build_schedule(schedule)
         self._cache: dict[tuple, Schedule] = {}
+        self._warned: set[str] = set()
         super().__init__(
             optimizer, init_lr, max_lr, min_lr, lr_warmup_steps, lr_decay_steps, lr_decay_style,
             start_wd, end_wd, wd_incr_steps, wd_incr_style, use_checkpoint_opt_param_scheduler,
@@ -144,11 +151,13 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
 
     # -- LR ----------------------------------------------------------------------------------
 
-    def schedule(self, max_lr: float | None = None, min_lr: float | None = None) -> Schedule:
+    def schedule(self, max_lr: float | None = None, min_lr: float | None = None, *,
+                 init_lr: float | None = None) -> Schedule:
         """The megawsd schedule this scheduler follows (for a group's max/min LR overrides)."""
         max_lr = self.max_lr if max_lr is None else float(max_lr)
         min_lr = self.min_lr if min_lr is None else float(min_lr)
-        key = (max_lr, min_lr, self.init_lr, self.lr_warmup_steps, self.lr_decay_steps,
+        init_lr = self.init_lr if init_lr is None else float(init_lr)
+        key = (max_lr, min_lr, init_lr, self.lr_warmup_steps, self.lr_decay_steps,
                self.lr_decay_style, self.wsd_decay_steps, self.lr_wsd_decay_style,
                None if self._given is None else id(self._given))
         cached = self._cache.get(key)
@@ -165,7 +174,7 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
                 extra["power"] = self.decay_power
             if self.decay_half_life is not None:
                 extra["half_life"] = self.decay_half_life
-            kw = dict(init_lr=self.init_lr, max_lr=max_lr, min_lr=min_lr,
+            kw = dict(init_lr=init_lr, max_lr=max_lr, min_lr=min_lr,
                       lr_warmup_steps=self.lr_warmup_steps, lr_decay_steps=self.lr_decay_steps,
                       lr_decay_style=self.lr_decay_style, wsd_decay_steps=self.wsd_decay_steps,
                       lr_wsd_decay_style=self.lr_wsd_decay_style)
@@ -176,13 +185,55 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
     def get_lr(self, param_group: dict) -> float:
         max_lr = param_group.get("max_lr", self.max_lr)
         min_lr = param_group.get("min_lr", self.min_lr)
-        if max_lr <= 0.0:
-            return 0.0
+        odd = self._outside_schedule(max_lr, min_lr)
+        if odd is not None:
+            return self._megatron_formula(max_lr, min_lr, odd)
         sched = self.schedule(max_lr, min_lr)
         units = self.num_steps
         if self._given is not None:  # num_steps in Megatron units -> the schedule's units
             units = self.num_steps * sched.units_per_step / self.units_per_step
         return max_lr * sched.factor_units(units)
+
+    def _outside_schedule(self, max_lr: float, min_lr: float) -> str | None:
+        """Why a group's LRs are no ``max_lr * factor`` with factors in [0, 1] (None: they are)."""
+        if max_lr <= 0.0:
+            return f"max_lr {max_lr:g} (min_lr {min_lr:g}, init_lr {self.init_lr:g})"
+        if min_lr < 0.0 or min_lr > max_lr:
+            return f"min_lr {min_lr:g} outside [0, max_lr {max_lr:g}]"
+        if self._given is None and not 0.0 <= self.init_lr <= max_lr:
+            return f"init_lr {self.init_lr:g} outside [0, max_lr {max_lr:g}]"
+        return None
+
+    def _megatron_formula(self, max_lr: float, min_lr: float, why: str) -> float:
+        """Megatron's ``get_lr`` for such a group: the warmup ramps from ``init_lr`` to
+        ``max_lr`` and the decay goes from ``max_lr`` to ``min_lr`` whichever way they lie;
+        the decay coefficient comes from a unit schedule (peak 1, floor 0) of the same shape."""
+        if self._given is not None:
+            if max_lr <= 0.0:
+                return 0.0  # a frozen group under a megawsd schedule
+            raise field_error("param_group['min_lr']", min_lr,
+                              f"a megawsd schedule decays from max_lr to min_lr; give a min_lr in "
+                              f"[0, max_lr {max_lr:g}]")
+        if self.lr_decay_style == "WSD" and self.lr_wsd_decay_style == "half-life":
+            raise field_error("lr_wsd_decay_style", "half-life",
+                              f"has no Megatron formula for a param group with {why}; use a "
+                              "progress shape (exponential, 1-sqrt, ...) or a group max_lr above min_lr")
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(f"param group with {why}: Megatron accepts it and its LR is not a "
+                          "decaying schedule (it can rise after warmup); megawsd follows Megatron",
+                          UserWarning, stacklevel=3)
+        s, warmup = self.num_steps, self.lr_warmup_steps
+        if warmup > 0 and s <= warmup:
+            return self.init_lr + (max_lr - self.init_lr) * float(s) / float(warmup)
+        if self.lr_decay_style == "constant":
+            return max_lr
+        if s > self.lr_decay_steps:
+            return min_lr
+        if self.lr_decay_style == "inverse-square-root":
+            return max(min_lr, max_lr * max(warmup, 1) ** 0.5 / (max(s, 1) ** 0.5))
+        coeff = self.schedule(1.0, 0.0, init_lr=0.0).factor_units(s)
+        return min_lr + coeff * (max_lr - min_lr)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -193,7 +244,9 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
             wsd_decay_steps=self.wsd_decay_steps,
             lr_wsd_decay_style=self.lr_wsd_decay_style,
             units_per_step=self.units_per_step,
-            megawsd_schedule=self.schedule().to_dict(),
+            # None where no megawsd schedule describes the LRs (max_lr 0: Megatron's formula)
+            megawsd_schedule=None if self._outside_schedule(self.max_lr, self.min_lr)
+            else self.schedule().to_dict(),
         )
         return sd
 

@@ -13,6 +13,14 @@ schedule is evaluated at ``step * global_batch_size`` samples exactly as Megatro
 an int (or an integral float > 1) is a count, a float in [0, 1] or a string like ``"20%"`` is a
 fraction. Fractions are kept unrounded (Megatron's ``--lr-warmup-fraction`` is not rounded
 either), so a fractional decay can start between two steps.
+
+``compat`` is for the drop-in adapters only (``from_transformers_wsd``,
+``from_deepspeed_scheduler``, the Megatron translations): a peer accepts some lengths megawsd
+refuses (a WSD decay of 0 steps, warmup + decay longer than the run, a warmup as long as the
+run), and where those make the schedule jump, the peers disagree on which side of the jump a
+boundary step takes. ``compat`` names the peer whose inputs and boundaries to follow; it is set
+by the adapters only when the inputs need it, and ``to_dict`` leaves it out when unset, so every
+other config (and every stored one) is unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +32,13 @@ from typing import Any
 
 from megawsd.errors import ConfigError, field_error
 from megawsd.schedules.shapes import DECAY_SHAPES, FAMILIES, WARMUP_SHAPES
+
+# Peers whose accepted lengths and phase boundaries a config may follow (see module docstring).
+COMPAT = ("megatron", "transformers", "deepspeed")
+# Which relaxations each peer needs: a WSD decay that is 0 or overlaps warmup / starts before
+# step 0 (Megatron, transformers), a warmup as long as the run or longer (transformers, DeepSpeed).
+_WSD_ANY_LENGTH = ("megatron", "transformers")
+_WARMUP_PAST_END = ("transformers", "deepspeed")
 
 Length = int | float | str
 
@@ -148,6 +163,8 @@ class ScheduleConfig:
     peak_lr: optional; ``Schedule.lr_at`` = peak_lr * factor.
     units_per_step: units per optimizer step (1; Megatron sample-based runs: global batch size).
     branches: cooldown branches applied in order (see Schedule.branch).
+    compat: None, or the peer ("megatron", "transformers", "deepspeed") whose degenerate lengths
+        and phase boundaries to follow; set by the drop-in adapters (see module docstring).
     """
 
     family: str = "wsd"
@@ -165,9 +182,12 @@ class ScheduleConfig:
     peak_lr: float | None = None
     units_per_step: int = 1
     branches: list[BranchConfig] = field(default_factory=list)
+    compat: str | None = None
 
     def __post_init__(self) -> None:
         _check_shape("schedule.family", self.family, FAMILIES)
+        if self.compat is not None:
+            _check_shape("schedule.compat", self.compat, COMPAT)
         self._check_lengths()
         _check_shape("schedule.warmup_shape", self.warmup_shape, WARMUP_SHAPES)
         _check_ratio("schedule.warmup_init", self.warmup_init)
@@ -213,7 +233,8 @@ class ScheduleConfig:
                 raise field_error("schedule.total_steps", self.total_steps, "give a whole number of steps")
         w = self._resolve("warmup_steps", self.warmup_steps)
         total = self.total_steps
-        if total is not None and w >= total and self.family != "constant":
+        if total is not None and w >= total and self.family != "constant" \
+                and self.compat not in _WARMUP_PAST_END:
             raise field_error("schedule.warmup_steps", self.warmup_steps,
                               f"warmup must end before total_steps = {total}; give fewer warmup steps")
         if self.decay_steps is not None and self.family != "wsd":
@@ -222,6 +243,8 @@ class ScheduleConfig:
                               "decays from the end of warmup to total_steps (set total_steps instead)")
         if self.family == "wsd":
             d = self.decay_steps_resolved
+            if self.compat in _WSD_ANY_LENGTH:
+                return  # the peer takes any decay >= 0 (parse_length refused negatives)
             if d <= 0:
                 raise field_error("schedule.decay_steps", self.decay_steps,
                                   "must be > 0; use family 'constant' for a schedule without decay")
@@ -285,9 +308,12 @@ class ScheduleConfig:
     # -- serialisation -----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON/YAML-safe; ``ScheduleConfig.from_dict(c.to_dict()) == c``."""
+        """Every field (``compat`` only when set), JSON/YAML-safe;
+        ``ScheduleConfig.from_dict(c.to_dict()) == c``."""
         out = dataclasses.asdict(self)
         out["branches"] = [dataclasses.asdict(b) for b in self.branches]
+        if out["compat"] is None:  # absent, so configs stored before the field existed still compare equal
+            del out["compat"]
         for key in ("milestones", "factors"):
             if out[key] is not None:
                 out[key] = list(out[key])

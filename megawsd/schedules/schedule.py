@@ -10,6 +10,11 @@ Phase boundaries follow Megatron-LM exactly: warmup for ``s < warmup`` (at ``s =
 Megatron's warmup formula and the next phase both give 1), stable while ``s <= decay_start``,
 decay while ``s <= end``, then the end value. Nothing here holds state: a resume or a branch
 recomputes the factor from the config and the step.
+
+Configs with ``compat`` (the drop-in adapters' degenerate inputs, where phases overlap or are
+empty and the schedule jumps) take their peer's side of each jump: Megatron warms up while
+``s <= warmup``; transformers' phases are half-open (stable while ``s < decay_start``, decay
+while ``s < end``). An empty decay (length <= 0) gives the end value.
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ class Schedule:
 
     def _base(self, s: float) -> float:
         c = self.config
-        if self._warmup > 0 and s < self._warmup:
+        if self._warmup > 0 and (s < self._warmup or (c.compat == "megatron" and s == self._warmup)):
             return warmup_factor(c.warmup_shape, s, self._warmup, c.warmup_init)
         family = c.family
         if family == "constant":
@@ -120,12 +125,18 @@ class Schedule:
                 return self._min
             warmup = max(self._warmup, 1)
             return max(self._min, warmup**0.5 / (max(s, 1) ** 0.5))
+        if c.compat == "transformers":  # half-open phases: [warmup, start) stable, [start, end) decay
+            if s >= total:
+                return self._min
+            return 1.0 if s < self._decay_start else self._decay_value(s - self._decay_start)
         if s <= self._decay_start:  # wsd stable phase (cosine/linear: s == warmup end)
             return 1.0 if family == "wsd" else self._decay_value(0.0)
         return self._decay_value(min(s, total) - self._decay_start)
 
     def _decay_value(self, x: float) -> float:
         length = self._total - self._decay_start
+        if length <= 0:  # an empty decay (compat configs only): straight to the end value
+            return self._min
         c = self.config
         return decay_factor(self._shape, x, length, self._min, 1.0, c.power, c.half_life)
 
@@ -141,6 +152,8 @@ class Schedule:
         if self._branches:
             last = self._branches[-1]
             return last.at + last.length
+        if self.config.compat is not None and self._total is not None:
+            return max(self._total, self._warmup)  # a peer's warmup may outlast total_steps
         return self._total
 
     @property
@@ -167,7 +180,7 @@ class Schedule:
         points: dict[int, str] = {0: "start"}
 
         def add(units: float | None, label: str) -> None:
-            if units is None:
+            if units is None or units < 0:  # a compat decay may start before step 0
                 return
             step = math.ceil(units / u - 1e-12)
             points.setdefault(step, label)
@@ -208,6 +221,8 @@ class Schedule:
             parts.append(f"branch@{b.at_step}+{b.decay_steps}({b.shape})")
         if c.units_per_step != 1:
             parts.append(f"units/step={c.units_per_step}")
+        if c.compat is not None:
+            parts.append(f"compat={c.compat}")
         return " ".join(parts)
 
     # -- serialisation and branches ----------------------------------------------------------
