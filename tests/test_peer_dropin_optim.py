@@ -345,6 +345,10 @@ def test_invalid_inner_momentum_names_field(mu):
         ScheduleFreeAdamW(_params(_weights()), inner_momentum=mu)
     with pytest.raises(ConfigError, match="optimizer.inner_momentum"):
         ScheduleFreeAdamW([{"params": _params(_weights()), "inner_momentum": mu}])
+    opt = ScheduleFreeAdamW(_params(_weights()))
+    with pytest.raises(ConfigError, match="optimizer.inner_momentum"):
+        opt.add_param_group({"params": _params(_weights(seed=3)), "inner_momentum": mu})
+    assert len(opt.param_groups) == 1  # the refused group is not left behind
 
 
 def test_inner_momentum_per_group_and_bf16_params_keep_fp32_state():

@@ -55,8 +55,8 @@ def sf_adamw_foreach_(
     u = torch._foreach_div(vs, bias_correction2)
     torch._foreach_sqrt_(u)
     torch._foreach_add_(u, eps)
-    # u = g / denom, computed into the denom buffer: reciprocal then multiply would round
-    # differently from the reference's division, so divide g by it into a new list instead.
+    # u = g / denom (or (m / bc1) / denom) into a new list: the reciprocal of denom then a
+    # multiply would round differently from the reference's division.
     if inner_momentum != 0:
         torch._foreach_mul_(ms, inner_momentum)
         torch._foreach_add_(ms, g, alpha=1 - inner_momentum)

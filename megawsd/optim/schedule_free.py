@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from megawsd.errors import OptimizerError, field_error
+from megawsd.errors import ConfigError, OptimizerError, field_error
 from megawsd.kernels import BACKENDS, resolve_backend
 from megawsd.kernels.sf_adamw_compiled import pack_scalars, sf_adamw_compiled_
 from megawsd.kernels.sf_adamw_foreach import sf_adamw_foreach_
@@ -285,12 +285,16 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
         (groups may override the constructor's values, as in schedulefree)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        mu = group["inner_momentum"]
-        if not (isinstance(mu, (int, float)) and 0.0 <= mu < 1.0):
-            raise field_error(
-                "optimizer.inner_momentum", mu, "use 0 <= inner_momentum < 1 (0 = off, e.g. 0.9)"
-            )
-        group_backend(group)
+        try:
+            mu = group["inner_momentum"]
+            if not (isinstance(mu, (int, float)) and 0.0 <= mu < 1.0):
+                raise field_error(
+                    "optimizer.inner_momentum", mu, "use 0 <= inner_momentum < 1 (0 = off)"
+                )
+            group_backend(group)
+        except ConfigError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
