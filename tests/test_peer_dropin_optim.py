@@ -435,7 +435,7 @@ def test_schedulefree_141_checkpoint_keeps_requested_inner_momentum_and_refuses(
     theirs = schedulefree.AdamWScheduleFree(theirs_p, **UPSTREAM)
     _train(theirs, theirs_p, gs[:2])
     sd = copy.deepcopy(theirs.state_dict())
-    assert "inner_momentum" not in sd["param_groups"][0]
+    sd["param_groups"][0].pop("inner_momentum", None)  # as 1.4.1 saves it (newer ones add it)
     for mu in (0.0, 0.9):
         params = [torch.nn.Parameter(p.detach().clone()) for p in theirs_p]
         opt = ScheduleFreeAdamW(params, inner_momentum=mu, foreach=True, **UPSTREAM)
