@@ -35,12 +35,14 @@ def _skip_if_no_triton(backend: str) -> None:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
 
 
-def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0):
-    """Drive sf_adamw_update for `steps` steps; returns (y, z, v, last lowp copy)."""
+def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0, mu=0.0):
+    """Drive sf_adamw_update for `steps` steps; returns (y, z, v, last lowp copy, exp_avg).
+    ``mu``: inner momentum (exp_avg is None without it)."""
     gen = torch.Generator().manual_seed(seed)
     y = torch.randn(size, generator=gen).to(ydtype)
     z = y.float().clone()
     v = torch.zeros(size)
+    m = torch.zeros(size) if mu else None
     out = torch.empty(size, dtype=torch.bfloat16) if lowp else None
     k, lr_max, ws = 0, -1.0, 0.0
     for i in range(steps):
@@ -55,9 +57,12 @@ def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0)
             warmup_steps=5,
             r=0.5,
             weight_lr_power=2.0,
+            inner_momentum=mu,
         )
         k, lr_max, ws = s.k, s.lr_max, s.weight_sum
         coef = dict(lr=s.lr, ckp1=s.ckp1, bias_correction2=s.bias_correction2, **HP)
+        if mu:
+            coef.update(exp_avg=m, inner_momentum=mu, bias_correction1=s.bias_correction1)
         if backend == "reference":
             sf_adamw_reference_(y, g, z, v, grad_scale=grad_scale, lowp_out=out, **coef)
         else:
@@ -65,7 +70,7 @@ def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0)
                 y, g, z, v, grad_scale=grad_scale, lowp_out=out, backend=backend, **coef
             )
             assert ran == backend
-    return y, z, v, out
+    return y, z, v, out, m
 
 
 def _close(a, b, rtol):
@@ -85,8 +90,8 @@ def test_fast_path_matches_reference_fp32(backend, size):
 @pytest.mark.parametrize("backend", FAST)
 def test_fast_path_matches_reference_bf16_params(backend):
     _skip_if_no_triton(backend)
-    y, z, v, _ = _run(backend, 5000, torch.bfloat16)
-    ry, rz, rv, _ = _run("reference", 5000, torch.bfloat16)
+    y, z, v, *_ = _run(backend, 5000, torch.bfloat16)
+    ry, rz, rv, *_ = _run("reference", 5000, torch.bfloat16)
     assert y.dtype == torch.bfloat16 and z.dtype == torch.float32
     _close(y, ry, 2.0**-8)
     assert (y != ry).float().mean() < 0.01  # flips are rare, not systematic
@@ -97,10 +102,29 @@ def test_fast_path_matches_reference_bf16_params(backend):
 @pytest.mark.parametrize("backend", FAST)
 def test_bf16_copy_output_equals_y_rounded(backend):
     _skip_if_no_triton(backend)
-    y, _, _, out = _run(backend, 2047, torch.float32, steps=3, lowp=True)
+    y, _, _, out, _ = _run(backend, 2047, torch.float32, steps=3, lowp=True)
     assert torch.equal(out, y.to(torch.bfloat16))
     ry, *_ = _run("reference", 2047, torch.float32, steps=3)
     _close(y, ry, 2e-6)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_path_matches_reference_with_inner_momentum(backend):
+    """Inner momentum through every fused path: fp32 y with clipping and a bf16 copy out, and
+    bf16 y (fp32 z, v, exp_avg), same tolerances as without it."""
+    _skip_if_no_triton(backend)
+    got = _run(backend, 5000, torch.float32, grad_scale=0.37, lowp=True, mu=0.9)
+    ref = _run("reference", 5000, torch.float32, grad_scale=0.37, lowp=True, mu=0.9)
+    for a, b in zip(got[:3] + got[4:], ref[:3] + ref[4:]):
+        _close(a, b, 2e-6)
+    assert torch.equal(got[3], got[0].to(torch.bfloat16))
+    y, z, v, _, m = _run(backend, 2047, torch.bfloat16, mu=0.5)
+    ry, rz, rv, _, rm = _run("reference", 2047, torch.bfloat16, mu=0.5)
+    _close(y, ry, 2.0**-8)
+    assert (y != ry).float().mean() < 0.01
+    _close(z, rz, 1e-5)
+    _close(m, rm, 2e-6)
+    assert m.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -147,7 +171,8 @@ def test_optimizer_fast_backend_matches_reference_on_mixed_params(backend):
         _close(a.detach(), b.detach(), 2e-6)
 
 
-def test_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch):
+@pytest.mark.parametrize("mu", [0.0, 0.9])
+def test_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch, mu):
     def broken(name):
         def fn(*args, **kwargs):
             raise RuntimeError("no C++ compiler (simulated)")
@@ -164,15 +189,18 @@ def test_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch):
         gen = torch.Generator().manual_seed(2)
         y, z, v = torch.randn(300, generator=gen), torch.randn(300), torch.zeros(300)
         ry, rz, rv = y.clone(), z.clone(), v.clone()
-        coef = dict(lr=0.01, ckp1=0.5, bias_correction2=0.01, **HP)
+        m, rm = torch.zeros(300), torch.zeros(300)
+        coef = dict(lr=0.01, ckp1=0.5, bias_correction2=0.01, inner_momentum=mu, **HP)
+        coef["bias_correction1"] = 0.19 if mu else 1.0
         for _ in range(3):
             g = torch.randn(300, generator=gen)
-            ran.add(sf_adamw_update(y, g, z, v, backend="compiled", **coef))
-            sf_adamw_reference_(ry, g, rz, rv, **coef)
+            ran.add(sf_adamw_update(y, g, z, v, backend="compiled", exp_avg=m, **coef))
+            sf_adamw_reference_(ry, g, rz, rv, exp_avg=rm, **coef)
         got = [w for w in caught if "torch.compile" in str(w.message)]
     assert ran == {"foreach"}
     assert len(got) == 1
     assert torch.equal(y, ry) and torch.equal(z, rz) and torch.equal(v, rv)
+    assert torch.equal(m, rm) and (m.abs().sum() > 0) == (mu != 0)
 
 
 def test_resolve_backend():
@@ -215,3 +243,7 @@ def test_sf_adamw_update_rejects_mismatched_buffers():
         sf_adamw_update(y, torch.zeros(9), z, v, backend="reference", **coef)
     with pytest.raises(ValueError, match="dtype"):
         sf_adamw_update(y, y, z.double(), v, backend="reference", **coef)
+    with pytest.raises(ValueError, match="exp_avg"):
+        sf_adamw_update(y, y, z, v, backend="reference", inner_momentum=0.9, **coef)
+    with pytest.raises(ValueError, match="elements"):
+        sf_adamw_update(y, y, z, v, exp_avg=torch.zeros(3), inner_momentum=0.9, **coef)

@@ -195,10 +195,12 @@ def test_eval_train_twice_returns_y():
         assert (q - y).abs().max() <= 2 * 8 * 2.0**-24 * scale
 
 
-def test_empty_groups_untouched_and_step_id_once_per_engine_step():
+@pytest.mark.parametrize("inner_momentum", [0.0, 0.9])
+def test_empty_groups_untouched_and_step_id_once_per_engine_step(inner_momentum):
     """ZeRO-3 pattern: step() once per sub-group, only one group non-empty per call, the same
-    group possibly several times (several partitions) per engine step."""
-    cfg = dict(lr=0.01, warmup_steps=3, weight_decay=0.1, r=0.5)
+    group possibly several times (several partitions) per engine step. With inner momentum the
+    partitions' exp_avg are created at step 1 by whichever call reaches them."""
+    cfg = dict(lr=0.01, warmup_steps=3, weight_decay=0.1, r=0.5, inner_momentum=inner_momentum)
     # Reference: one optimizer over two groups, one step() per engine step.
     a0, a1, b0 = (torch.nn.Parameter(t) for t in _params()[:3])
     full = ScheduleFreeAdamW([{"params": [a0, a1]}, {"params": [b0]}], backend="reference", **cfg)
@@ -227,7 +229,9 @@ def test_empty_groups_untouched_and_step_id_once_per_engine_step():
     assert z3.param_groups[0]["k"] == 6
     for p, q in zip((a0, a1, b0), (c0, c1, d0)):
         assert torch.equal(p, q)
-        assert torch.equal(full.state[p]["z"], z3.state[q]["z"])
+        assert full.state[p].keys() == z3.state[q].keys()
+        for key in full.state[p]:
+            assert torch.equal(full.state[p][key], z3.state[q][key])
 
 
 def test_step_id_none_advances_every_call_and_empty_group_never():
@@ -294,13 +298,14 @@ def test_setstate_backfills_new_group_keys():
     opt = ScheduleFreeAdamW(_params(), backend="reference")
     state = opt.__getstate__()
     for grp in state["param_groups"]:
-        for key in ("backend", "step_id", "scheduled_lr", "foreach"):
+        for key in ("backend", "step_id", "scheduled_lr", "foreach", "inner_momentum"):
             del grp[key]
     assert "_step_id" not in state  # torch pickles only defaults, state, param_groups
     fresh = ScheduleFreeAdamW.__new__(ScheduleFreeAdamW)
     fresh.__setstate__(state)
     grp = fresh.param_groups[0]
     assert grp["backend"] == "auto" and grp["step_id"] is None and fresh._step_id is None
+    assert grp["inner_momentum"] == 0.0 and grp["foreach"] is None
 
 
 def test_bf16_params_keep_fp32_states_across_load():

@@ -36,8 +36,8 @@ _BROKEN: str | None = None  # the first compile error, once compiling has failed
 _WARNED = False
 
 # Order of the scalars in the packed tensor.
-_LR, _W, _ZBASE, _B2, _OMB2, _BC2, _EPS, _WD, _YCOEF, _GS = range(10)
-_NSCALARS = 10
+_LR, _W, _ZBASE, _B2, _OMB2, _BC2, _EPS, _WD, _YCOEF, _GS, _MU, _OMMU, _BC1 = range(13)
+_NSCALARS = 13
 
 
 def _f32(x: float) -> float:
@@ -55,6 +55,8 @@ def pack_scalars(
     bias_correction2: float,
     grad_scale: float,
     device: torch.device,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
 ) -> torch.Tensor:
     """The step's scalars as one fp32 tensor; derived coefficients computed in float64 first,
     exactly as the eager path passes them to ATen (which rounds them to fp32)."""
@@ -71,18 +73,32 @@ def pack_scalars(
     vals[_WD] = weight_decay
     vals[_YCOEF] = lr * (beta1 * (1 - ckp1) - 1)
     vals[_GS] = grad_scale
+    vals[_MU] = inner_momentum
+    vals[_OMMU] = 1 - inner_momentum
+    vals[_BC1] = bias_correction1
     return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
 def _sf_adamw_math(
-    y: torch.Tensor, g: torch.Tensor, z: torch.Tensor, v: torch.Tensor, s: torch.Tensor
+    y: torch.Tensor,
+    g: torch.Tensor,
+    z: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    m: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The update of DESIGN.md in fp32 on flat tensors; returns the new y (fp32)."""
+    """The update of :mod:`megawsd.optim.reference` in fp32 on flat tensors; returns the new y
+    (fp32). ``m`` (Adam's first moment) is given only with inner momentum: a separate graph."""
     g32 = g.float() * s[_GS]
     v_new = v * s[_B2] + s[_OMB2] * (g32 * g32)
     denom = (v_new / s[_BC2]).sqrt() + s[_EPS]
     y32 = y.float()
-    u = g32 / denom + s[_WD] * y32  # weight decay at y
+    if m is None:
+        u = g32 / denom + s[_WD] * y32  # weight decay at y
+    else:
+        m_new = m * s[_MU] + s[_OMMU] * g32
+        u = (m_new / s[_BC1]) / denom + s[_WD] * y32
+        m.copy_(m_new)
     d = z - y32
     y_avg = torch.where(s[_ZBASE] > 0, z, y32) + s[_W] * d  # torch.lerp(y, z, c)
     y_new = y_avg + s[_YCOEF] * u
@@ -101,13 +117,22 @@ def _step_lowp(y, g, z, v, s, out) -> None:
     out.copy_(_sf_adamw_math(y, g, z, v, s))
 
 
+def _step_m(y, g, z, v, s, m) -> None:
+    _sf_adamw_math(y, g, z, v, s, m)
+
+
+def _step_lowp_m(y, g, z, v, s, out, m) -> None:
+    out.copy_(_sf_adamw_math(y, g, z, v, s, m))
+
+
+_SOURCES = {"step": _step, "step_lowp": _step_lowp, "step_m": _step_m, "step_lowp_m": _step_lowp_m}
 _compiled: dict[str, object] = {}
 
 
 def _get(name: str):
     fn = _compiled.get(name)
     if fn is None:
-        src = {"step": _step, "step_lowp": _step_lowp}[name]
+        src = _SOURCES[name]
         fn = torch.compile(src, dynamic=True, fullgraph=True)
         _compiled[name] = fn
     return fn
@@ -142,8 +167,10 @@ def sf_adamw_compiled_(
     *,
     scalars: torch.Tensor,
     lowp_out: torch.Tensor | None = None,
+    exp_avg: torch.Tensor | None = None,
 ) -> bool:
     """One fused step on one contiguous tensor, in place. ``scalars`` from :func:`pack_scalars`.
+    ``exp_avg`` (contiguous, state dtype) is passed exactly when the step has inner momentum.
 
     Returns False (having changed nothing) when compiling failed; the caller then runs
     another backend. Compile errors happen before the generated code runs, so no tensor is
@@ -152,11 +179,13 @@ def sf_adamw_compiled_(
     if _BROKEN is not None:
         return False
     flat = [t.view(-1) for t in (y, grad, z, exp_avg_sq)]
+    extra = [] if lowp_out is None else [lowp_out.view(-1)]
+    name = "step" if lowp_out is None else "step_lowp"
+    if exp_avg is not None:
+        extra.append(exp_avg.view(-1))
+        name += "_m"
     try:
-        if lowp_out is None:
-            _get("step")(*flat, scalars)
-        else:
-            _get("step_lowp")(*flat, scalars, lowp_out.view(-1))
+        _get(name)(*flat, scalars, *extra)
     except Exception as err:  # noqa: BLE001 - any compiler failure means "use foreach"
         _mark_broken(err)
         return False

@@ -6,6 +6,8 @@ memory (like ``schedulefree``'s foreach path) but without modifying ``p.grad``.
 
 Entry point: :func:`sf_adamw_foreach_` on lists of tensors of one device and dtype; ``ys`` may
 be low precision (bf16/fp16) with fp32 ``zs``/``vs``: the math then runs on fp32 copies of y.
+With ``inner_momentum`` μ != 0, ``ms`` (Adam's first moment, state dtype) are updated too and
+replace the gradient in the numerator, as in the reference.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def sf_adamw_foreach_(
     bias_correction2: float,
     grad_scale: float = 1.0,
     lowp_outs: list[torch.Tensor] | None = None,
+    ms: list[torch.Tensor] | None = None,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
 ) -> None:
     """One step on every tensor of the lists, in place on ys, zs, vs; grads are read only."""
     if not ys:
@@ -50,9 +55,16 @@ def sf_adamw_foreach_(
     u = torch._foreach_div(vs, bias_correction2)
     torch._foreach_sqrt_(u)
     torch._foreach_add_(u, eps)
-    # u = g / denom, computed into the denom buffer: reciprocal then multiply would round
-    # differently from the reference's division, so divide g by it into a new list instead.
-    u = torch._foreach_div(g, u)
+    # u = g / denom (or (m / bc1) / denom) into a new list: the reciprocal of denom then a
+    # multiply would round differently from the reference's division.
+    if inner_momentum != 0:
+        torch._foreach_mul_(ms, inner_momentum)
+        torch._foreach_add_(ms, g, alpha=1 - inner_momentum)
+        num = torch._foreach_div(ms, bias_correction1)
+        torch._foreach_div_(num, u)
+        u = num
+    else:
+        u = torch._foreach_div(g, u)
     if weight_decay != 0:
         torch._foreach_add_(u, y32, alpha=weight_decay)  # decay at y, before y moves
 

@@ -5,6 +5,8 @@ grads; 22 with bf16 params and grads), all math in fp32. Options folded into the
 - ``grad_scale``: the gradient-clipping coefficient, multiplied into g on load;
 - ``lowp_out``: a second output buffer (bf16/fp16) receiving the new y, i.e. the model's
   low-precision weights under ZeRO, saving DeepSpeed's separate fp32 -> bf16 copy pass.
+- ``exp_avg``: with inner momentum μ != 0, Adam's first moment m (state dtype) is read and
+  written in the same pass (+8 bytes/param); μ == 0 compiles the kernel without it.
 y may be fp32 or bf16/fp16 (bf16 params with fp32 z, v); g any float dtype.
 
 Division and square root use the IEEE round-to-nearest forms (``div_rn``, ``sqrt_rn``) rather
@@ -37,6 +39,7 @@ def _sf_adamw_kernel(
     z_ptr,
     v_ptr,
     out_ptr,
+    m_ptr,
     n_elements,
     lr,
     ckp1,
@@ -47,7 +50,11 @@ def _sf_adamw_kernel(
     weight_decay,
     y_coef,  # lr * (beta1 * (1 - ckp1) - 1), computed in float64 on the host
     grad_scale,
+    mu,
+    one_minus_mu,
+    bias_correction1,
     HAS_OUT: tl.constexpr,
+    HAS_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -63,7 +70,13 @@ def _sf_adamw_kernel(
     v = v * beta2 + one_minus_beta2 * (g * g)
     # u = g / (sqrt(v / (1-β2^t)) + ε) + λ y      (decay at y, before y moves)
     denom = tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps
-    u = tl.div_rn(g, denom) + weight_decay * y
+    if HAS_M:  # inner momentum: m = μ m + (1-μ) g ; u = (m / (1-μ^t)) / denom + λ y
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        m = m * mu + one_minus_mu * g
+        tl.store(m_ptr + offs, m, mask=mask)
+        u = tl.div_rn(tl.div_rn(m, bias_correction1), denom) + weight_decay * y
+    else:
+        u = tl.div_rn(g, denom) + weight_decay * y
     # y = lerp(y, z, c) + γ (β1 (1-c) - 1) u ; torch.lerp's two-sided form
     d = z - y
     y_avg = tl.where(ckp1 < 0.5, y + ckp1 * d, z - d * (1.0 - ckp1))
@@ -93,11 +106,18 @@ def sf_adamw_triton_(
     bias_correction2: float,
     grad_scale: float = 1.0,
     lowp_out: torch.Tensor | None = None,
+    exp_avg: torch.Tensor | None = None,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
 ) -> None:
-    """Launch the fused step on one contiguous tensor (any shape; treated as flat), in place."""
+    """Launch the fused step on one contiguous tensor (any shape; treated as flat), in place.
+    ``exp_avg`` is used (and required) exactly when ``inner_momentum`` != 0."""
     n = y.numel()
     if n == 0:
         return
+    has_m = inner_momentum != 0
+    if has_m and exp_avg is None:
+        raise ValueError("sf_adamw_triton_: inner_momentum != 0 needs an exp_avg buffer")
     grid = (triton.cdiv(n, BLOCK),)
     _sf_adamw_kernel[grid](
         y,
@@ -105,6 +125,7 @@ def sf_adamw_triton_(
         z,
         exp_avg_sq,
         lowp_out if lowp_out is not None else y,  # unused when HAS_OUT is False
+        exp_avg if has_m else z,  # unused when HAS_M is False
         n,
         float(lr),
         float(ckp1),
@@ -115,7 +136,11 @@ def sf_adamw_triton_(
         float(weight_decay),
         float(lr * (beta1 * (1 - ckp1) - 1)),
         float(grad_scale),
+        float(inner_momentum),
+        float(1 - inner_momentum),
+        float(bias_correction1),
         HAS_OUT=lowp_out is not None,
+        HAS_M=has_m,
         BLOCK_SIZE=BLOCK,
         num_warps=NUM_WARPS,
     )

@@ -11,10 +11,19 @@ With k the 0-based step count of a parameter group and t = k + 1::
     lr_max = max(lr_max, γ_t)
     w_t    = t^r · lr_max^q ;  W += w_t ;  c = w_t / W   (c = 0 when W == 0, e.g. lr == 0)
     v      = β2 v + (1-β2) g²                             # g taken at y
-    u      = g / (sqrt(v / (1-β2^t)) + ε) + λ y           # weight decay at y
+    d      = sqrt(v / (1-β2^t)) + ε
+    u      = g / d + λ y                                  # weight decay at y
     y      = (1-c) y + c z + γ_t (β1 (1-c) - 1) u         # the parameter holds y in train mode
     z      = z - γ_t u
     x      = (y - (1-β1) z) / β1                          # recovered for evaluation, never stored
+
+With ``inner_momentum`` μ > 0 (schedulefree after 1.4.1) the Adam numerator is an EMA of the
+gradient, Adam's first moment, kept in the state ``exp_avg`` (allocated only when μ > 0)::
+
+    m      = μ m + (1-μ) g
+    u      = (m / (1-μ^t)) / d + λ y                      # replaces u above; v, d unchanged
+
+μ = 0 is exactly the update above (no ``exp_avg``, the same floating-point operations).
 
 Two pieces: :func:`advance_group_scalars` (the per-group scalars, a pure function of the group's
 counters) and :func:`sf_adamw_reference_` (the per-tensor update, in place).
@@ -41,6 +50,11 @@ class StepScalars:
     lr: float  # γ_t, the scheduled lr (schedulefree logs it as group['scheduled_lr'])
     ckp1: float  # c = w_t / W
     bias_correction2: float  # 1 - β2^t
+    bias_correction1: float = 1.0  # 1 - μ^t with inner momentum μ; 1.0 (unused) when μ == 0
+
+
+def _bias_correction1(inner_momentum: float, t: int) -> float:
+    return 1 - inner_momentum**t if inner_momentum != 0 else 1.0
 
 
 def _scheduled_lr(lr: float, k: int, warmup_steps: int) -> float:
@@ -60,6 +74,7 @@ def advance_group_scalars(
     warmup_steps: int,
     r: float,
     weight_lr_power: float,
+    inner_momentum: float = 0.0,
 ) -> StepScalars:
     """Advance a group's counters by one step (k -> k+1) and return the step's coefficients."""
     lr_t = _scheduled_lr(lr, k, warmup_steps)
@@ -76,6 +91,7 @@ def advance_group_scalars(
         lr=lr_t,
         ckp1=ckp1,
         bias_correction2=1 - beta2 ** (k + 1),
+        bias_correction1=_bias_correction1(inner_momentum, k + 1),
     )
 
 
@@ -89,6 +105,7 @@ def current_step_scalars(
     warmup_steps: int,
     r: float,
     weight_lr_power: float,
+    inner_momentum: float = 0.0,
 ) -> StepScalars:
     """The coefficients of the step that brought the group to its current counters (k >= 1).
 
@@ -108,6 +125,7 @@ def current_step_scalars(
         lr=lr_t,
         ckp1=ckp1,
         bias_correction2=1 - beta2**k,
+        bias_correction1=_bias_correction1(inner_momentum, k),
     )
 
 
@@ -127,6 +145,9 @@ def sf_adamw_reference_(
     bias_correction2: float,
     grad_scale: float = 1.0,
     lowp_out: torch.Tensor | None = None,
+    exp_avg: torch.Tensor | None = None,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
 ) -> None:
     """One schedule-free AdamW step on one tensor, in place on ``y``, ``z`` and ``exp_avg_sq``.
 
@@ -134,6 +155,8 @@ def sf_adamw_reference_(
     fp32 (or y's dtype when y is fp32/fp64) states. The math runs in the state dtype and the new
     y is rounded once into ``y``. ``grad`` is read only; ``grad_scale`` multiplies it first (a
     clip coefficient). ``lowp_out``, when given, receives a copy of the new y in its own dtype.
+    ``inner_momentum`` μ != 0 needs ``exp_avg`` (state dtype, updated in place) and
+    ``bias_correction1`` = 1 - μ^t; with μ == 0 both are ignored.
     """
     compute = z.dtype
     g = grad.to(compute)
@@ -143,7 +166,13 @@ def sf_adamw_reference_(
 
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
-    u = g / denom
+    if inner_momentum != 0:
+        if exp_avg is None:
+            raise ValueError("sf_adamw_reference_: inner_momentum != 0 needs an exp_avg buffer")
+        exp_avg.mul_(inner_momentum).add_(g, alpha=1 - inner_momentum)
+        u = exp_avg.div(bias_correction1).div_(denom)
+    else:
+        u = g / denom
     if weight_decay != 0:
         u.add_(yc, alpha=weight_decay)  # decay at y, before y moves
 

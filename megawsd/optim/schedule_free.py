@@ -1,13 +1,23 @@
 """ScheduleFreeAdamW: schedule-free AdamW (Defazio et al.) with fused backends.
 
-Same update, state keys (``z``, ``exp_avg_sq``) and group scalars (``k``, ``weight_sum``,
-``lr_max``, ``train_mode``, ``scheduled_lr``) as ``schedulefree.AdamWScheduleFree`` 1.4, so a
-``state_dict`` from either loads into the other (our groups also carry ``foreach`` for that
-reason: schedulefree's ``step`` reads it). The maths is in :mod:`megawsd.optim.reference`.
+Same constructor arguments, update, state keys (``z``, ``exp_avg_sq``, and ``exp_avg`` with
+inner momentum) and group keys (``k``, ``weight_sum``, ``lr_max``, ``train_mode``,
+``scheduled_lr``, ``inner_momentum``, ``foreach``) as ``schedulefree.AdamWScheduleFree`` (1.4.1
+and the later ``inner_momentum`` version), so a ``state_dict`` from either loads into the other.
+The maths is in :mod:`megawsd.optim.reference`.
+
+schedulefree's arguments:
+- ``inner_momentum`` μ (default 0): Adam's first moment inside the update, an EMA of the
+  gradient in the state ``exp_avg`` (allocated only when μ > 0); every backend supports it.
+- ``foreach`` picks the implementation whose numbers are bit-identical to schedulefree's with
+  the same flag: True -> backend "foreach", False -> backend "reference" (per tensor); None
+  (our default) -> ``backend`` decides. Combining it with any other explicit backend raises.
 
 Differences from the stock optimizer, all for training at scale:
 - ``backend``: "auto" (Triton on CUDA, ``torch.compile`` on CPU), or force "triton",
   "compiled", "foreach", "reference". Compilation failure falls back to foreach with one warning.
+  The fused backends agree with schedulefree to fp32 rounding (a few ulps), not bit for bit.
+  ``backend`` and ``foreach`` are this process's choice: ``load_state_dict`` keeps them.
 - Groups with no params are left untouched by ``step()`` (their counters do not advance):
   DeepSpeed ZeRO-3 calls ``step()`` once per sub-group with every other group empty.
 - ``set_step_id(step_id)``: while set, each group's counters advance at most once per distinct
@@ -24,12 +34,15 @@ adapter): the step uses γ_t = group['lr'] · min(1, t / warmup_steps), as sched
 Functional entry point (for flat ZeRO partitions)::
 
     sf_adamw_update(y, grad, z, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, ckp1,
-                    bias_correction2, grad_scale=1.0, lowp_out=None, backend="auto")
+                    bias_correction2, grad_scale=1.0, lowp_out=None, backend="auto",
+                    exp_avg=None, inner_momentum=0.0, bias_correction1=1.0)
 
 updates one tensor in place: y (fp32 or bf16), z and exp_avg_sq (fp32); ``grad`` read only and
 multiplied by ``grad_scale`` (clip coefficient); ``lowp_out`` optionally receives the new y in
-its own dtype in the same pass. ``lr``/``ckp1``/``bias_correction2`` come from
-:func:`~megawsd.optim.reference.advance_group_scalars` (or ``ScheduleFreeAdamW.step_scalars``).
+its own dtype in the same pass. ``lr``/``ckp1``/``bias_correction2``/``bias_correction1`` come
+from :func:`~megawsd.optim.reference.advance_group_scalars` (or
+``ScheduleFreeAdamW.step_scalars``). With ``inner_momentum`` != 0, ``exp_avg`` (fp32, like z) is
+required and updated in place.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ from typing import Any
 
 import torch
 
-from megawsd.errors import OptimizerError, field_error
+from megawsd.errors import ConfigError, OptimizerError, field_error
 from megawsd.kernels import BACKENDS, resolve_backend
 from megawsd.kernels.sf_adamw_compiled import pack_scalars, sf_adamw_compiled_
 from megawsd.kernels.sf_adamw_foreach import sf_adamw_foreach_
@@ -60,6 +73,28 @@ _LOWP = (torch.bfloat16, torch.float16)
 def state_dtype(p: torch.Tensor) -> torch.dtype:
     """dtype of ``z``/``exp_avg_sq`` for a param: fp32 for bf16/fp16 params, else the param's."""
     return torch.float32 if p.dtype in _LOWP else p.dtype
+
+
+def group_backend(group: dict[str, Any]) -> str:
+    """The backend a param group runs: ``backend``, or the one schedulefree's ``foreach`` flag
+    names (True -> "foreach", False -> "reference": the implementations whose numbers are
+    bit-identical to schedulefree's foreach / per-tensor paths). Contradictions raise."""
+    backend, foreach = group["backend"], group.get("foreach")
+    if backend not in BACKENDS:
+        raise field_error("optimizer.backend", backend, f"use one of {', '.join(BACKENDS)}")
+    if foreach is None:
+        return backend
+    if not isinstance(foreach, bool):
+        raise field_error("optimizer.foreach", foreach, "use True, False or None")
+    want = "foreach" if foreach else "reference"
+    if backend not in ("auto", want):
+        raise field_error(
+            "optimizer.foreach",
+            foreach,
+            f"contradicts backend={backend!r}: foreach={foreach} selects backend {want!r} (the "
+            f"numbers of schedulefree's foreach={foreach}); pass foreach or backend, not both",
+        )
+    return want
 
 
 def _contiguous(*ts: torch.Tensor | None) -> bool:
@@ -82,16 +117,28 @@ def sf_adamw_update(
     grad_scale: float = 1.0,
     lowp_out: torch.Tensor | None = None,
     backend: str = "auto",
+    exp_avg: torch.Tensor | None = None,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
 ) -> str:
     """One schedule-free AdamW step on one tensor, in place. Returns the backend that ran."""
     n = y.numel()
-    sizes = [t.numel() for t in (grad, z, exp_avg_sq, lowp_out) if t is not None]
+    if inner_momentum != 0 and exp_avg is None:
+        raise ValueError("sf_adamw_update: inner_momentum != 0 needs the exp_avg buffer")
+    exp_avg = exp_avg if inner_momentum != 0 else None
+    sizes = [t.numel() for t in (grad, z, exp_avg_sq, lowp_out, exp_avg) if t is not None]
     if any(s != n for s in sizes):
-        raise ValueError(f"sf_adamw_update: y has {n} elements but grad/z/v/lowp_out {sizes}")
-    if z.dtype != exp_avg_sq.dtype or (y.dtype != z.dtype and y.dtype not in _LOWP):
         raise ValueError(
-            f"sf_adamw_update: z ({z.dtype}) and exp_avg_sq ({exp_avg_sq.dtype}) must share a "
-            f"dtype, and y ({y.dtype}) must have it too unless y is bf16/fp16"
+            f"sf_adamw_update: y has {n} elements but grad/z/v/lowp_out/exp_avg {sizes}"
+        )
+    if (
+        z.dtype != exp_avg_sq.dtype
+        or (exp_avg is not None and exp_avg.dtype != z.dtype)
+        or (y.dtype != z.dtype and y.dtype not in _LOWP)
+    ):
+        raise ValueError(
+            f"sf_adamw_update: z ({z.dtype}), exp_avg_sq ({exp_avg_sq.dtype}) and exp_avg must "
+            f"share a dtype, and y ({y.dtype}) must have it too unless y is bf16/fp16"
         )
     return _update_tensors(
         [y],
@@ -99,6 +146,7 @@ def sf_adamw_update(
         [z],
         [exp_avg_sq],
         None if lowp_out is None else [lowp_out],
+        None if exp_avg is None else [exp_avg],
         dict(
             lr=lr,
             beta1=beta1,
@@ -108,6 +156,8 @@ def sf_adamw_update(
             ckp1=ckp1,
             bias_correction2=bias_correction2,
             grad_scale=grad_scale,
+            inner_momentum=inner_momentum,
+            bias_correction1=bias_correction1,
         ),
         backend,
     )
@@ -120,39 +170,42 @@ def _update_tensors(
     zs: list[torch.Tensor],
     vs: list[torch.Tensor],
     outs: list[torch.Tensor] | None,
+    ms: list[torch.Tensor] | None,
     coef: dict[str, float],
     backend: str,
 ) -> str:
-    """Update tensors that share one device (any dtypes) with one backend; returns its name."""
+    """Update tensors that share one device (any dtypes) with one backend; returns its name.
+    ``ms``: the ``exp_avg`` buffers, exactly when ``coef['inner_momentum']`` != 0."""
     if not ys:
         return backend
     device = ys[0].device
     resolved = resolve_backend(backend, device)
     outs_ = outs if outs is not None else [None] * len(ys)
+    ms_ = ms if ms is not None else [None] * len(ys)
 
     if resolved == "reference":
-        for y, g, z, v, o in zip(ys, grads, zs, vs, outs_):
-            sf_adamw_reference_(y, g, z, v, lowp_out=o, **coef)
+        for y, g, z, v, o, m in zip(ys, grads, zs, vs, outs_, ms_):
+            sf_adamw_reference_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
         return resolved
 
     if resolved == "triton":
         from megawsd.kernels.sf_adamw_triton import sf_adamw_triton_
 
-        for y, g, z, v, o in zip(ys, grads, zs, vs, outs_):
-            if _contiguous(y, g, z, v, o):
-                sf_adamw_triton_(y, g, z, v, lowp_out=o, **coef)
+        for y, g, z, v, o, m in zip(ys, grads, zs, vs, outs_, ms_):
+            if _contiguous(y, g, z, v, o, m):
+                sf_adamw_triton_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
             else:  # rare (channels_last params): correctness over speed
-                sf_adamw_reference_(y, g, z, v, lowp_out=o, **coef)
+                sf_adamw_reference_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
         return resolved
 
     rest = list(range(len(ys)))
     if resolved == "compiled":
         scalars = pack_scalars(device=device, **coef)
         rest = []
-        for i, (y, g, z, v, o) in enumerate(zip(ys, grads, zs, vs, outs_)):
-            if not _contiguous(y, g, z, v, o):
-                sf_adamw_reference_(y, g, z, v, lowp_out=o, **coef)
-            elif not sf_adamw_compiled_(y, g, z, v, scalars=scalars, lowp_out=o):
+        for i, (y, g, z, v, o, m) in enumerate(zip(ys, grads, zs, vs, outs_, ms_)):
+            if not _contiguous(y, g, z, v, o, m):
+                sf_adamw_reference_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
+            elif not sf_adamw_compiled_(y, g, z, v, scalars=scalars, lowp_out=o, exp_avg=m):
                 rest.append(i)  # compiling failed (warned once): foreach below
         if not rest:
             return resolved
@@ -169,6 +222,7 @@ def _update_tensors(
             [zs[i] for i in idx],
             [vs[i] for i in idx],
             lowp_outs=None if outs is None else [outs[i] for i in idx],
+            ms=None if ms is None else [ms[i] for i in idx],
             **coef,
         )
     return resolved
@@ -188,6 +242,8 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
+        inner_momentum: float = 0.0,
+        foreach: bool | None = None,
         backend: str = "auto",
     ) -> None:
         if not lr >= 0.0:
@@ -203,8 +259,6 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
             raise field_error("optimizer.weight_decay", weight_decay, "use weight_decay >= 0")
         if int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise field_error("optimizer.warmup_steps", warmup_steps, "use an integer >= 0")
-        if backend not in BACKENDS:
-            raise field_error("optimizer.backend", backend, f"use one of {', '.join(BACKENDS)}")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -218,12 +272,29 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
             scheduled_lr=0.0,
             weight_lr_power=weight_lr_power,
             weight_decay=weight_decay,
-            foreach=True,  # unused here; schedulefree's step() reads it from loaded groups
+            inner_momentum=inner_momentum,
+            foreach=foreach,
             backend=backend,
             step_id=None,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # checks every group's options (add_param_group)
         self._step_id: int | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, plus a check of the group's own ``inner_momentum``/``foreach``/``backend``
+        (groups may override the constructor's values, as in schedulefree)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            mu = group["inner_momentum"]
+            if not (isinstance(mu, (int, float)) and 0.0 <= mu < 1.0):
+                raise field_error(
+                    "optimizer.inner_momentum", mu, "use 0 <= inner_momentum < 1 (0 = off)"
+                )
+            group_backend(group)
+        except ConfigError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -235,7 +306,8 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
     def _backfill(group: dict[str, Any]) -> None:
         """Keys that older or foreign (schedulefree) groups may lack."""
         group.setdefault("scheduled_lr", 0.0)
-        group.setdefault("foreach", True)
+        group.setdefault("inner_momentum", 0.0)
+        group.setdefault("foreach", None)
         group.setdefault("backend", "auto")
         group.setdefault("step_id", None)
         group.setdefault("r", 0.0)
@@ -260,6 +332,7 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
             warmup_steps=group["warmup_steps"],
             r=group["r"],
             weight_lr_power=group["weight_lr_power"],
+            inner_momentum=group["inner_momentum"],
         )
         sid = self._step_id
         if sid is not None and group.get("step_id") == sid and group["k"] >= 1:
@@ -324,8 +397,10 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if not group["params"]:
                 continue  # ZeRO-3 sub-group calls: other groups are empty, leave them alone
+            backend = group_backend(group)
             s = self._scalars_for_step(group)
             beta1, beta2 = group["betas"]
+            mu = group["inner_momentum"]
             coef = dict(
                 lr=s.lr,
                 beta1=beta1,
@@ -335,6 +410,8 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
                 ckp1=s.ckp1,
                 bias_correction2=s.bias_correction2,
                 grad_scale=1.0,
+                inner_momentum=mu,
+                bias_correction1=s.bias_correction1,
             )
             by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
@@ -345,11 +422,7 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
                         "ScheduleFreeAdamW got a sparse gradient: sparse gradients are not "
                         "supported; use dense embeddings (sparse=False)."
                     )
-                state = self.state[p]
-                if "z" not in state:
-                    sd = state_dtype(p)
-                    state["z"] = p.detach().to(sd, copy=True)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd)
+                self._init_state(p, mu, s.k)
                 by_device[p.device].append(p)
             for ps in by_device.values():
                 _update_tensors(
@@ -358,10 +431,32 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
                     [self.state[p]["z"] for p in ps],
                     [self.state[p]["exp_avg_sq"] for p in ps],
                     None,
+                    [self.state[p]["exp_avg"] for p in ps] if mu != 0 else None,
                     coef,
-                    group["backend"],
+                    backend,
                 )
         return loss
+
+    def _init_state(self, p: torch.Tensor, inner_momentum: float, t: int) -> None:
+        """Create a param's state on its first step: z = p, exp_avg_sq = 0, and exp_avg = 0
+        with inner momentum (also when z exists but this is step t = 1: Megatron's
+        init_state_fn pre-allocates z and exp_avg_sq). Later, a missing exp_avg means the
+        state was saved without inner momentum: a zero first moment would then be
+        bias-corrected as if it had been averaging all along, so refuse instead."""
+        state = self.state[p]
+        sd = state_dtype(p)
+        if "z" not in state:
+            state["z"] = p.detach().to(sd, copy=True)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd)
+        if inner_momentum != 0 and "exp_avg" not in state:
+            if t != 1:
+                raise OptimizerError(
+                    f"ScheduleFreeAdamW inner_momentum = {inner_momentum}: a parameter's state "
+                    f"has no 'exp_avg' at step {t} (it was trained or saved with "
+                    "inner_momentum = 0). Resume with inner_momentum = 0, or start a new run "
+                    "to use inner momentum."
+                )
+            state["exp_avg"] = torch.zeros_like(p, dtype=sd)
 
     def step_scalars(self, group: dict[str, Any]) -> StepScalars:
         """Advance ``group``'s counters (respecting ``set_step_id``) and return the coefficients:
@@ -371,19 +466,26 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader casts floating state to the param dtype; keep z/v fp32 for bf16 params
-        (upcasting bf16 states saved by schedulefree)."""
+        """torch's loader, plus:
+        - ``backend`` and ``foreach`` stay this process's choice (not training state);
+        - keys the saved groups lack (``inner_momentum`` from schedulefree 1.4.1 or older
+          megawsd) keep this optimizer's values, so an option asked for is never dropped;
+        - z/exp_avg_sq/exp_avg stay fp32 for bf16 params (torch would cast them to the param
+          dtype; bf16 states saved by schedulefree are upcast)."""
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
-        backends = [g.get("backend", "auto") for g in self.param_groups]
+        before = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, saved, backend in zip(self.param_groups, saved_groups, backends):
-            self._backfill(group)
-            group["backend"] = backend  # a runtime choice of this process, not training state
+        for group, saved, mine in zip(self.param_groups, saved_groups, before):
+            for key, value in mine.items():
+                if key != "params" and key not in saved:  # (__setstate__ backfilled defaults)
+                    group[key] = value
+            group["backend"] = mine["backend"]
+            group["foreach"] = mine["foreach"]
             for p, pid in zip(group["params"], saved["params"]):
                 st = saved_state.get(pid)
                 if st is None or p.dtype not in _LOWP:
                     continue
-                for key in ("z", "exp_avg_sq"):
+                for key in ("z", "exp_avg_sq", "exp_avg"):
                     if key in st:
                         self.state[p][key] = st[key].to(device=p.device, dtype=torch.float32)
