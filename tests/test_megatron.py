@@ -380,3 +380,15 @@ def test_distributed_optimizer_state_key_mapping_and_config_errors():
     assert adam_slots_to_sf(slots) == {"param": p, "z": z, "exp_avg_sq": v}
     with pytest.raises(ConfigError, match="decoupled_weight_decay = False"):
         schedule_free_adamw_from_config([torch.nn.Parameter(torch.zeros(1))], _config(decoupled_weight_decay=False))
+
+
+def test_distributed_optimizer_refuses_inner_momentum():
+    """Megatron's DistributedOptimizer checkpoints carry two state slots (z, exp_avg_sq): a third
+    buffer (inner momentum's exp_avg) would be lost on save, so it is refused by name."""
+    from megawsd.integrations.megatron_optim import get_megatron_schedule_free_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ConfigError, match="inner_momentum = 0.5: the DistributedOptimizer"):
+        get_megatron_schedule_free_optimizer(
+            params, _config(use_distributed_optimizer=True), inner_momentum=0.5
+        )

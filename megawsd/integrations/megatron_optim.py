@@ -86,6 +86,13 @@ def get_megatron_schedule_free_optimizer(
         raise field_error("grad_scaler", None, "fp16 needs a grad scaler (megatron-core's "
                           "DynamicGradScaler or ConstantGradScaler); bf16 does not")
     if config.use_distributed_optimizer:
+        if any(g.get("inner_momentum", 0.0) for g in inner.param_groups):
+            # Megatron's checkpoint formats have two state slots (exp_avg, exp_avg_sq); z
+            # already takes the first, so a third buffer would be dropped on save.
+            raise field_error("inner_momentum", inner.param_groups[0].get("inner_momentum"),
+                              "the DistributedOptimizer's checkpoints hold two state slots, "
+                              "taken by z and exp_avg_sq; use inner_momentum=0 there, or "
+                              "use_distributed_optimizer=False")
         return ScheduleFreeDistributedOptimizer.build(
             inner, config, grad_scaler, schedule_free_init_state_fn, model_chunks=model_chunks,
             **dist_kwargs)
