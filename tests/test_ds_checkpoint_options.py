@@ -32,15 +32,17 @@ OPTIONS = {
     "module_only": {"load_module_only": True},
     "no_sched": {"load_lr_scheduler_states": False},
 }
-# (name, stage, dtype, options): the load matrix of the default subset.
-CASES = [(f"s{s}", s, "fp32", o) for s in (1, 3) for o in OPTIONS]
+# (name, stage, dtype, options): the load matrix; MORE_CASES run under -m slow.
+CASES = [("s1", 1, "fp32", o) for o in OPTIONS]
+CASES += [("s3", 3, "fp32", o) for o in ("default", "module_only")]
 CASES += [("fp16s1", 1, "fp16", o) for o in ("default", "no_optim")]
+MORE_CASES = [("s3", 3, "fp32", o) for o in ("no_optim", "no_sched")]
 SAVE_STEPS = 3
 
 
-def _jobs(prefix: str, ck: dict, cases):
+def _jobs(prefix: str, ck: dict, cases, tag: int = SAVE_STEPS, **extra):
     return [{"kind": "load", "name": f"{prefix}_{c}_{o}", "stage": s, "dtype": d,
-             "load_dir": ck[c], "tag": f"step{SAVE_STEPS}", "options": OPTIONS[o]}
+             "load_dir": ck[c], "tag": f"step{tag}", "options": OPTIONS[o], **extra}
             for c, s, d, o in cases]
 
 
@@ -48,7 +50,9 @@ def _saves(prefix: str, ck: dict, cases):
     seen = {}
     for c, s, d, _ in cases:
         seen.setdefault(c, {"kind": "save", "name": f"{prefix}_{c}", "stage": s, "dtype": d,
-                            "steps": SAVE_STEPS, "save_dir": ck[c]})
+                            "steps": SAVE_STEPS, "save_dir": ck[c],
+                            # ZeRO-3 also at step 2: a tag that is not "latest".
+                            "save_at": [2, SAVE_STEPS] if s == 3 else [SAVE_STEPS]})
     return list(seen.values())
 
 
@@ -61,13 +65,18 @@ def runs():
     ck2 = {c: f"{tmp}/ck2_{c}" for c in names}
     ck1 = {c: f"{tmp}/ck1_{c}" for c in names}
     fp16 = [c for c in CASES if c[2] == "fp16"]
-    forced = [{**j, "reshard": "always"} for j in _jobs("alw2", ck2, fp16)]
+    extra = _jobs("alw2", ck2, fp16, reshard="always")
+    # ZeRO-3 same-size loads DeepSpeed gets wrong: its own loader, and megawsd's reroute.
+    s3 = [("s3", 3, "fp32", "module_only")]
+    extra += _jobs("ds2", ck2, s3, direct=True)
+    s3 = [("s3", 3, "fp32", "no_optim")]
+    extra += _jobs("ds2tag2", ck2, s3, tag=2, direct=True) + _jobs("same2tag2", ck2, s3, tag=2)
     a = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": _saves("save2", ck2, CASES)
-                              + _jobs("same2", ck2, CASES) + forced}, timeout=600)
+                              + _jobs("same2", ck2, CASES) + extra}, timeout=600)
     b = run_ranks(WORKER, 1, {"tmp": tmp, "jobs": _saves("save1", ck1, CASES)
                               + _jobs("same1", ck1, CASES) + _jobs("r21", ck2, CASES)}, timeout=600)
     c = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": _jobs("r12", ck1, CASES)}, timeout=600)
-    yield {"tmp": tmp, "ck2": ck2, **{f"w2_{k}": v for k, v in a[0].items()},
+    yield {"tmp": tmp, "ck1": ck1, "ck2": ck2, **{f"w2_{k}": v for k, v in a[0].items()},
            **{f"w1_{k}": v for k, v in b[0].items()}, **{f"w2b_{k}": v for k, v in c[0].items()}}
     tmp_dir.cleanup()
 
@@ -169,15 +178,59 @@ def test_fp16_reshard_restores_dynamic_loss_scale(runs):
 
 
 @pytest.mark.dist
+def test_zero3_same_size_loads_deepspeed_gets_wrong_are_rerouted(runs):
+    """Pins two DeepSpeed 0.19.8 ZeRO-3 bugs, and that megawsd.load_checkpoint avoids them."""
+    tmp = runs["tmp"]
+    saved = torch.load(f"{tmp}/save2_s3_saved.pt")["y"]
+    saved2 = torch.load(f"{tmp}/save2_s3_step2_saved.pt")["y"]
+    # load_module_only: DeepSpeed keeps the initial weights (the saved module is partitioned).
+    ds = torch.load(f"{tmp}/ds2_s3_module_only_loaded.pt")["y"]
+    assert not all(torch.equal(ds[n], saved[n]) for n in saved)
+    assert_loaded_what_was_saved(tmp, "same2_s3_module_only", "save2_s3", "s3_module_only")
+    # load_optimizer_states=False, tag step2: DeepSpeed loads the weights of latest (step3).
+    ds = torch.load(f"{tmp}/ds2tag2_s3_no_optim_loaded.pt")["y"]
+    assert all(torch.equal(ds[n], saved[n]) for n in saved)
+    assert runs["w2_ds2tag2_s3_no_optim"]["after_load"]["global_steps"] == 2
+    assert_loaded_what_was_saved(tmp, "same2tag2_s3_no_optim", "save2_s3_step2", "s3_no_optim")
+    assert not all(torch.equal(saved2[n], saved[n]) for n in saved)
+
+
+@pytest.fixture(scope="module")
+def runs_more(runs):
+    """MORE_CASES on the checkpoints of ``runs``: same-size and resharded loads."""
+    a = run_ranks(WORKER, 2, {"tmp": runs["tmp"], "jobs": _jobs("same2", runs["ck2"], MORE_CASES)
+                              + _jobs("r12", runs["ck1"], MORE_CASES)}, timeout=900)
+    b = run_ranks(WORKER, 1, {"tmp": runs["tmp"], "jobs": _jobs("same1", runs["ck1"], MORE_CASES)
+                              + _jobs("r21", runs["ck2"], MORE_CASES)}, timeout=900)
+    return {**{f"w2_{k}": v for k, v in a[0].items()}, **{f"w1_{k}": v for k, v in b[0].items()}}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [f"{c}_{o}" for c, _, _, o in MORE_CASES])
+def test_reshard_more_load_options(runs, runs_more, case):
+    tmp, more = runs["tmp"], runs_more
+    for same, other, save in (("same2", "r21", "save2"), ("same1", "r12", "save1")):
+        assert_loaded_what_was_saved(tmp, f"{same}_{case}", f"{save}_s3", case)
+        assert_loaded_what_was_saved(tmp, f"{other}_{case}", f"{save}_s3", case)
+    assert_same_load(tmp, more[f"w2_same2_{case}"], more[f"w1_r21_{case}"], f"same2_{case}",
+                     f"r21_{case}")
+    assert_same_load(tmp, more[f"w1_same1_{case}"], more[f"w2_r12_{case}"], f"same1_{case}",
+                     f"r12_{case}")
+
+
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", (1, 3))
-def test_reshard_2_to_4_honours_load_options(runs, stage):
+def test_reshard_2_to_4_honours_load_options(runs, runs_more, stage):
     cases = [(f"s{stage}", stage, "fp32", o) for o in OPTIONS]
     got = run_ranks(WORKER, 4, {"tmp": runs["tmp"], "jobs": _jobs("r24", runs["ck2"], cases)},
                     timeout=900)[0]
+    same = {**runs, **runs_more}
     for o in OPTIONS:
-        assert_loaded_what_was_saved(runs["tmp"], f"r24_s{stage}_{o}", f"save2_s{stage}", f"s{stage}_{o}")
-        assert_same_load(runs["tmp"], runs[f"w2_same2_s{stage}_{o}"], got[f"r24_s{stage}_{o}"],
+        assert_loaded_what_was_saved(runs["tmp"], f"r24_s{stage}_{o}", f"save2_s{stage}",
+                                     f"s{stage}_{o}")
+        assert_same_load(runs["tmp"], same[f"w2_same2_s{stage}_{o}"], got[f"r24_s{stage}_{o}"],
                          f"same2_s{stage}_{o}", f"r24_s{stage}_{o}")
 
 

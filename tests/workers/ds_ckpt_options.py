@@ -5,10 +5,11 @@ Run once per rank by tests.dist_helpers.run_ranks; ``args["jobs"]`` run one afte
 (process start-up dominates on 2 CPU cores). Model, data and config come from ds_train.py.
 
 Job kinds:
-- ``save``: train ``steps`` steps at ``stage``/``dtype`` and save tag ``step<steps>``.
+- ``save``: train ``steps`` steps at ``stage``/``dtype``; save tag ``step<s>`` at ``save_at``.
 - ``load``: a fresh engine; ``megawsd.deepspeed.load_checkpoint(..., **options)`` (DeepSpeed's
   own loader when the world size matches, the resharding path otherwise); report what was
-  restored, then train ``cont`` more steps and report the losses.
+  restored, then train ``cont`` more steps and report the losses. ``direct``: call
+  ``engine.load_checkpoint`` itself (DeepSpeed's behaviour, for the cases megawsd reroutes).
 - ``prestep``: the full-tensor accessors and the consolidated export before any step.
 
 fp16 runs on DeepSpeed's CPU accelerator only where mkldnn reports fp16 support; the worker
@@ -109,10 +110,15 @@ def save_full(engine, path: str, rank: int, with_z: bool) -> None:
 
 
 def run_save(job, world, rank):
+    """Train ``steps`` steps, saving tag ``step<s>`` (and the full y/z) at each of ``save_at``."""
     engine, sched = make_engine(job, world)
-    losses = train(engine, 1, job["steps"], world, rank)
-    save_full(engine, os.path.join(job["tmp"], f"{job['name']}_saved.pt"), rank, True)
-    engine.save_checkpoint(job["save_dir"], tag=f"step{job['steps']}")
+    losses = []
+    for s in range(1, job["steps"] + 1):
+        losses += train(engine, s, s, world, rank)
+        if s in job.get("save_at", [job["steps"]]):
+            last = "" if s == job["steps"] else f"_step{s}"
+            save_full(engine, os.path.join(job["tmp"], f"{job['name']}{last}_saved.pt"), rank, True)
+            engine.save_checkpoint(job["save_dir"], tag=f"step{s}")
     return {"losses": losses, **state(engine, sched)}
 
 
@@ -121,8 +127,11 @@ def run_load(job, world, rank):
 
     engine, sched = make_engine(job, world)
     opts = job.get("options", {})
-    path, client = mds.load_checkpoint(engine, job["load_dir"], job["tag"],
-                                       reshard=job.get("reshard", "auto"), **opts)
+    if job.get("direct"):  # DeepSpeed's own loader, for the cases megawsd reroutes
+        path, client = engine.load_checkpoint(job["load_dir"], job["tag"], **opts)
+    else:
+        path, client = mds.load_checkpoint(engine, job["load_dir"], job["tag"],
+                                           reshard=job.get("reshard", "auto"), **opts)
     out = {"path": os.path.basename(path or ""), "client_keys": sorted(client or {})}
     out["after_load"] = state(engine, sched)
     save_full(engine, os.path.join(job["tmp"], f"{job['name']}_loaded.pt"), rank,
