@@ -74,7 +74,8 @@ def runs():
     a = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": _saves("save2", ck2, CASES)
                               + _jobs("same2", ck2, CASES) + extra}, timeout=600)
     b = run_ranks(WORKER, 1, {"tmp": tmp, "jobs": _saves("save1", ck1, CASES)
-                              + _jobs("same1", ck1, CASES) + _jobs("r21", ck2, CASES)}, timeout=600)
+                              + _jobs("same1", ck1, CASES) + _jobs("r21", ck2, CASES)
+                              + _jobs("fn21", ck2, CASES[:1], custom_load_fn=True)}, timeout=600)
     c = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": _jobs("r12", ck1, CASES)}, timeout=600)
     yield {"tmp": tmp, "ck1": ck1, "ck2": ck2, **{f"w2_{k}": v for k, v in a[0].items()},
            **{f"w1_{k}": v for k, v in b[0].items()}, **{f"w2b_{k}": v for k, v in c[0].items()}}
@@ -175,6 +176,13 @@ def test_fp16_reshard_restores_dynamic_loss_scale(runs):
     for o in ("default", "no_optim"):
         assert_same_load(runs["tmp"], runs[f"w2_same2_fp16s1_{o}"], runs[f"w2_alw2_fp16s1_{o}"],
                          f"same2_fp16s1_{o}", f"alw2_fp16s1_{o}")
+
+
+@pytest.mark.dist
+def test_custom_load_fn_refused_when_resharding(runs):
+    err = runs["w1_fn21_s1_default"]["error"]
+    assert err.startswith("ConfigError: custom_load_fn = "), err
+    assert "load on 2 ranks" in err
 
 
 @pytest.mark.dist

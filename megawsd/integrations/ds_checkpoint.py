@@ -274,11 +274,12 @@ def load_checkpoint(
     if reshard == "never" or (reshard == "auto" and same and misread is None):
         return engine.load_checkpoint(load_dir, tag, custom_load_fn=custom_load_fn, **opts)
     if custom_load_fn is not None:
-        raise field_error(
-            "custom_load_fn", custom_load_fn,
-            f"not supported when megawsd reshards (checkpoint from {world} ranks at ZeRO stage "
-            f"{stage}, engine {here} ranks at stage {here_stage}); load on {world} ranks or "
-            "drop custom_load_fn")
+        why = misread if same else (f"checkpoint from {world} ranks at ZeRO stage {stage}, "
+                                    f"engine {here} ranks at stage {here_stage}")
+        where = "" if same else f"load on {world} ranks at stage {stage} or "
+        raise field_error("custom_load_fn", custom_load_fn,
+                          f"not supported when megawsd loads the checkpoint itself ({why}); "
+                          f"{where}drop custom_load_fn")
     log.info("resharding checkpoint %s/%s: %d ranks stage %d -> %d ranks stage %d%s",
              load_dir, tag, world, stage, here, here_stage, f" ({misread})" if misread else "")
     full = read_full_checkpoint(load_dir, tag)
@@ -370,6 +371,9 @@ def load_full_state(engine, full: FullCheckpoint, optimizer: bool = True,
                 if key not in s:
                     s[key] = torch.zeros_like(sh.y)
         ds_layout.relink_state_fragments(engine)
+    elif optimizer:  # saved before any step: no state, as DeepSpeed's load_state_dict leaves
+        for sh in shards:
+            inner.state.pop(sh.y, None)
     _write_params(engine, full, inner, named, has_state)
 
     if optimizer:

@@ -127,6 +127,13 @@ def run_load(job, world, rank):
 
     engine, sched = make_engine(job, world)
     opts = job.get("options", {})
+    if job.get("custom_load_fn"):  # refused when resharding: report the error
+        try:
+            mds.load_checkpoint(engine, job["load_dir"], job["tag"],
+                                custom_load_fn=lambda src, dst: None, **opts)
+            return {"error": None}
+        except Exception as e:  # noqa: BLE001 - the test checks the type and message
+            return {"error": f"{type(e).__name__}: {e}"}
     if job.get("direct"):  # DeepSpeed's own loader, for the cases megawsd reroutes
         path, client = engine.load_checkpoint(job["load_dir"], job["tag"], **opts)
     else:
