@@ -27,11 +27,12 @@ import torch  # noqa: E402
 
 from tests.dist_helpers import report, worker_args  # noqa: E402
 from tests.workers.ds_train import (  # noqa: E402
+    GLOBAL,
+    MB,
     data,
     ds_config,
     global_mean,
     make_model,
-    micro_batches,
     param_groups,
 )
 
@@ -45,9 +46,22 @@ def enable_cpu_fp16() -> None:
     CPU_Accelerator.is_fp16_supported = lambda self: True
 
 
+def micro(world: int) -> int:
+    """Sequences per micro-batch: ds_train's, or fewer so that 4 ranks share a global batch."""
+    return min(MB, GLOBAL // world)
+
+
+def micro_batches(batch: torch.Tensor, world: int, rank: int) -> list[torch.Tensor]:
+    mb = micro(world)
+    gas = GLOBAL // (mb * world)
+    return [batch[(m * world + rank) * mb:(m * world + rank + 1) * mb] for m in range(gas)]
+
+
 def config(job, world):
     cfg = ds_config(job["stage"], "fp32" if job.get("dtype") == "fp16" else job.get("dtype", "fp32"),
                     world)
+    cfg["train_micro_batch_size_per_gpu"] = micro(world)
+    cfg["gradient_accumulation_steps"] = GLOBAL // (micro(world) * world)
     if job.get("dtype") == "fp16":
         # 2^20 overflows on this model's first steps: the saved scale differs from the initial.
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 20, "hysteresis": 1,
