@@ -312,8 +312,9 @@ def _deepspeed_misreads(load_dir: str, tag: str, here_stage: int, *, load_module
         return "DeepSpeed would keep the initial weights (ZeRO-3 saves partitioned modules)"
     if load_optimizer_states:
         return None
-    latest = os.path.join(load_dir, "latest")
-    latest_tag = open(latest).read().strip() if os.path.isfile(latest) else None
+    latest_tag = None
+    if os.path.isfile(os.path.join(load_dir, "latest")):
+        latest_tag = resolve_tag(load_dir, None)
     if latest_tag == tag:
         return None
     return f"DeepSpeed would read the weights of tag {latest_tag!r}, not {tag!r}"
