@@ -517,21 +517,55 @@ def _stage0_full(engine, key: str | None) -> dict[int, torch.Tensor]:
     raise OptimizerError(f"optimizer wrapper = {type(engine.optimizer).__name__}: unsupported")
 
 
+def _state_key_presence(engine, key: str) -> tuple[bool, bool, bool]:
+    """(any state at all, ``key`` on some rank, ``key`` on every rank), agreed by all ranks.
+
+    Before the first applied step the optimizer has no state (schedule-free creates z = y
+    lazily), and DeepSpeed's accessors then fail on the ranks that own a fragment while the
+    others wait in their all-reduce. Deciding from one all-reduce first makes every rank take
+    the same branch.
+    """
+    inner = ds_layout.inner_optimizer(engine)
+    states = [inner.state.get(sh.y, {}) for sh in ds_layout.shards(engine) if sh.y.numel()]
+    any_state = any(len(s) > 0 for s in states)
+    has = [key in s for s in states]
+    flags = torch.tensor([float(any_state), float(any(has)), float(not all(has))])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flags = flags.to(engine.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    any_state, some, missing = (bool(f) for f in flags.tolist())
+    return any_state, some, not missing
+
+
 def full_param_tensors(engine, key: str | None = None) -> dict[str, torch.Tensor | None]:
     """Every trainable parameter's full fp32 master (key None) or optimizer state ``key``.
 
     Collective: every rank must call it; every rank gets the full tensors (DeepSpeed's
-    ``safe_get_full_*`` all-reduce them). None where the state does not exist yet.
+    ``safe_get_full_*`` all-reduce them). Before the first applied step the optimizer has no
+    state: every entry is None (schedule-free's z starts as y). A key the optimizer state
+    does not hold after a step raises ConfigError, on every rank.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if key is not None:
+        any_state, some, everywhere = _state_key_presence(engine, key)
+        if not any_state:
+            return {n: None for n, _ in trainable}
+        if not some:
+            inner = ds_layout.inner_optimizer(engine)
+            held = sorted({k for s in inner.state.values() for k in s})
+            raise field_error("key", key, f"not in the optimizer state, which holds {held}")
+        if not everywhere:
+            raise OptimizerError(
+                f"key = {key!r}: the optimizer state holds it on some ranks or groups only "
+                "(a step was partly applied?); call full_param_tensors after a complete step"
+            )
     if ds_layout.zero_stage(engine) == 0:
         by_id = _stage0_full(engine, key)
-        return {n: by_id.get(id(p)) for n, p in engine.module.named_parameters() if p.requires_grad}
+        return {n: by_id.get(id(p)) for n, p in trainable}
     out: dict[str, torch.Tensor | None] = {}
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in trainable:
         if key is None:
             t = safe_get_full_fp32_param(p)
         else:
@@ -556,7 +590,9 @@ def consolidated_state_dict(engine, weights: str = "x") -> dict[str, torch.Tenso
 
     ``weights="x"``: the schedule-free evaluation weights (y - (1-β1) z)/β1, computed in fp32
     from the masters; ``"y"``: the masters themselves. Collective: every rank must call it.
-    Non-schedule-free engines return their masters for either choice.
+    Before the first applied step x is y: schedule-free creates z = y lazily at its first
+    step, so x = (y - (1-β1) y)/β1 = y. Non-schedule-free engines return their masters for
+    either choice.
     """
     if weights not in ("x", "y"):
         raise field_error("weights", weights, 'use "x" (evaluation weights) or "y" (masters)')

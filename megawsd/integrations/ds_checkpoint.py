@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 STATE_KEYS = ("z", "exp_avg_sq")
 #: client_state key under which megawsd saves the parameter names of each optimizer group.
 GROUP_NAMES_KEY = "megawsd_param_groups"
+#: Wrapper attributes each DeepSpeed 0.19 wrapper's own loader restores from its optimizer
+#: states file (``_load_global_state``, ``_rigid_load_state_dict``, BF16's
+#: ``_load_legacy_checkpoint``); saved under the same names. The loss scaler (fp16) is the one
+#: that matters: without it an fp16 run restarts at the initial scale and skips steps again.
+WRAPPER_STATE = {
+    "DeepSpeedZeroOptimizer": ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad"),
+    "DeepSpeedZeroOptimizer_Stage3": ("loss_scaler", "dynamic_loss_scale", "overflow"),
+    "BF16_Optimizer": ("clip_grad",),
+}
 
 
 @dataclass
@@ -41,6 +50,8 @@ class FullCheckpoint:
     model_states: dict[str, Any] = field(repr=False, default_factory=dict)  # rank 0's file
     zero_stage: int = 0
     world_size: int = 1
+    # Rank 0's wrapper attributes (loss scaler, clip_grad): the same on every rank.
+    wrapper_state: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def group_of(self, name: str) -> int:
         for gi, names in enumerate(self.group_names or []):
@@ -165,7 +176,9 @@ def read_full_checkpoint(checkpoint_dir: str, tag: str | None = None) -> FullChe
                 continue
             params.setdefault(name, {})["y" if key is None else key] = t.float().clone()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
-    return FullCheckpoint(params, groups, group_names, model_states, stage, world)
+    names = {a for attrs in WRAPPER_STATE.values() for a in attrs}
+    wrapper_state = {k: v for k, v in first.items() if k in names}
+    return FullCheckpoint(params, groups, group_names, model_states, stage, world, wrapper_state)
 
 
 def _read_stage0(model_states: dict, group_names) -> FullCheckpoint:
@@ -223,15 +236,28 @@ def saved_world_size(checkpoint_dir: str, tag: str | None = None) -> tuple[int, 
     return int(ms.get("dp_world_size", 1)), stage
 
 
-def load_checkpoint(engine, load_dir: str, tag: str | None = None, reshard: str = "auto", **kwargs):
-    """Load a checkpoint into ``engine``; reshard when it was saved with another world size.
+def load_checkpoint(
+    engine,
+    load_dir: str,
+    tag: str | None = None,
+    reshard: str = "auto",
+    load_module_strict: bool = True,
+    load_optimizer_states: bool = True,
+    load_lr_scheduler_states: bool = True,
+    load_module_only: bool = False,
+    custom_load_fn=None,
+):
+    """``engine.load_checkpoint`` that also loads checkpoints saved with another world size.
 
     ``reshard``: ``"auto"`` (reshard when the saved dp world size or ZeRO stage differs from
     the engine's, else DeepSpeed's own loader, bit-exact), ``"always"`` or ``"never"``.
-    Returns ``(load_path, client_state)`` like ``engine.load_checkpoint``. Resharding restores
-    y, z, exp_avg_sq, the optimizer group scalars, the LR scheduler, ``global_steps``,
-    ``global_samples`` and ``skipped_steps``; trainable parameters only (buffers and frozen
-    parameters come from the model as constructed). All ranks must call it.
+    Returns ``(load_path, client_state)`` like ``engine.load_checkpoint``, and takes its load
+    options with DeepSpeed 0.19's meaning on either path (see :func:`load_full_state`):
+    ``load_module_only`` restores the weights only; ``load_optimizer_states=False`` skips the
+    optimizer (z, exp_avg_sq, group scalars, fp16 loss scaler; the masters then come from the
+    working weights, as DeepSpeed does); ``load_lr_scheduler_states=False`` skips the
+    scheduler. Resharding covers trainable parameters (buffers and frozen parameters come from
+    the model as constructed). All ranks must call it.
     """
     from megawsd.integrations import ds_layout
 
@@ -242,32 +268,92 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None, reshard: str 
     here = engine.dp_world_size if hasattr(engine, "dp_world_size") else torch.distributed.get_world_size()
     here_stage = ds_layout.zero_stage(engine)
     same = world == here and (stage == here_stage or (stage <= 2 and here_stage <= 2 and min(stage, here_stage) > 0))
-    if reshard == "never" or (reshard == "auto" and same):
-        return engine.load_checkpoint(load_dir, tag, **kwargs)
-    log.info("resharding checkpoint %s/%s: %d ranks stage %d -> %d ranks stage %d",
-             load_dir, tag, world, stage, here, here_stage)
+    opts = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+    misread = _deepspeed_misreads(load_dir, tag, here_stage, **opts)
+    if reshard == "never" or (reshard == "auto" and same and misread is None):
+        return engine.load_checkpoint(load_dir, tag, custom_load_fn=custom_load_fn, **opts)
+    if custom_load_fn is not None:
+        why = misread if same else (f"checkpoint from {world} ranks at ZeRO stage {stage}, "
+                                    f"engine {here} ranks at stage {here_stage}")
+        where = "" if same else f"load on {world} ranks at stage {stage} or "
+        raise field_error("custom_load_fn", custom_load_fn,
+                          f"not supported when megawsd loads the checkpoint itself ({why}); "
+                          f"{where}drop custom_load_fn")
+    log.info("resharding checkpoint %s/%s: %d ranks stage %d -> %d ranks stage %d%s",
+             load_dir, tag, world, stage, here, here_stage, f" ({misread})" if misread else "")
     full = read_full_checkpoint(load_dir, tag)
-    load_full_state(engine, full)
-    return os.path.join(load_dir, tag), _client_state(full.model_states)
+    load_full_state(
+        engine, full,
+        optimizer=load_optimizer_states and not load_module_only,
+        lr_scheduler=load_lr_scheduler_states and not load_module_only,
+        counters=not load_module_only,
+    )
+    return os.path.join(load_dir, tag), _client_state(full.model_states, engine, **opts)
 
 
-_DS_KEYS = {
-    "module", "optimizer", "lr_scheduler", "skipped_steps", "global_steps", "global_samples",
-    "dp_world_size", "mp_world_size", "data_sampler", "random_ltd", "buffer_names",
-    "param_shapes", "frozen_param_shapes", "shared_params", "frozen_param_fragments",
-    "ds_config", "ds_version", "sparse_tensor_module_names",
-}
+def _deepspeed_misreads(load_dir: str, tag: str, here_stage: int, *, load_module_strict: bool,
+                        load_optimizer_states: bool, load_lr_scheduler_states: bool,
+                        load_module_only: bool) -> str | None:
+    """Why DeepSpeed's own same-size loader would restore the wrong weights, or None.
+
+    Both at ZeRO-3 (DeepSpeed 0.19.8, ``engine._load_checkpoint``); megawsd's path is right:
+
+    - ``load_module_only`` with optimizer states: the module comes from the saved
+      ``module`` state dict, whose partitioned parameters are empty at ZeRO-3: the masters
+      keep the engine's initial weights.
+    - without optimizer states: the module comes from
+      ``get_fp32_state_dict_from_zero_checkpoint(load_dir)``, i.e. from the tag named in
+      ``latest``, whatever ``tag`` was asked for.
+    """
+    if here_stage != 3:
+        return None
+    if load_module_only and load_optimizer_states:
+        return "DeepSpeed would keep the initial weights (ZeRO-3 saves partitioned modules)"
+    if load_optimizer_states:
+        return None
+    latest_tag = None
+    if os.path.isfile(os.path.join(load_dir, "latest")):
+        latest_tag = resolve_tag(load_dir, None)
+    if latest_tag == tag:
+        return None
+    return f"DeepSpeed would read the weights of tag {latest_tag!r}, not {tag!r}"
 
 
-def _client_state(model_states: dict) -> dict:
-    return {k: v for k, v in model_states.items() if k not in _DS_KEYS}
+#: Engine states DeepSpeed 0.19.8's ``_load_checkpoint`` leaves out of client_state.
+_DS_STATES = ["module", "skipped_steps", "global_steps", "dp_world_size", "mp_world_size",
+              "data_sampler", "random_ltd"]
+
+
+def _client_state(model_states: dict, engine, *, load_module_strict: bool = True,
+                  load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                  load_module_only: bool = False) -> dict:
+    """The client_state DeepSpeed's own loader returns for these options (same keys)."""
+    drop = ["module"] if load_module_only else list(_DS_STATES)
+    if load_lr_scheduler_states:
+        drop.append("lr_scheduler")
+    if load_optimizer_states:
+        drop.append("optimizer")
+    out = {k: v for k, v in model_states.items() if k not in drop}
+    # Without ZeRO, DeepSpeed hands back the optimizer's state_dict it loaded.
+    if (not load_module_only and load_optimizer_states and engine.optimizer is not None
+            and not engine.zero_optimization()):
+        out["optimizer"] = model_states.get("optimizer")
+    return out
 
 
 @torch.no_grad()
-def load_full_state(engine, full: FullCheckpoint) -> None:
-    """Write a :class:`FullCheckpoint` into a live engine of any world size (collective)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+def load_full_state(engine, full: FullCheckpoint, optimizer: bool = True,
+                    lr_scheduler: bool = True, counters: bool = True) -> None:
+    """Write a :class:`FullCheckpoint` into a live engine of any world size (collective).
 
+    What is restored follows DeepSpeed 0.19.8's ``load_checkpoint`` options: the weights
+    always; ``optimizer``: z, exp_avg_sq, the group scalars and the wrapper's loss scaler /
+    clip_grad (without it the optimizer keeps its state and, as DeepSpeed's
+    ``_restore_from_bit16_weights``, the fp32 masters are re-read from the working weights);
+    ``lr_scheduler``: the scheduler; ``counters``: ``global_steps``, ``global_samples``,
+    ``skipped_steps``.
+    """
     from megawsd.integrations import deepspeed as ds
     from megawsd.integrations import ds_layout
 
@@ -275,6 +361,50 @@ def load_full_state(engine, full: FullCheckpoint) -> None:
     if st.in_eval:
         ds.engine_train(engine)
     inner = ds_layout.inner_optimizer(engine)
+    named = _check_same_model(engine, full, inner)
+    has_state = optimizer and all(k in full.params[n] for n in named for k in STATE_KEYS)
+    ds_layout.before_write(engine)
+    shards = ds_layout.shards(engine)
+    if has_state:
+        for sh in shards:  # the state the first step() would create, then overwritten below
+            s = inner.state[sh.y]
+            for key in STATE_KEYS:
+                if key not in s:
+                    s[key] = torch.zeros_like(sh.y)
+        ds_layout.relink_state_fragments(engine)
+    elif optimizer:  # saved before any step: no state, as DeepSpeed's load_state_dict leaves
+        for sh in shards:
+            inner.state.pop(sh.y, None)
+    _write_params(engine, full, inner, named, has_state)
+
+    if optimizer:
+        for g, saved in zip(inner.param_groups, full.groups):
+            g.update(saved)
+        for k in WRAPPER_STATE.get(type(engine.optimizer).__name__, ()):
+            if k in full.wrapper_state:
+                setattr(engine.optimizer, k, full.wrapper_state[k])
+    for g in inner.param_groups:
+        g["train_mode"] = True
+    # Working weights <- masters, as after a step; without the optimizer states the masters
+    # are then re-read from the working weights, as DeepSpeed does (bf16/fp16 rounding).
+    for sh in shards:
+        if not sh.aliased:
+            sh.lp.copy_(sh.y)
+            if not optimizer:
+                sh.y.copy_(sh.lp)
+    ds_layout.publish(engine)
+
+    ms = full.model_states
+    if lr_scheduler and engine.lr_scheduler is not None and ms.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(ms["lr_scheduler"])
+    if counters:
+        engine.global_steps = int(ms.get("global_steps", 0))
+        engine.global_samples = int(ms.get("global_samples", engine.global_steps * engine.train_batch_size()))
+        engine.skipped_steps = int(ms.get("skipped_steps", 0))
+
+
+def _check_same_model(engine, full: FullCheckpoint, inner) -> dict[str, torch.nn.Parameter]:
+    """The engine's trainable parameters by name, after checking they match the checkpoint."""
     named = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     # Tied weights (e.g. lm_head.weight = embed_tokens.weight): named_parameters() lists the
     # shared tensor once, the consolidated checkpoint under every name. Aliases are fine.
@@ -291,43 +421,23 @@ def load_full_state(engine, full: FullCheckpoint) -> None:
             f"checkpoint has {len(full.groups)} optimizer param groups, the engine "
             f"{len(inner.param_groups)}; build the optimizer with the same groups"
         )
-    has_state = all(k in full.params[n] for n in named for k in STATE_KEYS)
-    stage = ds_layout.zero_stage(engine)
-    ds_layout.before_write(engine)
-    shards = ds_layout.shards(engine)
-    if has_state:
-        for sh in shards:  # the state the first step() would create, then overwritten below
-            s = inner.state[sh.y]
-            for key in STATE_KEYS:
-                if key not in s:
-                    s[key] = torch.zeros_like(sh.y)
-        ds_layout.relink_state_fragments(engine)
+    return named
 
-    if stage == 0:
+
+def _write_params(engine, full: FullCheckpoint, inner, named: dict, has_state: bool) -> None:
+    """Masters (and, with ``has_state``, z and exp_avg_sq) of every trainable parameter."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from megawsd.integrations import ds_layout
+
+    if ds_layout.zero_stage(engine) == 0:
         _load_stage0(engine, full, inner, has_state)
-    else:
-        for name, p in named.items():
-            safe_set_full_fp32_param(p, full.params[name]["y"].to(p.device))
-            if has_state:
-                for key in STATE_KEYS:
-                    safe_set_full_optimizer_state(p, full.params[name][key].to(p.device), key)
-
-    for g, saved in zip(inner.param_groups, full.groups):
-        for k, v in saved.items():
-            g[k] = v
-        g["train_mode"] = True
-    # Working weights <- masters, as after a step.
-    for sh in shards:
-        if not sh.aliased:
-            sh.lp.copy_(sh.y)
-    ds_layout.publish(engine)
-
-    ms = full.model_states
-    if engine.lr_scheduler is not None and ms.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(ms["lr_scheduler"])
-    engine.global_steps = int(ms.get("global_steps", 0))
-    engine.global_samples = int(ms.get("global_samples", engine.global_steps * engine.train_batch_size()))
-    engine.skipped_steps = int(ms.get("skipped_steps", 0))
+        return
+    for name, p in named.items():
+        safe_set_full_fp32_param(p, full.params[name]["y"].to(p.device))
+        if has_state:
+            for key in STATE_KEYS:
+                safe_set_full_optimizer_state(p, full.params[name][key].to(p.device), key)
 
 
 def _load_stage0(engine, full: FullCheckpoint, inner, has_state: bool) -> None:
