@@ -188,6 +188,8 @@ def make_trainer(job, out_dir, **extra):
         kwargs["warmup_steps"] = SF_WARMUP  # the optimizer's warmup ("auto" from args)
     else:
         kwargs["deepspeed"] = ds_config(stage)
+        kwargs["deepspeed"]["optimizer"]["params"].update(job.get("opt_params", {}))
+        kwargs["deepspeed"]["scheduler"]["params"].update(job.get("sched_params", {}))
     kwargs.update(job.get("args", {}))
     args = TrainingArguments(**kwargs)
     if stage is None:
@@ -228,12 +230,39 @@ def make_trainer(job, out_dir, **extra):
     return trainer, result
 
 
+def tree_digest(root: str) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative path -> digest), and mtimes of dirs."""
+    import hashlib
+
+    out = {}
+    for base, dirs, files in os.walk(root):
+        for name in sorted(files):
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+        for name in dirs:
+            out[os.path.relpath(os.path.join(base, name), root) + "/"] = "dir"
+    return out
+
+
 def run_trainer(job):
     import megawsd.deepspeed as mds
 
     out_dir = os.path.join(job["tmp"], job["name"])
-    trainer, result = make_trainer(job, out_dir)
+    extra = {"cooldown": job["cooldown"]} if job.get("cooldown") else {}
+    trainer, result = make_trainer(job, out_dir, **extra)
+    parent = os.path.dirname(job["resume"]) if job.get("resume") else None
+    before = tree_digest(parent) if parent and job.get("cooldown") else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     trainer.train(resume_from_checkpoint=job.get("resume"))
+    if before is not None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        result["parent_unchanged"] = tree_digest(parent) == before
+        result["parent_files"] = len(before)
+        sched = trainer._mw.engine.lr_scheduler if trainer._mw.engine else trainer.lr_scheduler
+        result["schedule"] = getattr(sched, "schedule", None) and sched.schedule.to_dict()
     result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result["lrs"] = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     engine = trainer._mw.engine
