@@ -12,10 +12,8 @@ Model: a 2-layer Llama (hidden 32, vocab 128) from config, global batch 4 x 16 t
 
 from __future__ import annotations
 
-import inspect
 import math
 import tempfile
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -31,8 +31,8 @@ import functools
 from collections.abc import Callable, Iterator
 
 from megawsd.errors import ConfigError
-from megawsd.integrations.deepspeed import engine_eval, engine_train, initialize
 from megawsd.hf.weights import is_megawsd_engine
+from megawsd.integrations.deepspeed import engine_eval, engine_train, initialize
 
 
 @contextlib.contextmanager

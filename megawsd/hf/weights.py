@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from megawsd.integrations.deepspeed import consolidated_state_dict, eval_mode as ds_eval_mode
+from megawsd.integrations.deepspeed import consolidated_state_dict
+from megawsd.integrations.deepspeed import eval_mode as ds_eval_mode
 from megawsd.kernels import write_x
 
 

@@ -17,7 +17,6 @@ Job kinds:
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -286,6 +285,50 @@ def run_trainer(job):
     return result
 
 
+def run_accelerate(job):
+    """Accelerate directly: DeepSpeed plugin with the JSON, DummyOptim/DummyScheduler."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler
+
+    import megawsd.hf as mhf
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = ds_config(job["stage"])
+    cfg.update(train_micro_batch_size_per_gpu=MB, gradient_accumulation_steps=GLOBAL // (MB * world),
+               train_batch_size=GLOBAL, gradient_clipping=1.0)
+    cfg["optimizer"]["params"].update(lr=LR, betas=list(BETAS), eps=EPS, weight_decay=WD)
+    cfg["scheduler"]["params"].update(total_steps=STEPS, warmup_steps=0)
+    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), cpu=True)
+    model = make_model()
+    opt = DummyOptim(decay_groups(model))
+    sched = DummyScheduler(opt)
+    loader = torch.utils.data.DataLoader(Rows(samples()), batch_size=MB, shuffle=False)
+    model, opt, loader, sched = mhf.prepare(acc, model, opt, loader, sched)
+    rank = acc.process_index
+    losses, result = [], {}
+    for step, batch in enumerate(loader, start=1):
+        loss = model(**batch).loss
+        acc.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(float(acc.reduce(loss.detach(), reduction="mean")))
+        if step == job.get("eval_at"):
+            ev = eval_samples()[rank * (GLOBAL // world):(rank + 1) * (GLOBAL // world)]
+            opt.eval()  # accelerate's own call, as a schedule-free user writes it
+            with torch.no_grad():
+                result["eval_loss"] = float(acc.reduce(model(input_ids=ev, labels=ev).loss,
+                                                       reduction="mean"))
+            opt.train()
+        if step == STEPS:
+            break
+    result["losses"] = losses
+    x = mhf.x_state_dict(model, opt)
+    if rank == 0:
+        torch.save(x, os.path.join(job["tmp"], f"{job['name']}_x.pt"))
+    return result
+
+
 def reset_accelerate():
     from accelerate.state import AcceleratorState, GradientState
 
@@ -304,6 +347,8 @@ def main():
         try:
             if kind == "reference":
                 out[job["name"]] = run_reference(job) if rank == 0 else None
+            elif kind == "accelerate":
+                out[job["name"]] = run_accelerate(job)
             else:
                 out[job["name"]] = run_trainer(job)
         except Exception as e:  # noqa: BLE001  (reported: the tests check the message)

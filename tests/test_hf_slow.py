@@ -1,0 +1,73 @@
+"""megawsd.hf without DeepSpeed (one process; DDP on 2 gloo ranks) and with Accelerate directly.
+
+The same worker and reference as tests/test_hf_trainer.py (see there); slow: one spawn each.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import pytest
+import torch
+
+from tests.dist_helpers import run_ranks
+
+WORKER = "tests/workers/hf_trainer.py"
+REL = 1e-5
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+
+def close(a, b, rel=REL):
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel) for x, y in zip(a, b))
+
+
+def _plain(world):
+    with tempfile.TemporaryDirectory(prefix="megawsd-hf-plain-") as tmp:
+        jobs = [{"kind": "reference", "name": "ref", "eval_at": 3},
+                {"name": "plain", "eval_at": 3},
+                {"name": "plain_resume", "resume": f"{tmp}/plain/checkpoint-3"}]
+        r = run_ranks(WORKER, world, {"tmp": tmp, "jobs": jobs}, timeout=900)
+        x = torch.load(f"{tmp}/plain_x.pt")
+        x_resumed = torch.load(f"{tmp}/plain_resume_x.pt")
+        x_ref = torch.load(f"{tmp}/reference_x.pt")
+        from transformers import AutoModelForCausalLM
+
+        saved = dict(AutoModelForCausalLM.from_pretrained(r[0]["plain"]["final_dir"])
+                     .named_parameters())
+    return r, x, x_resumed, x_ref, saved
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["one_process", "ddp2"])
+def test_trainer_without_deepspeed(world):
+    r, x, x_resumed, x_ref, saved = _plain(world)
+    ref, got, resumed = r[0]["ref"], r[0]["plain"], r[0]["plain_resume"]
+    assert not got["engine"]
+    assert close(got["losses"], ref["losses"]), (got["losses"], ref["losses"])
+    for rank in range(world):
+        g = r[rank]["plain"]
+        assert g["eval_loss"] == pytest.approx(g["eval_by_hand"], rel=1e-6)
+        assert g["eval_loss"] == pytest.approx(ref["eval_loss"], rel=REL)
+        assert g["y_restored_exact"]
+    assert resumed["losses"] == got["losses"]
+    assert all(torch.equal(x[n], x_resumed[n]) for n in x)
+    for n, t in x.items():
+        torch.testing.assert_close(t, x_ref[n], rtol=1e-4, atol=1e-6)
+        assert torch.equal(saved[n].detach(), t), n
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_accelerate_prepare_deepspeed(stage):
+    with tempfile.TemporaryDirectory(prefix="megawsd-hf-acc-") as tmp:
+        jobs = [{"kind": "reference", "name": "ref", "eval_at": 3},
+                {"kind": "accelerate", "name": "acc", "stage": stage, "eval_at": 3}]
+        r = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
+        x = torch.load(f"{tmp}/acc_x.pt")
+        x_ref = torch.load(f"{tmp}/reference_x.pt")
+    ref, got = r[0]["ref"], r[0]["acc"]
+    assert close(got["losses"], ref["losses"]), (got["losses"], ref["losses"])
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=REL)
+    assert "lm_head.weight" in x and x.keys() >= x_ref.keys()
+    for n, t in x_ref.items():
+        torch.testing.assert_close(x[n], t, rtol=1e-4, atol=1e-6)
