@@ -88,7 +88,7 @@ def adopt_optimizer(optimizer, engine) -> None:
 
 def prepare(accelerator, *objects, **kwargs):
     """``accelerator.prepare(*objects)`` with DeepSpeed engines made by megawsd."""
-    if getattr(accelerator.state, "deepspeed_plugin", None) is None:
+    if accelerator.distributed_type != "DEEPSPEED":  # a str enum in accelerate
         return accelerator.prepare(*objects, **kwargs)
     with route_initialize() as engines:
         out = accelerator.prepare(*objects, **kwargs)

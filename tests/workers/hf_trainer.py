@@ -285,6 +285,14 @@ def run_trainer(job):
     return result
 
 
+def _global_mean(t: torch.Tensor) -> float:
+    t = t.detach().float().clone()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return float(t)
+
+
 def run_accelerate(job):
     """Accelerate directly: DeepSpeed plugin with the JSON, DummyOptim/DummyScheduler."""
     from accelerate import Accelerator
@@ -298,27 +306,28 @@ def run_accelerate(job):
                train_batch_size=GLOBAL, gradient_clipping=1.0)
     cfg["optimizer"]["params"].update(lr=LR, betas=list(BETAS), eps=EPS, weight_decay=WD)
     cfg["scheduler"]["params"].update(total_steps=STEPS, warmup_steps=0)
-    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), cpu=True)
+    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
     model = make_model()
     opt = DummyOptim(decay_groups(model))
     sched = DummyScheduler(opt)
-    loader = torch.utils.data.DataLoader(Rows(samples()), batch_size=MB, shuffle=False)
-    model, opt, loader, sched = mhf.prepare(acc, model, opt, loader, sched)
-    rank = acc.process_index
+    model, opt, sched = mhf.prepare(acc, model, opt, sched)
+    rank = torch.distributed.get_rank()  # (acc.process_index says 0 in this worker on CPU)
+    data = samples()
+    # This rank's micro-batches of each global batch, as the Trainer's sharded loader gives.
+    batches = [data[k * GLOBAL + rank * MB:k * GLOBAL + (rank + 1) * MB] for k in range(STEPS)]
     losses, result = [], {}
-    for step, batch in enumerate(loader, start=1):
-        loss = model(**batch).loss
+    for step, ids in enumerate(batches, start=1):
+        loss = model(input_ids=ids, labels=ids).loss
         acc.backward(loss)
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(float(acc.reduce(loss.detach(), reduction="mean")))
+        losses.append(_global_mean(loss))
         if step == job.get("eval_at"):
             ev = eval_samples()[rank * (GLOBAL // world):(rank + 1) * (GLOBAL // world)]
             opt.eval()  # accelerate's own call, as a schedule-free user writes it
             with torch.no_grad():
-                result["eval_loss"] = float(acc.reduce(model(input_ids=ev, labels=ev).loss,
-                                                       reduction="mean"))
+                result["eval_loss"] = _global_mean(model(input_ids=ev, labels=ev).loss)
             opt.train()
         if step == STEPS:
             break
