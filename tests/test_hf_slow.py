@@ -45,10 +45,11 @@ def test_trainer_without_deepspeed(world):
     ref, got, resumed = r[0]["ref"], r[0]["plain"], r[0]["plain_resume"]
     assert not got["engine"]
     assert close(got["losses"], ref["losses"]), (got["losses"], ref["losses"])
+    gap = abs(ref["eval_loss"] - ref["eval_loss_y"])
     for rank in range(world):
         g = r[rank]["plain"]
         assert g["eval_loss"] == pytest.approx(g["eval_by_hand"], rel=1e-6)
-        assert g["eval_loss"] == pytest.approx(ref["eval_loss"], rel=REL)
+        assert abs(g["eval_loss"] - ref["eval_loss"]) < 0.05 * gap
         assert g["y_restored_exact"]
     assert resumed["losses"] == got["losses"]
     assert all(torch.equal(x[n], x_resumed[n]) for n in x)
@@ -67,7 +68,32 @@ def test_accelerate_prepare_deepspeed(stage):
         x_ref = torch.load(f"{tmp}/reference_x.pt")
     ref, got = r[0]["ref"], r[0]["acc"]
     assert close(got["losses"], ref["losses"]), (got["losses"], ref["losses"])
-    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=REL)
+    assert abs(got["eval_loss"] - ref["eval_loss"]) < 0.05 * abs(ref["eval_loss"] - ref["eval_loss_y"])
     assert "lm_head.weight" in x and x.keys() >= x_ref.keys()
     for n, t in x_ref.items():
         torch.testing.assert_close(x[n], t, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_deepspeed_other_stages_and_sources():
+    """ZeRO 0 and 2 from the JSON; ZeRO 1 with optim="schedule_free_adamw" and schedule=
+    instead of JSON sections; ZeRO 3 with evaluate() before train() (an inference engine)."""
+    with tempfile.TemporaryDirectory(prefix="megawsd-hf-stages-") as tmp:
+        jobs = [{"kind": "reference", "name": "ref", "eval_at": 3},
+                {"name": "z0", "stage": 0, "eval_at": 3},
+                {"name": "z2", "stage": 2, "eval_at": 3},
+                {"name": "z1_args", "stage": 1, "eval_at": 3, "from_args": True},
+                {"name": "z3_eval_first", "stage": 3, "eval_first": True}]
+        r = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
+        x_ref = torch.load(f"{tmp}/reference_x.pt")
+        xs = {j["name"]: torch.load(f"{tmp}/{j['name']}_x.pt") for j in jobs[1:]}
+    ref = r[0]["ref"]
+    gap = abs(ref["eval_loss"] - ref["eval_loss_y"])
+    for name, x in xs.items():
+        got = r[0][name]
+        assert got["engine"] and got["engine_lr_step"] == 6, name
+        assert close(got["losses"], ref["losses"]), (name, got["losses"], ref["losses"])
+        for n, t in x_ref.items():
+            torch.testing.assert_close(x[n], t, rtol=1e-4, atol=1e-6)
+        if "eval_loss" in got:
+            assert abs(got["eval_loss"] - ref["eval_loss"]) < 0.05 * gap, name
+            assert got["y_restored_exact"], name

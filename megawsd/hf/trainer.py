@@ -234,6 +234,11 @@ class TrainerMixin:
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kw):
         self._mw.branch_from = self._mw_branch_point(resume_from_checkpoint)
+        engine = getattr(self, "deepspeed", None)
+        if engine is not None and getattr(engine, "basic_optimizer", None) is None:
+            # evaluate() before train() under ZeRO-3 leaves an inference engine (no optimizer)
+            # that transformers' train() would reuse: backward then fails on a None engine.
+            self.model_wrapped, self.deepspeed, self._mw.engine = self.model, None, None
         with self._mw_context():
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                  ignore_keys_for_eval=ignore_keys_for_eval, **kw)

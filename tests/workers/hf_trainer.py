@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from tests.dist_helpers import report, worker_args  # noqa: E402
 
 SEQ, MB, GLOBAL = 16, 2, 4  # sequence length, micro batch per rank, global batch (sequences)
-LR, BETAS, WD, EPS = 1e-3, (0.9, 0.999), 0.1, 1e-8
+LR, BETAS, WD, EPS = 1e-2, (0.9, 0.999), 0.1, 1e-8
 STEPS = 6
 SF_WARMUP = 2
 
@@ -123,13 +123,15 @@ def run_reference(job):
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if s == job.get("eval_at"):
-            with torch.no_grad(), torch_eval_weights(opt):
-                ev = eval_samples()
-                eval_loss = float(model(input_ids=ev, labels=ev).loss)
+            ev = eval_samples()
+            with torch.no_grad():
+                eval_loss_y = float(model(input_ids=ev, labels=ev).loss)
+                with torch_eval_weights(opt):
+                    eval_loss = float(model(input_ids=ev, labels=ev).loss)
     with torch_eval_weights(opt):
         x = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.save(x, os.path.join(job["tmp"], "reference_x.pt"))
-    return {"losses": losses, "eval_loss": eval_loss}
+    return {"losses": losses, "eval_loss": eval_loss, "eval_loss_y": eval_loss_y}
 
 
 def _y_snapshot(trainer):
@@ -189,6 +191,12 @@ def make_trainer(job, out_dir, **extra):
         kwargs["deepspeed"] = ds_config(stage)
         kwargs["deepspeed"]["optimizer"]["params"].update(job.get("opt_params", {}))
         kwargs["deepspeed"]["scheduler"]["params"].update(job.get("sched_params", {}))
+        if job.get("from_args"):  # no megawsd sections: optim= and schedule= instead
+            del kwargs["deepspeed"]["optimizer"], kwargs["deepspeed"]["scheduler"]
+            kwargs.update(optim="schedule_free_adamw", warmup_steps=SF_WARMUP)
+            trainer_kwargs["schedule"] = {"family": "wsd", **schedule_params(), "warmup_steps": 0}
+        if job.get("schedule"):
+            trainer_kwargs["schedule"] = job["schedule"]
     kwargs.update(job.get("args", {}))
     args = TrainingArguments(**kwargs)
     if stage is None:
@@ -254,6 +262,8 @@ def run_trainer(job):
     before = tree_digest(parent) if parent and job.get("cooldown") else None
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+    if job.get("eval_first"):  # ZeRO-3: the Trainer makes an inference engine first
+        result["eval_first"] = trainer.evaluate()["eval_loss"]
     trainer.train(resume_from_checkpoint=job.get("resume"))
     if before is not None:
         if torch.distributed.is_initialized():
