@@ -27,7 +27,9 @@ def _plain(world):
     with tempfile.TemporaryDirectory(prefix="megawsd-hf-plain-") as tmp:
         jobs = [{"kind": "reference", "name": "ref", "eval_at": 3},
                 {"name": "plain", "eval_at": 3},
-                {"name": "plain_resume", "resume": f"{tmp}/plain/checkpoint-3"}]
+                {"name": "plain_resume", "resume": f"{tmp}/plain/checkpoint-3"},
+                {"name": "plain_cooldown", "resume": f"{tmp}/plain/checkpoint-3", "max_steps": 5,
+                 "cooldown": {"decay_steps": 2, "shape": "linear"}}]
         r = run_ranks(WORKER, world, {"tmp": tmp, "jobs": jobs}, timeout=900)
         x = torch.load(f"{tmp}/plain_x.pt")
         x_resumed = torch.load(f"{tmp}/plain_resume_x.pt")
@@ -53,6 +55,18 @@ def test_trainer_without_deepspeed(world):
         assert g["y_restored_exact"]
     assert resumed["losses"] == got["losses"]
     assert all(torch.equal(x[n], x_resumed[n]) for n in x)
+    # A cooldown from checkpoint-3: the parent's files untouched, the branch's LRs.
+    from megawsd.schedules import build_schedule
+
+    from tests.workers.hf_trainer import LR
+
+    cool = r[0]["plain_cooldown"]
+    assert cool["parent_unchanged"] and cool["parent_files"] > 5
+    branch = build_schedule({"family": "wsd", "total_steps": 6, "warmup_steps": 0, "decay_steps": 3,
+                             "decay_shape": "1-sqrt", "min_ratio": 0.1}).branch(3, 2, "linear")
+    # The Trainer logs the LR of update k (factor(k - 1)) without DeepSpeed.
+    assert cool["lrs"][3:] == pytest.approx([LR * branch.factor(k) for k in (3, 4)], rel=1e-12)
+    assert cool["losses"][:3] == got["losses"][:3] and len(cool["losses"]) == 5
     for n, t in x.items():
         torch.testing.assert_close(t, x_ref[n], rtol=1e-4, atol=1e-6)
         assert torch.equal(saved[n].detach(), t), n

@@ -26,7 +26,9 @@ STAGES = (1, 3)
 TYPOS = {"typo_opt": {"opt_params": {"wieght_decay": 0.1}},
          "typo_sched": {"sched_params": {"decay_stpes": 2}}}
 REFUSED = {"two_schedules": {"schedule": {"family": "constant"}},
-           "auto_elsewhere": {"sched_params": {"min_ratio": "auto"}}}
+           "auto_elsewhere": {"sched_params": {"min_ratio": "auto"}},
+           "client_optimizer": {"client_optimizer": True},
+           "double_warmup": {"opt_params": {"warmup_steps": "auto"}, "args": {"warmup_steps": 2}}}
 
 
 def close(a, b, rel=REL):
@@ -145,3 +147,7 @@ def test_trainer_refusals(ds_runs):
             "ConfigError: schedule = {'family': 'constant'}: the DeepSpeed config already has")
         assert r["auto_elsewhere"]["error"].startswith(
             "ConfigError: scheduler.params.min_ratio = 'auto': megawsd resolves 'auto' only for")
+        assert r["client_optimizer"]["error"].startswith(
+            "ConfigError: optimizers = 'AdamW': the DeepSpeed config has a optimizer section")
+        assert r["double_warmup"]["error"].startswith(
+            "ConfigError: optimizer.params.warmup_steps = 'auto': and the schedule's warmup_steps")

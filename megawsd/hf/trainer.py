@@ -42,6 +42,7 @@ from megawsd.hf.config import (
     megawsd_sections,
     resolve_optimizer,
     resolve_schedule,
+    resolve_scheduler,
     schedule_dict,
 )
 from megawsd.hf.weights import eval_weights, is_megawsd_engine, looks_schedule_free, x_state_dict
@@ -77,6 +78,15 @@ class TrainerMixin:
                 "schedule", schedule,
                 "the DeepSpeed config already has a megawsd scheduler section; give one of them",
             )
+        client_opt, client_sched = getattr(self, "optimizer", None), getattr(self, "lr_scheduler", None)
+        for name, section, client in (("optimizer", opt, client_opt), ("scheduler", sched, client_sched)):
+            if section is not None and client is not None:
+                # accelerate refuses both for DeepSpeed's own types; so do we.
+                raise field_error(
+                    "optimizers", type(client).__name__,
+                    f"the DeepSpeed config has a {name} section ({section.get('type')}); give the "
+                    f"{name} in the config or in Trainer(optimizers=...), not both",
+                )
         if self._mw.cooldown is not None and sched is None and schedule is None:
             raise field_error(
                 "cooldown", cooldown,
@@ -169,6 +179,7 @@ class TrainerMixin:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         spec = resolve_optimizer(spec, self.args, self._mw_max_steps())
+        self._mw_check_one_warmup(spec)
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         groups = [
@@ -177,6 +188,25 @@ class TrainerMixin:
         ]
         self.optimizer = build_optimizer(spec, [g for g in groups if g["params"]])
         return self.optimizer
+
+    def _mw_check_one_warmup(self, resolved_opt: dict) -> None:
+        """Both warmups "auto" and > 0 would warm up twice (schedule-free's own and the LR
+        schedule's): refuse rather than guess which one was meant."""
+        sched = self._mw.sched_spec if self._mw.schedule is None else self._mw.schedule
+        sched_params = (sched or {}).get("params", sched) if isinstance(sched, dict) else {}
+        opt_auto = (self._mw_optimizer_spec() or {}).get("params", {}).get("warmup_steps")
+        if (
+            opt_auto == "auto"
+            and isinstance(sched_params, dict)
+            and sched_params.get("warmup_steps") == "auto"
+            and resolved_opt["params"]["warmup_steps"] > 0
+        ):
+            raise field_error(
+                "optimizer.params.warmup_steps", "auto",
+                f"and the schedule's warmup_steps are both 'auto' (= "
+                f"{resolved_opt['params']['warmup_steps']} steps): the LR would warm up twice; "
+                "give one of them 0",
+            )
 
     def _mw_schedule(self):
         """The resolved megawsd Schedule of this run (cooldown branch applied), or None."""
@@ -188,8 +218,6 @@ class TrainerMixin:
         parent = self._mw.branch_from
         max_steps = parent["max_steps"] if parent else self._mw_max_steps()
         if isinstance(source, dict) and "type" in source:
-            from megawsd.hf.config import resolve_scheduler
-
             sched = build_schedule(schedule_dict(resolve_scheduler(source, self.args, max_steps)))
         else:
             sched = build_schedule(resolve_schedule(source, self.args, max_steps))

@@ -122,7 +122,7 @@ def x_state_dict(model, optimizer=None) -> dict[str, torch.Tensor]:
 def _engine_x_state_dict(engine) -> dict[str, torch.Tensor]:
     xs = consolidated_state_dict(engine, weights="x")  # rank 0: trainable params, fp32
     module = engine.module
-    rest = _gather_rest(engine, set(xs) if xs else None)
+    rest = _gather_rest(engine)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank != 0:
         return {}
@@ -139,7 +139,7 @@ def _engine_x_state_dict(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def _gather_rest(engine, have: set[str] | None) -> dict[str, torch.Tensor]:
+def _gather_rest(engine) -> dict[str, torch.Tensor]:
     """Frozen parameters (gathered under ZeRO-3) and persistent buffers of the module."""
     import deepspeed
 

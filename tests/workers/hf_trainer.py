@@ -231,8 +231,11 @@ def make_trainer(job, out_dir, **extra):
             result.setdefault("seen", []).append(inputs["input_ids"][:, 0].tolist())
             return super().training_step(model, inputs, *a, **kw)
 
+    model = make_model()
+    if job.get("client_optimizer"):
+        trainer_kwargs["optimizers"] = (torch.optim.AdamW(model.parameters()), None)
     trainer = SequentialTrainer(
-        model=make_model(), args=args, train_dataset=Rows(samples()),
+        model=model, args=args, train_dataset=Rows(samples()),
         eval_dataset=Rows(eval_samples()), callbacks=[EvalAt()], **trainer_kwargs, **extra)
     return trainer, result
 
