@@ -57,7 +57,6 @@ def test_trainer_without_deepspeed(world):
     assert all(torch.equal(x[n], x_resumed[n]) for n in x)
     # A cooldown from checkpoint-3: the parent's files untouched, the branch's LRs.
     from megawsd.schedules import build_schedule
-
     from tests.workers.hf_trainer import LR
 
     cool = r[0]["plain_cooldown"]
