@@ -95,10 +95,24 @@ def test_trainer_deepspeed_other_stages_and_sources():
                 {"name": "z0", "stage": 0, "eval_at": 3},
                 {"name": "z2", "stage": 2, "eval_at": 3},
                 {"name": "z1_args", "stage": 1, "eval_at": 3, "from_args": True},
-                {"name": "z3_eval_first", "stage": 3, "eval_first": True}]
+                {"name": "z3_eval_first", "stage": 3, "eval_first": True},
+                {"name": "z2_bf16", "stage": 2, "eval_at": 3, "args": {"bf16": True}}]
         r = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
         x_ref = torch.load(f"{tmp}/reference_x.pt")
         xs = {j["name"]: torch.load(f"{tmp}/{j['name']}_x.pt") for j in jobs[1:]}
+        from transformers import AutoModelForCausalLM
+
+        saved_bf16 = dict(AutoModelForCausalLM.from_pretrained(r[0]["z2_bf16"]["final_dir"])
+                          .named_parameters())
+    # bf16 working weights (fp32 masters): the reference to bf16 precision; evaluation at x
+    # of the bf16 weights, y restored exactly, save_model = x cast to bf16.
+    bf16 = r[0]["z2_bf16"]
+    assert close(bf16["losses"], r[0]["ref"]["losses"], rel=2e-3)
+    assert bf16["eval_loss"] == pytest.approx(bf16["eval_by_hand"], rel=1e-6)
+    assert bf16["y_restored_exact"]
+    x_bf16 = xs.pop("z2_bf16")
+    for n, t in saved_bf16.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t.detach(), x_bf16[n].to(torch.bfloat16)), n
     ref = r[0]["ref"]
     gap = abs(ref["eval_loss"] - ref["eval_loss_y"])
     for name, x in xs.items():
