@@ -154,3 +154,18 @@ def test_cooldown_refuses_the_parent_dir_and_a_wrong_length(tmp_path):
     with pytest.raises(ConfigError, match=r"cooldown.decay_stpes"):
         _plain_trainer(tmp_path, tmp_path / "branch", 6, {"decay_stpes": 2})
     assert (sorted(os.listdir(parent)), (ckpt / "trainer_state.json").read_text()) == before
+
+
+def test_schedule_next_to_a_client_scheduler_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    from megawsd.hf import Trainer
+    from tests.workers.hf_trainer import Rows, make_model, samples
+
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match=r"schedule = .*already gives an LR scheduler \(LambdaLR\)"):
+        Trainer(model=model, args=args, train_dataset=Rows(samples(8)), optimizers=(opt, sched),
+                schedule={"family": "constant"})

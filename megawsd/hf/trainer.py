@@ -49,15 +49,13 @@ from megawsd.hf.weights import eval_weights, is_megawsd_engine, looks_schedule_f
 from megawsd.integrations.deepspeed import build_optimizer
 from megawsd.schedules import BranchConfig, DeepSpeedLRScheduler, build_schedule, lambda_lr
 
-_SECTIONS = ("optimizer", "scheduler")
-
 
 @dataclass
 class _State:
     """What the mixin keeps between the Trainer's calls."""
 
     schedule: Any = None  # Trainer(schedule=...), unresolved
-    cooldown: BranchConfig | None = None
+    cooldown: Cooldown | None = None
     opt_spec: dict | None = None  # the JSON's megawsd sections, unresolved
     sched_spec: dict | None = None
     branch_from: dict | None = None  # {"step", "max_steps"} of the cooldown's parent checkpoint
@@ -87,6 +85,12 @@ class TrainerMixin:
                     f"the DeepSpeed config has a {name} section ({section.get('type')}); give the "
                     f"{name} in the config or in Trainer(optimizers=...), not both",
                 )
+        if schedule is not None and client_sched is not None:
+            raise field_error(
+                "schedule", schedule,
+                f"Trainer(optimizers=...) already gives an LR scheduler "
+                f"({type(client_sched).__name__}); give one of them",
+            )
         if self._mw.cooldown is not None and sched is None and schedule is None:
             raise field_error(
                 "cooldown", cooldown,
@@ -314,7 +318,8 @@ class TrainerMixin:
                 self._save(output_dir, state_dict=state_dict)
         else:
             with self._mw_eval_weights():
-                super().save_model(output_dir, _internal_call)
+                # _internal_call only stops the push to the Hub here: we push once, below.
+                super().save_model(output_dir, _internal_call=True)
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
