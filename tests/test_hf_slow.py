@@ -96,7 +96,8 @@ def test_trainer_deepspeed_other_stages_and_sources():
                 {"name": "z2", "stage": 2, "eval_at": 3},
                 {"name": "z1_args", "stage": 1, "eval_at": 3, "from_args": True},
                 {"name": "z3_eval_first", "stage": 3, "eval_first": True},
-                {"name": "z2_bf16", "stage": 2, "eval_at": 3, "args": {"bf16": True}}]
+                {"name": "z2_bf16", "stage": 2, "eval_at": 3, "args": {"bf16": True}},
+                {"name": "z3_tied", "stage": 3, "tied": True}]
         r = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
         x_ref = torch.load(f"{tmp}/reference_x.pt")
         xs = {j["name"]: torch.load(f"{tmp}/{j['name']}_x.pt") for j in jobs[1:]}
@@ -104,6 +105,14 @@ def test_trainer_deepspeed_other_stages_and_sources():
 
         saved_bf16 = dict(AutoModelForCausalLM.from_pretrained(r[0]["z2_bf16"]["final_dir"])
                           .named_parameters())
+        tied = AutoModelForCausalLM.from_pretrained(r[0]["z3_tied"]["final_dir"])
+    # Tied embeddings at ZeRO-3: the saved model is x, its lm_head the embedding's x.
+    x_tied = xs.pop("z3_tied")
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight or torch.equal(
+        tied.lm_head.weight, tied.model.embed_tokens.weight)
+    assert x_tied.keys() == dict(tied.named_parameters()).keys()
+    for n, t in tied.named_parameters():
+        assert torch.equal(t.detach(), x_tied[n]), n
     # bf16 working weights (fp32 masters): the reference to bf16 precision; evaluation at x
     # of the bf16 weights, y restored exactly, save_model = x cast to bf16.
     bf16 = r[0]["z2_bf16"]

@@ -32,13 +32,13 @@ STEPS = 6
 SF_WARMUP = 2
 
 
-def make_model():
+def make_model(tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                      max_position_embeddings=64, tie_word_embeddings=False)
+                      max_position_embeddings=64, tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg)
 
 
@@ -231,7 +231,7 @@ def make_trainer(job, out_dir, **extra):
             result.setdefault("seen", []).append(inputs["input_ids"][:, 0].tolist())
             return super().training_step(model, inputs, *a, **kw)
 
-    model = make_model()
+    model = make_model(tied=job.get("tied", False))
     if job.get("client_optimizer"):
         trainer_kwargs["optimizers"] = (torch.optim.AdamW(model.parameters()), None)
     trainer = SequentialTrainer(
