@@ -90,7 +90,7 @@ def prepare(accelerator, *objects, **kwargs):
     """``accelerator.prepare(*objects)`` with DeepSpeed engines made by megawsd."""
     if accelerator.distributed_type != "DEEPSPEED":  # a str enum in accelerate
         return accelerator.prepare(*objects, **kwargs)
-    with route_initialize() as engines:
+    with route_initialize():
         out = accelerator.prepare(*objects, **kwargs)
     seq = out if isinstance(out, tuple) else (out,)
     engine = next((o for o in seq if is_megawsd_engine(o)), None)
@@ -100,10 +100,11 @@ def prepare(accelerator, *objects, **kwargs):
             "deepspeed.initialize by name, so megawsd could not install its hooks; pin "
             "accelerate to a version tested with megawsd (see docs/hf.md)"
         )
-    if engine is not None or engines:
-        engine = engine or engines[-1]
+    if engine is not None:
+        from accelerate.optimizer import AcceleratedOptimizer
+
         for o in seq:
-            if hasattr(o, "optimizer") and not hasattr(o, "module"):
+            if isinstance(o, AcceleratedOptimizer):
                 adopt_optimizer(o, engine)
     return out
 

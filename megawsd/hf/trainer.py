@@ -60,6 +60,7 @@ class _State:
     sched_spec: dict | None = None
     branch_from: dict | None = None  # {"step", "max_steps"} of the cooldown's parent checkpoint
     engine: Any = None
+    built_optimizer: bool = False  # create_optimizer built a ScheduleFreeAdamW
     depth: int = 0
 
 
@@ -191,6 +192,7 @@ class TrainerMixin:
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
         self.optimizer = build_optimizer(spec, [g for g in groups if g["params"]])
+        self._mw.built_optimizer = True
         return self.optimizer
 
     def _mw_check_one_warmup(self, resolved_opt: dict) -> None:
@@ -259,6 +261,12 @@ class TrainerMixin:
     def _mw_adopt(self) -> None:
         """accelerate's optimizer wrapper: eval()/train() move the engine's weights."""
         engine = self._mw.engine
+        if engine is None and self._mw.built_optimizer and getattr(self, "deepspeed", None):
+            raise ConfigError(
+                "accelerate = installed version: it built the DeepSpeed engine without calling "
+                "deepspeed.initialize by name, so megawsd could not install its hooks; pin "
+                "accelerate to a version tested with megawsd (see docs/hf.md)"
+            )
         if engine is not None and is_megawsd_engine(engine) and self.optimizer is not None:
             adopt_optimizer(self.optimizer, engine)
 
