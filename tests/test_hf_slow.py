@@ -97,7 +97,8 @@ def test_trainer_deepspeed_other_stages_and_sources():
                 {"name": "z1_args", "stage": 1, "eval_at": 3, "from_args": True},
                 {"name": "z3_eval_first", "stage": 3, "eval_first": True},
                 {"name": "z2_bf16", "stage": 2, "eval_at": 3, "args": {"bf16": True}},
-                {"name": "z3_tied", "stage": 3, "tied": True}]
+                {"name": "z3_tied", "stage": 3, "tied": True},
+                {"name": "z1_native_wsd", "stage": 1, "native_optimizer": True}]
         r = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
         x_ref = torch.load(f"{tmp}/reference_x.pt")
         xs = {j["name"]: torch.load(f"{tmp}/{j['name']}_x.pt") for j in jobs[1:]}
@@ -106,6 +107,19 @@ def test_trainer_deepspeed_other_stages_and_sources():
         saved_bf16 = dict(AutoModelForCausalLM.from_pretrained(r[0]["z2_bf16"]["final_dir"])
                           .named_parameters())
         tied = AutoModelForCausalLM.from_pretrained(r[0]["z3_tied"]["final_dir"])
+    # DeepSpeed's own AdamW with a megawsd WSD section: the engine steps megawsd's schedule.
+    from megawsd.schedules import build_schedule
+
+    from tests.workers.hf_trainer import LR
+
+    native = r[0]["z1_native_wsd"]
+    xs.pop("z1_native_wsd")
+    wsd = build_schedule({"family": "wsd", "total_steps": 6, "warmup_steps": 0, "decay_steps": 3,
+                          "decay_shape": "1-sqrt", "min_ratio": 0.1})
+    assert native["engine_lr_step"] == 6
+    # Under DeepSpeed the engine steps the schedule inside backward, before the Trainer logs.
+    assert native["lrs"] == pytest.approx([LR * wsd.factor(k) for k in range(1, 7)], rel=1e-12)
+    assert all(math.isfinite(v) for v in native["losses"])
     # Tied embeddings at ZeRO-3: the saved model is x, its lm_head the embedding's x.
     x_tied = xs.pop("z3_tied")
     assert tied.lm_head.weight is tied.model.embed_tokens.weight or torch.equal(

@@ -197,6 +197,9 @@ def make_trainer(job, out_dir, **extra):
             trainer_kwargs["schedule"] = {"family": "wsd", **schedule_params(), "warmup_steps": 0}
         if job.get("schedule"):
             trainer_kwargs["schedule"] = job["schedule"]
+        if job.get("native_optimizer"):  # DeepSpeed's AdamW (torch's; no C++ build) + WSD
+            kwargs["deepspeed"]["optimizer"] = {"type": "AdamW", "params": {
+                "lr": "auto", "weight_decay": "auto", "torch_adam": True}}
     kwargs.update(job.get("args", {}))
     args = TrainingArguments(**kwargs)
     if stage is None:
