@@ -109,7 +109,6 @@ def test_trainer_deepspeed_other_stages_and_sources():
         tied = AutoModelForCausalLM.from_pretrained(r[0]["z3_tied"]["final_dir"])
     # DeepSpeed's own AdamW with a megawsd WSD section: the engine steps megawsd's schedule.
     from megawsd.schedules import build_schedule
-
     from tests.workers.hf_trainer import LR
 
     native = r[0]["z1_native_wsd"]
