@@ -6,7 +6,9 @@ One 2-rank spawn (process start-up dominates on 2 cores) runs, one after the oth
     ZeRO 1 and 3: 6 steps, the Trainer's own evaluation at step 3, checkpoint-3 and -6,
     save_model at the end; then a resume from checkpoint-3 of each;
   - a cooldown branched from the ZeRO-1 checkpoint-3 into its own output_dir;
-  - two JSONs with a typo'd key (the Trainer must refuse them as megawsd.deepspeed does).
+  - two JSONs with a typo'd key (the Trainer must refuse them as megawsd.deepspeed does), and
+    the other refusals (schedule= next to a JSON section, "auto" where none is resolved, a
+    client optimizer next to a section, two "auto" warmups).
 Model: a 2-layer Llama (hidden 32, vocab 128) from config, global batch 4 x 16 tokens.
 """
 
