@@ -30,7 +30,10 @@ setup(
         "scipy",
     ],
     extras_require={
+        # megawsd.hf: transformers' Trainer and Accelerate (transformers is a base requirement).
+        "hf": ["accelerate>=1.0"],
         "test": [
+            "accelerate>=1.0",
             "pytest",
             "hypothesis",
             "schedulefree==1.4.1",

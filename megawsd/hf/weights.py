@@ -1,0 +1,158 @@
+"""Schedule-free evaluation weights x for Hugging Face models, with or without DeepSpeed.
+
+Schedule-free AdamW trains at y and evaluates at x = (y - (1-β1) z)/β1. Two cases:
+
+- a DeepSpeed engine made by ``megawsd.deepspeed.initialize``: ``megawsd.deepspeed.eval_mode``
+  writes x into ZeRO's working weights from the fp32 masters and restores y bit-exactly;
+- plain torch (one process, DDP): the parameters *are* y. ``optimizer.eval()``/``train()`` of
+  the stock optimizer swap them with two lerps, which does not give y back bit for bit, so here
+  y is stashed and copied back instead. x is computed with the same kernel as under DeepSpeed.
+
+Both are collective where the model is sharded: every rank must enter and leave together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from megawsd.integrations.deepspeed import consolidated_state_dict
+from megawsd.integrations.deepspeed import eval_mode as ds_eval_mode
+from megawsd.kernels import write_x
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (or the object itself)."""
+    seen = 0
+    while optimizer is not None and not _has_groups(optimizer) and seen < 4:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer
+
+
+def _has_groups(opt) -> bool:
+    return isinstance(opt, torch.optim.Optimizer)
+
+
+def looks_schedule_free(optimizer) -> bool:
+    """megawsd's ScheduleFreeAdamW or schedulefree's AdamWScheduleFree (same state layout)."""
+    opt = unwrap_optimizer(optimizer)
+    return (
+        isinstance(opt, torch.optim.Optimizer)
+        and bool(opt.param_groups)
+        and all("train_mode" in g and "weight_sum" in g for g in opt.param_groups)
+    )
+
+
+def is_megawsd_engine(model) -> bool:
+    """A DeepSpeed engine with megawsd's hooks (made by megawsd.deepspeed.initialize)."""
+    return getattr(model, "_megawsd", None) is not None
+
+
+@contextlib.contextmanager
+def torch_eval_weights(optimizer) -> Iterator[None]:
+    """Parameters hold x inside, y (bit-exact) after; for un-sharded models (one process, DDP).
+
+    Groups already in eval mode (parameters hold x) are left alone. A ``step()`` inside raises
+    (the groups are marked eval, as ``optimizer.eval()`` does).
+    """
+    opt = unwrap_optimizer(optimizer)
+    if not looks_schedule_free(opt):
+        yield
+        return
+    stash: list[tuple[torch.Tensor, torch.Tensor]] = []
+    swapped = []
+    with torch.no_grad():
+        for group in opt.param_groups:
+            if not group["train_mode"]:
+                continue
+            beta1 = group["betas"][0]
+            for p in group["params"]:
+                z = opt.state.get(p, {}).get("z")
+                if z is None:
+                    continue  # never stepped: x == y
+                y = p.detach().clone()
+                stash.append((p, y))
+                write_x(y, z.to(p.device), beta1, p.data)
+            group["train_mode"] = False
+            swapped.append(group)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, y in stash:
+                p.data.copy_(y)
+        for group in swapped:
+            group["train_mode"] = True
+
+
+@contextlib.contextmanager
+def eval_weights(model, optimizer=None) -> Iterator[None]:
+    """x in the model inside, y after: a megawsd DeepSpeed engine or a torch model + optimizer.
+
+    Puts the module in ``eval()`` for DeepSpeed engines (as ``megawsd.deepspeed.eval_mode``
+    does); the caller owns ``model.eval()`` otherwise.
+    """
+    if is_megawsd_engine(model):
+        with ds_eval_mode(model):
+            yield
+    elif optimizer is not None:
+        with torch_eval_weights(optimizer):
+            yield
+    else:
+        yield
+
+
+def x_state_dict(model, optimizer=None) -> dict[str, torch.Tensor]:
+    """A full state dict of the model with x for every trainable parameter, for
+    ``save_pretrained(state_dict=...)``; on rank 0 (empty elsewhere) for DeepSpeed engines.
+
+    Collective for DeepSpeed engines. Tied aliases (``lm_head.weight``) are included, frozen
+    parameters and persistent buffers keep their values, dtypes are the model's.
+    """
+    if is_megawsd_engine(model):
+        return _engine_x_state_dict(model)
+    module = getattr(model, "module", model)  # DDP
+    with torch_eval_weights(optimizer):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _engine_x_state_dict(engine) -> dict[str, torch.Tensor]:
+    xs = consolidated_state_dict(engine, weights="x")  # rank 0: trainable params, fp32
+    module = engine.module
+    rest = _gather_rest(engine)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank != 0:
+        return {}
+    canonical = {}  # id(param) -> the name consolidated_state_dict uses
+    for name, p in module.named_parameters():
+        canonical.setdefault(id(p), name)
+    out = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        src = canonical[id(p)]
+        if src in xs:
+            out[name] = xs[src].to(p.dtype)
+    for name, t in rest.items():
+        out.setdefault(name, t)
+    return out
+
+
+def _gather_rest(engine) -> dict[str, torch.Tensor]:
+    """Frozen parameters (gathered under ZeRO-3) and persistent buffers of the module."""
+    import deepspeed
+
+    module = engine.module
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    out: dict[str, torch.Tensor] = {}
+    gathered = [p for _, p in frozen if hasattr(p, "ds_id")]
+    ctx = deepspeed.zero.GatheredParameters(gathered) if gathered else contextlib.nullcontext()
+    with ctx:
+        for n, p in frozen:
+            out[n] = p.detach().clone().cpu()
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    for name, t in module.state_dict().items():
+        if name not in params:  # a persistent buffer
+            out[name] = t.detach().clone().cpu()
+    return out
