@@ -1,0 +1,178 @@
+"""Full disks and read-only directories on REAL filesystems (not injected): `megawsd train`
+on a size-limited tmpfs and under read-only mounts, through the CLI a user runs.
+
+Needs mount(8) and the right to mount (root, or CAP_SYS_ADMIN); the tests skip with the
+reason otherwise. Fault injection of the same errors stays in test_stability_faults.py.
+
+The oracle of each: the exit code (2, the CLI's user-error status), a message that names
+the directory and the cause without a traceback, and the run directory afterwards (no
+half-written ``.tmp_step_*``, ``latest`` on the newest complete checkpoint, run.json saying
+what happened).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.workers.train_common import REPO, cli_env, prepare_data, wait_for_step, write_config
+
+# A tiny checkpoint is ~1.5 MB: 2.5 MB holds the run and one checkpoint, not the second.
+SMALL_FS = "2500k"
+
+
+def _mount(*args: str) -> None:
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount ({' '.join(args)}): {r.stderr.strip() or r.returncode}; "
+                    "these tests need root or CAP_SYS_ADMIN")
+
+
+@pytest.fixture
+def mounts():
+    """mount(...) helper; every mount made is unmounted at the end (lazily, innermost first)."""
+    made: list[Path] = []
+
+    def mount(target: Path, *args: str) -> Path:
+        target.mkdir(parents=True, exist_ok=True)
+        _mount(*args, str(target))
+        made.append(target)
+        return target
+
+    yield mount
+    for target in reversed(made):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data(tmp_path_factory.getbasetemp() / "train-data")
+
+
+def _train(cfg: Path, run: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--run-dir",
+                           str(run), *extra], env=cli_env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _ckpt_entries(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir()
+                  if p.name.startswith(("step_", ".tmp_", ".old_")))
+
+
+def _run_json(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())
+
+
+@pytest.mark.slow
+def test_full_disk_during_save_stops_cleanly_or_warns(tmp_path, data, mounts):
+    small = mounts(tmp_path / "small", "-t", "tmpfs", "-o", f"size={SMALL_FS}", "tmpfs")
+    cfg = write_config(tmp_path / "cfg.yaml", data)
+    run = small / "run"
+    r = _train(cfg, run)
+    # step 2 is saved, step 4 does not fit: torch.save raises RuntimeError, not OSError
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = r.stderr.split("megawsd train: error: ", 1)[1]
+    assert "checkpoint step 4" in err and "saving failed" in err
+    assert f"no space left on the filesystem of {str(run / 'checkpoints')!r}" in err
+    assert "latest: step 2" in err and "on_save_error: warn" in err
+    assert _ckpt_entries(run) == ["step_00000002"]  # the partial step 4 was removed
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    info = _run_json(run)
+    assert info["status"] == "failed" and info["step"] == 4 and info["checkpoint_step"] == 2
+    assert "no space left" in info["error"]
+
+    # stability.on_save_error: warn: the same full disk, training goes on without the saves
+    r = _train(cfg, run, "--set", "stability.on_save_error=warn")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "continuing without it (stability.on_save_error: warn)" in r.stderr
+    info = _run_json(run)
+    assert info["status"] == "done" and info["step"] == 6 and "error" not in info
+    events = [json.loads(x) for x in (run / "stability.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["type"], e["action"]) for e in events] == [
+        (4, "save_error", "warn"), (6, "save_error", "warn")]
+    assert _ckpt_entries(run) == ["step_00000002"]
+
+
+@pytest.mark.slow
+def test_checkpoints_dir_read_only_is_refused_before_training(tmp_path, data, mounts):
+    cfg = write_config(tmp_path / "cfg.yaml", data, steps=2)
+    run = tmp_path / "run"
+    r = _train(cfg, run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    mounts(ckpts, "--bind", str(ckpts))
+    _mount("-o", "remount,ro,bind", str(ckpts))
+    before = (run / "run.json").read_text()
+    r = _train(cfg, run, "--set", "steps=6")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = r.stderr.split("megawsd train: error: ", 1)[1]
+    assert f"checkpoints = {str(ckpts)!r}: not writable" in err
+    assert "read-only filesystem" in err and "remount read-write" in err
+    assert (run / "run.json").read_text() == before  # still "done at step 2", nothing claimed
+
+
+@pytest.mark.slow
+def test_checkpoints_dir_turning_read_only_mid_run(tmp_path, data, mounts):
+    cfg = write_config(tmp_path / "cfg.yaml", data, steps=12, checkpoint__interval=4)
+    run = tmp_path / "run"
+    ckpts = mounts(run / "checkpoints", "-t", "tmpfs", "-o", "size=64m", "tmpfs")
+    proc = subprocess.Popen([sys.executable, "-m", "megawsd.cli", "train", str(cfg),
+                             "--run-dir", str(run)], env=cli_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run, 5, proc, timeout=240)  # step 4 is saved
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            _mount("-o", "remount,ro", str(ckpts))
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    err = stderr.split("megawsd train: error: ", 1)[1]
+    assert "checkpoint step 8" in err and "read-only filesystem" in err
+    assert "latest: step 4" in err
+    assert _ckpt_entries(run) == ["step_00000004"]
+    info = _run_json(run)
+    # failed after training step 8, resumable from checkpoint 4: both said, neither invented
+    assert info["status"] == "failed" and info["step"] == 8 and info["checkpoint_step"] == 4
+    assert "read-only" in info["error"]
+
+
+def test_read_only_run_dir_new(tmp_path, data, mounts):
+    ro = mounts(tmp_path / "ro", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs")
+    cfg = write_config(tmp_path / "cfg.yaml", data)
+    r = _train(cfg, ro / "new")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = r.stderr.split("megawsd train: error: ", 1)[1]
+    assert f"run_dir = {str(ro / 'new')!r}: cannot create the run lock .lock" in err
+    assert "read-only filesystem" in err and "--run-dir on a writable filesystem" in err
+    assert os.listdir(ro) == []
+
+
+@pytest.mark.slow
+def test_read_only_run_dir_existing(tmp_path, data, mounts):
+    fs = mounts(tmp_path / "fs", "-t", "tmpfs", "-o", "size=16m", "tmpfs")
+    cfg = write_config(tmp_path / "cfg.yaml", data, steps=2)
+    run = fs / "run"
+    assert _train(cfg, run).returncode == 0
+    _mount("-o", "remount,ro", str(fs))
+    r = _train(cfg, run, "--set", "steps=4")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = r.stderr.split("megawsd train: error: ", 1)[1]
+    assert f"run_dir = {str(run)!r}: cannot create the run lock" in err
+    assert "read-only filesystem" in err
