@@ -116,7 +116,8 @@ def prepare_detailed(
             ``vocab_size`` and ``tokenizer_type`` on ~``tokenizer_sample_mb`` MB of text.
         val_fraction: probability that a document goes to val.bin (seeded by ``seed``).
         num_proc: processes for tokenization (datasets.map) and tokenizer training threads.
-        strict: fail on a binary / non-UTF-8 file instead of skipping it.
+        strict: fail on a binary / non-UTF-8 file, or a record without ``text_field``,
+            instead of skipping it with a warning.
         include: glob patterns selecting files inside input folders (default: known kinds).
     """
     t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def prepare_detailed(
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is a normal folder
         result = _prepare_into(
             staging, resolved, model_bytes, tok_spec, settings, fingerprint,
-            num_proc=num_proc, progress=progress,
+            num_proc=num_proc, progress=progress, strict=strict,
         )
         _install(staging, out)
     except BaseException:
@@ -251,6 +252,7 @@ def _prepare_into(
     *,
     num_proc: int,
     progress: bool,
+    strict: bool = False,
 ) -> PrepareResult:
     import datasets
     from tqdm.auto import tqdm
@@ -261,7 +263,8 @@ def _prepare_into(
     if not progress:
         datasets.disable_progress_bars()
     try:
-        docs = load_corpus(resolved, text_field=settings["text_field"], cache_dir=str(cache))
+        docs = load_corpus(resolved, text_field=settings["text_field"], cache_dir=str(cache),
+                           strict=strict)
         n_docs = len(docs)
         log.info("%d documents from %d source(s)", n_docs, len(resolved.sources))
 

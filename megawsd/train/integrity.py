@@ -465,7 +465,7 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
     Sizes are checked by ``load_meta``; hashes against meta.json's where it has them, else
     against the ones pinned at this run's first start. Returns the pinned table.
     """
-    from megawsd.data.meta import load_meta
+    from megawsd.data.meta import check_vocab, load_meta
 
     pin_path = Path(run_dir) / DATA_PIN
     try:
@@ -492,6 +492,7 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
                     raise _data_changed(f, f"sha256 {entry['sha256'][:12]}..., "
                                         f"{expected[:12]}... {src}")
             pinned[key] = entry
+        check_vocab(meta)  # the embedding is sized by meta.json: it must be the tokenizer's
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(pin_path, json.dumps(pinned, indent=1, sort_keys=True) + "\n")
     return pinned
