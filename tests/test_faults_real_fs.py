@@ -1,8 +1,10 @@
-"""Full disks and read-only directories on REAL filesystems (not injected): `megawsd train`
-on a size-limited tmpfs and under read-only mounts, through the CLI a user runs.
+"""Bad input and faults as a new user meets them, through the CLI, on real files.
 
-Needs mount(8) and the right to mount (root, or CAP_SYS_ADMIN); the tests skip with the
-reason otherwise. Fault injection of the same errors stays in test_stability_faults.py.
+Full disks and read-only directories on REAL filesystems (not injected): `megawsd train` on
+a size-limited tmpfs and under read-only mounts. These need mount(8) and the right to mount
+(root, or CAP_SYS_ADMIN) and skip with the reason otherwise; fault injection of the same
+errors stays in test_stability_faults.py. Then bad command lines and damaged run files:
+--nproc 0 / -1, a branch whose data or ranks do not fit, a corrupt run.json.
 
 The oracle of each: the exit code (2, the CLI's user-error status), a message that names
 the directory and the cause without a traceback, and the run directory afterwards (no
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from megawsd.errors import CheckpointError
 from tests.workers.train_common import REPO, cli_env, prepare_data, wait_for_step, write_config
 
 # A tiny checkpoint is ~1.5 MB: 2.5 MB holds the run and one checkpoint, not the second.
@@ -176,3 +179,84 @@ def test_read_only_run_dir_existing(tmp_path, data, mounts):
     err = r.stderr.split("megawsd train: error: ", 1)[1]
     assert f"run_dir = {str(run)!r}: cannot create the run lock" in err
     assert "read-only filesystem" in err
+
+
+# -- bad command lines and run files (no mount needed) ------------------------------------------
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_nproc_below_one_is_refused(tmp_path, data, capsys, nproc):
+    from megawsd.cli import main
+
+    cfg = write_config(tmp_path / "cfg.yaml", data)
+    assert main(["train", str(cfg), "--nproc", nproc, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"megawsd train: error: --nproc = {nproc}: give the number of ranks per node, " \
+        "at least 1" in err
+    assert not (tmp_path / "r").exists()
+
+
+def _fake_parent(tmp_path: Path, data: Path, at: int = 4) -> Path:
+    """A run directory with its config and a complete checkpoint at ``at`` (what `branch`
+    reads before it trains)."""
+    import yaml
+
+    from megawsd.train.config import from_dict
+    from megawsd.train.rundir import RunDir
+
+    cfg = yaml.safe_load(write_config(tmp_path / "parent.yaml", data).read_text())
+    run = RunDir(tmp_path / "parent")
+    run.write_config(from_dict(cfg).resolved())
+    tag = run.tag_dir(at)
+    tag.mkdir(parents=True)
+    (tag / "megawsd_state.json").write_text(json.dumps({"step": at}))
+    run.update_run_json(status="done", step=at, world_size=1)
+    return run.path
+
+
+def test_branch_checks_data_and_ranks_before_creating_anything(tmp_path, data, capsys):
+    from megawsd.cli import main
+    from megawsd.data import prepare
+
+    parent = _fake_parent(tmp_path, data)
+    other = prepare(["builtin:python-stdlib?max_mb=0.3&tests=0"], tmp_path / "other-vocab",
+                    vocab_size=400, progress=False).path
+    # new data with another vocabulary: the branch could never load the parent's weights
+    assert main(["branch", str(parent), "--at", "4", "--decay", "2", "--data", str(other),
+                 "--no-train"]) == 2
+    err = capsys.readouterr().err
+    assert "megawsd branch: error: vocab_size = 400: the new data mix was tokenized with a " \
+        "different vocabulary than the parent's (320)" in err
+    assert not (parent / "branches").exists()
+    # 3 ranks cannot split a global batch of 8 rows of micro-batches of 2
+    assert main(["branch", str(parent), "--at", "4", "--decay", "2", "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "global_batch_size = 8: not divisible by micro_batch_size (2) x ranks (3)" in err
+    assert not (parent / "branches").exists()
+    assert main(["branch", str(parent), "--at", "4", "--decay", "2", "--nproc", "0"]) == 2
+    assert "--nproc = 0" in capsys.readouterr().err
+    assert not (parent / "branches").exists()
+    # what is valid is still created (--no-train: config and lineage only)
+    assert main(["branch", str(parent), "--at", "4", "--decay", "2", "--no-train"]) == 0
+    info = json.loads((parent / "branches" / "cooldown-4-d2-1sqrt" / "run.json").read_text())
+    assert info["status"] == "created" and info["branch_step"] == 4
+
+
+def test_corrupt_run_json_is_refused_never_overwritten(tmp_path, data):
+    from megawsd.train.rundir import RunDir
+
+    cfg = write_config(tmp_path / "cfg.yaml", data)
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = '{"name": "run", "status": "runn'  # cut short, e.g. copied while being written
+    (run / "run.json").write_text(bad)
+    r = _train(cfg, run)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = r.stderr.split("megawsd train: error: ", 1)[1]
+    assert f"run.json = {str(run / 'run.json')!r}: not valid JSON" in err
+    assert "megawsd does not overwrite it" in err and "run.json.bad" in err
+    assert (run / "run.json").read_text() == bad
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        RunDir(run).update_run_json(status="failed")
+    assert (run / "run.json").read_text() == bad

@@ -123,6 +123,18 @@ def plan(parent_dir: str | Path, at: int, decay: str | int, *, shape: str = "1-s
     return BranchPlan(name=name, path=path, at=at, decay_steps=d, config=cfg)
 
 
+def check(p: BranchPlan, world_size: int | None) -> None:
+    """What would fail once the branch starts, checked before its directory exists: the
+    data (a --data mix must exist and share the parent's vocabulary) and the batch layout on
+    ``world_size`` ranks (None: decided by a hostfile, checked by the ranks)."""
+    from megawsd.train.engine import build_stream
+
+    cfg = from_dict(p.config, source=f"branch {p.name}")
+    build_stream(cfg)
+    if world_size is not None:
+        cfg.check_layout(world_size)
+
+
 def create(p: BranchPlan, world_size: int | None = None) -> RunDir:
     """Write the branch's config.yaml and run.json (lineage); the parent is untouched."""
     run = RunDir(p.path)
