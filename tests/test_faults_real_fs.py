@@ -73,6 +73,14 @@ def _run_json(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
 
+def _runs(run: Path) -> list[dict]:
+    """`megawsd runs RUN --json` records (what a user sees of the run afterwards)."""
+    r = subprocess.run([sys.executable, "-m", "megawsd.cli", "runs", str(run), "--json"],
+                       env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["runs"]
+
+
 @pytest.mark.slow
 def test_full_disk_during_save_stops_cleanly_or_warns(tmp_path, data, mounts):
     small = mounts(tmp_path / "small", "-t", "tmpfs", "-o", f"size={SMALL_FS}", "tmpfs")
@@ -86,11 +94,16 @@ def test_full_disk_during_save_stops_cleanly_or_warns(tmp_path, data, mounts):
     assert "checkpoint step 4" in err and "saving failed" in err
     assert f"no space left on the filesystem of {str(run / 'checkpoints')!r}" in err
     assert "latest: step 2" in err and "on_save_error: warn" in err
+    assert "Free disk space (or lower checkpoint.keep_last)" in err
     assert _ckpt_entries(run) == ["step_00000002"]  # the partial step 4 was removed
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     info = _run_json(run)
     assert info["status"] == "failed" and info["step"] == 4 and info["checkpoint_step"] == 2
     assert "no space left" in info["error"]
+    (row,) = _runs(run)
+    assert row["status"] == "failed" and row["warnings"][0].startswith(
+        "failed after step 4: CheckpointSaveError: checkpoint step 4")
+    assert row["warnings"][0].endswith("a rerun resumes from checkpoint step 2")
 
     # stability.on_save_error: warn: the same full disk, training goes on without the saves
     r = _train(cfg, run, "--set", "stability.on_save_error=warn")
@@ -146,7 +159,7 @@ def test_checkpoints_dir_turning_read_only_mid_run(tmp_path, data, mounts):
     assert "Traceback" not in stderr, stderr[-3000:]
     err = stderr.split("megawsd train: error: ", 1)[1]
     assert "checkpoint step 8" in err and "read-only filesystem" in err
-    assert "latest: step 4" in err
+    assert "latest: step 4" in err and f"Remount {str(ckpts)!r} read-write" in err
     assert _ckpt_entries(run) == ["step_00000004"]
     info = _run_json(run)
     # failed after training step 8, resumable from checkpoint 4: both said, neither invented

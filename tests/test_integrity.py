@@ -312,3 +312,40 @@ def test_run_lock_refuses_second_process_and_takes_over_stale(tmp_path, caplog):
     old = time.time() - 7200
     os.utime(run / ".lock", (old, old))
     RunLock(run, stale_after_s=3600).acquire().release()
+
+
+_ORPHAN = """
+import signal, sys, time
+sys.path.insert(0, {repo!r})
+from megawsd.train.launcher import watch_parent
+signal.signal(signal.SIGTERM, lambda *a: print("sigterm", flush=True))
+assert watch_parent() is not None
+print("watching", flush=True)
+time.sleep(60)  # a rank that does not stop on SIGTERM (stuck): the hard exit ends it
+"""
+
+
+def test_rank_stops_when_its_launching_process_dies(tmp_path):
+    """A rank launched by `megawsd train` watches the megawsd pid: when it dies the rank
+    gets SIGTERM (checkpoint and exit), and exits hard after the grace period if still
+    there. (The real 2-rank kill -9 is in test_stability_faults.py.)"""
+    from megawsd.train import launcher
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    env = dict(os.environ, **{launcher.PARENT_PID_ENV: str(parent.pid),
+                              launcher.PARENT_HOST_ENV: socket.gethostname(),
+                              launcher.ORPHAN_GRACE_ENV: "1"})
+    t0 = time.time()
+    rank = subprocess.run([sys.executable, "-c", _ORPHAN.format(repo=repo)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    parent.wait()
+    assert rank.stdout.split() == ["watching", "sigterm"], rank.stderr
+    assert rank.returncode == 1 and time.time() - t0 < 30
+    assert "the megawsd process that launched this rank" in rank.stderr
+    # another host's pid means nothing here: not watched
+    env[launcher.PARENT_HOST_ENV] = "elsewhere-" + socket.gethostname()
+    other = subprocess.run([sys.executable, "-c", _ORPHAN.replace("time.sleep(60)", "")
+                            .replace("is not None", "is None").format(repo=repo)],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0 and "sigterm" not in other.stdout, other.stderr

@@ -481,6 +481,13 @@ def _load(
                 f"run.json says running but its process (pid {lock.get('pid')} on "
                 f"{lock.get('host')}) is gone: killed? rerun the same train command to resume"
             )
+    if node.status == "failed" and (node.info.get("error") or "checkpoint_step" in node.info):
+        resume = node.info.get("checkpoint_step")
+        node.warnings.append(
+            f"failed after step {node.info.get('step')}: {node.info.get('error') or '?'}; "
+            + (f"a rerun resumes from checkpoint step {resume}" if resume is not None
+               else "no checkpoint: a rerun starts again")
+        )
     for w in node.warnings:  # shown by the runs table / JSON; commands may log them
         log.debug("%s: %s", path, w)
     if not recursive:

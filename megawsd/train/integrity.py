@@ -381,10 +381,18 @@ def save_error(step: int, where: Path, failures: list[tuple[int, str]], previous
     what = "; ".join(f"rank {r}: {m}" for r, m in failures[:4])
     prev = (f"the previous checkpoints are intact (latest: step {previous})" if previous is not None
             else "no earlier checkpoint exists")
+    if "read-only filesystem" in what:
+        fix = f"Remount {str(where.parent)!r} read-write (or move the run directory)"
+    elif "no space left" in what:
+        fix = "Free disk space (or lower checkpoint.keep_last)"
+    elif "no write permission" in what:
+        fix = f"Fix the permissions of {str(where.parent)!r} (chown/chmod)"
+    else:
+        fix = "Free disk space / fix permissions"
     return CheckpointSaveError(
         f"checkpoint step {step} = {str(where)!r}: saving failed ({what}); the partial files "
-        f"were removed and {prev}. Free disk space / fix permissions and rerun the same command "
-        "to resume, or set stability.on_save_error: warn to keep training without this save"
+        f"were removed and {prev}. {fix} and rerun the same command to resume, or set "
+        "stability.on_save_error: warn to keep training without this save"
     )
 
 
