@@ -194,6 +194,35 @@ def test_read_only_run_dir_existing(tmp_path, data, mounts):
     assert "read-only filesystem" in err
 
 
+@pytest.mark.parametrize("fs", ["read-only", "full"])
+def test_data_prepare_onto_a_read_only_or_full_fs(tmp_path, mounts, capsys, fs):
+    from megawsd.cli import main
+
+    opts = "ro,size=1m" if fs == "read-only" else "size=300k"  # the tokens need ~600 kB
+    target = mounts(tmp_path / fs, "-t", "tmpfs", "-o", opts, "tmpfs")
+    out = target / "data"
+    assert main(["data", "prepare", "-i", "builtin:python-stdlib?max_mb=0.3&tests=0", "-o",
+                 str(out), "--vocab-size", "320", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"megawsd data: error: --out = {str(out)!r}: cannot write the prepared data (" in err
+    cause = "Read-only file system" if fs == "read-only" else "No space left on device"
+    assert cause in err and "choose another --out" in err
+    assert os.listdir(target) == []  # no staging folder left behind
+
+
+def test_branch_of_a_parent_on_a_read_only_fs(tmp_path, data, mounts, capsys):
+    from megawsd.cli import main
+
+    fs = mounts(tmp_path / "fs", "-t", "tmpfs", "-o", "size=4m", "tmpfs")
+    parent = _fake_parent(fs, data)
+    _mount("-o", "remount,ro", str(fs))
+    assert main(["branch", str(parent), "--at", "4", "--decay", "2", "--no-train"]) == 2
+    err = capsys.readouterr().err
+    branch = parent / "branches" / "cooldown-4-d2-1sqrt"
+    assert f"megawsd branch: error: branch = {str(branch)!r}: cannot be created (" in err
+    assert "read-only filesystem" in err and "Make the parent run directory writable" in err
+
+
 # -- bad command lines and run files (no mount needed) ------------------------------------------
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])
