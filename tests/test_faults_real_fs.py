@@ -223,6 +223,21 @@ def test_branch_of_a_parent_on_a_read_only_fs(tmp_path, data, mounts, capsys):
     assert "read-only filesystem" in err and "Make the parent run directory writable" in err
 
 
+def test_metrics_on_a_full_disk_is_a_clear_error(tmp_path, mounts):
+    from megawsd.train.rundir import MetricsWriter, RunDir
+
+    fs = mounts(tmp_path / "fs", "-t", "tmpfs", "-o", "size=64k", "tmpfs")
+    writer = MetricsWriter(RunDir(fs / "run"), tensorboard=False)
+    with pytest.raises(CheckpointError) as err:
+        for step in range(100_000):
+            writer.write({"step": step, "loss": 1.0, "note": "x" * 200})
+    writer.close()
+    msg = str(err.value)
+    assert f"metrics = {str(fs / 'run' / 'metrics.jsonl')!r}: cannot append (no space left " \
+        f"on the filesystem of {str(fs / 'run')!r}" in msg
+    assert "rerun the same command to resume" in msg
+
+
 # -- bad command lines and run files (no mount needed) ------------------------------------------
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])

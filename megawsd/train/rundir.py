@@ -203,6 +203,7 @@ class MetricsWriter:
 
     def __init__(self, run: RunDir, tensorboard: bool):
         run.path.mkdir(parents=True, exist_ok=True)
+        self._path = run.path
         self._f = open(run.metrics_file, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -214,7 +215,16 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        try:
+            self._f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk mid-run: say so, not a bare errno traceback
+            from megawsd.train.integrity import explain
+
+            raise CheckpointError(
+                f"metrics = {self._f.name!r}: cannot append ({explain(err, self._path)}); "
+                "free space (or make the run directory writable) and rerun the same command "
+                "to resume from the last checkpoint"
+            ) from None
         if self._tb is not None:
             step = record["step"]
             for k, v in record.items():
@@ -222,6 +232,9 @@ class MetricsWriter:
                     self._tb.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the flush of a line that already failed to be written
+            pass
         if self._tb is not None:
             self._tb.close()
