@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import socket
 
 import pytest
 from analysis_fixtures import TOKENS_PER_STEP, make_tree, write_run
@@ -18,7 +20,10 @@ from megawsd.errors import CheckpointError
 
 @pytest.fixture()
 def tree(tmp_path):
-    return make_tree(tmp_path)
+    root = make_tree(tmp_path)
+    # the "running" main run is held by a live process (this one), as a real run holds RUN/.lock
+    (root / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return root
 
 
 def _runs_json(capsys, *args) -> dict:
@@ -313,8 +318,6 @@ def test_plot_errors(tree, tmp_path, capsys):
 
 
 def test_running_run_whose_process_is_gone_is_dead(tree, capsys):
-    import os
-    import socket
     import subprocess
     import sys
 
@@ -332,7 +335,7 @@ def test_running_run_whose_process_is_gone_is_dead(tree, capsys):
     assert r["status"] == "running" and r["alive"] is False
     assert "is gone" in r["warnings"][0] and str(dead_pid) in r["warnings"][0]
     assert main(["runs", str(tree)]) == 0
-    assert "dead" in capsys.readouterr().out
+    assert "died" in capsys.readouterr().out
     # a live holder (this process) is alive; another host with a fresh heartbeat: unknown
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     assert _runs_json(capsys, tree)["runs"][0]["alive"] is True
@@ -344,3 +347,22 @@ def test_running_run_whose_process_is_gone_is_dead(tree, capsys):
     # finished runs are not judged
     branch = _runs_json(capsys, tree)["runs"][1]
     assert branch["status"] == "done" and branch["alive"] is None
+
+
+def test_running_without_a_lock_died_and_created_branch(tree, capsys):
+    # run.json left at "running" by a run that could not record its end (full disk), lock
+    # released: it is not running; a branch made with --no-train is "created", not "unknown"
+    (tree / ".lock").unlink()
+    write_run(tree / "branches" / "later", name="later", kind="branch", parent="../..",
+              branch_step=400, start=400, total_steps=500, upto=400, status="created",
+              final=False)
+    runs = _runs_json(capsys, tree)["runs"]
+    main_run, created = runs[0], next(r for r in runs if r["name"] == "later")
+    assert main_run["status"] == "running" and main_run["alive"] is False
+    assert "no process holds the run lock" in main_run["warnings"][0]
+    assert created["status"] == "created" and created["alive"] is None
+    assert main(["runs", str(tree)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
+    assert "died" in rows["main"] and "running" not in rows["main"]
+    assert "created" in rows["└─ later"] and "unknown" not in out

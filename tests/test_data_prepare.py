@@ -201,6 +201,44 @@ def test_error_text_field(tmp_path):
         prepare([str(tmp_path / "in")], tmp_path / "out", progress=False)
 
 
+def _jsonl_corpus(path: Path, n: int = 200, missing_every: int = 0) -> Path:
+    words = (STDLIB / "textwrap.py").read_text().split()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            rec = {"text": " ".join(words[j % len(words)] for j in range(i * 40, i * 40 + 40))}
+            if missing_every and i % missing_every == 3:
+                rec = {"body": "a record without the text field"}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def test_records_without_text_field_counted_warned_or_strict(tmp_path, caplog, capsys):
+    src = _jsonl_corpus(tmp_path / "in" / "d.jsonl", missing_every=10)
+    meta = prepare([str(src)], tmp_path / "out", vocab_size=VOCAB, progress=False)
+    assert meta.train_documents + meta.val_documents == 180  # the 20 without text dropped
+    assert (f"--text-field = 'text': 20 of 200 records of {str(src)!r} have no such field "
+            "(the first: record 4); dropped (--strict makes this an error)") in caplog.text
+    assert main(["data", "prepare", "-i", str(src), "-o", str(tmp_path / "strict"),
+                 "--vocab-size", str(VOCAB), "--no-progress", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "megawsd data: error: --text-field = 'text': 20 of 200 records" in err
+    assert "run without --strict to drop them" in err
+    assert not (tmp_path / "strict").exists()
+
+
+def test_malformed_jsonl_line_is_named(tmp_path, capsys):
+    src = _jsonl_corpus(tmp_path / "in" / "d.jsonl")
+    lines = src.read_text().splitlines()
+    lines[41] = lines[41][:-5]  # a record cut short on line 42
+    src.write_text("\n".join(lines) + "\n")
+    assert main(["data", "prepare", "-i", str(src), "-o", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--input = {str(src)!r}: malformed JSON at {src}:42: Unterminated string" in err
+    assert "fix or remove that line" in err
+
+
 def test_error_damaged_output(corpus, tmp_path):
     _, _, meta = corpus
     import shutil

@@ -8,6 +8,7 @@ schedule follows optimizer steps, not attempts); a resumed run must equal the un
 one. Both bit-exact on CPU.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helpers import run_ranks
-from tests.workers.train_common import cli_env, losses, prepare_data, wait_for_step
+from tests.workers.train_common import (
+    cli_env,
+    losses,
+    prepare_data,
+    wait_for_step,
+    write_config,
+)
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +151,48 @@ def test_kill_rank_ends_job_then_rerun_resumes_and_matches(faults):
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert "taking over a stale lock" in rerun.stderr
     assert losses(run) == r["ref"]["losses"], f"killed at step {kill_at}"
+
+
+@pytest.mark.slow
+def test_kill_9_of_megawsd_train_takes_its_ranks_along(tmp_path_factory):
+    """`kill -9` of the `megawsd train --nproc 2` process (the launcher runs in its own
+    session): the ranks must not train on as orphans. They notice the parent is gone, stop
+    as on SIGTERM (checkpoint, exit), and a rerun resumes (the run lock is free)."""
+    import psutil
+
+    tmp = tmp_path_factory.mktemp("orphans")
+    data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
+    cfg = write_config(tmp / "cfg.yaml", data, steps=2000, checkpoint__interval=1000)
+    run = tmp / "run"
+    cmd = [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--nproc", "2",
+           "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    tree = []
+    try:
+        wait_for_step(run, 3, proc, timeout=240)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        ranks = [p for p in tree if "megawsd.train" in " ".join(p.cmdline())
+                 and "deepspeed.launcher" not in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        proc.kill()
+        proc.wait()
+        t0 = time.time()
+        _, alive = psutil.wait_procs(tree, timeout=90)
+        ended = time.time() - t0
+        assert not alive, f"still running 90 s after their parent died: {alive}"
+    finally:
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert ended < 45, f"ranks took {ended:.0f} s to stop after their parent died"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "stopped" and 3 <= info["step"] < 2000, info
+    rerun = subprocess.run(cmd + ["--set", f"steps={info['step'] + 2}"], env=cli_env(),
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"resumed {run} at step {info['step']}" in rerun.stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
 
 
 def test_report_of_a_run_with_events(faults, capsys):

@@ -14,6 +14,7 @@ from megawsd.analysis.runs_tree import RunNode, schedule_summary
 SCHEMA = "megawsd.runs/1"
 
 _STATUS_STYLE = {
+    "created": "blue",
     "running": "cyan",
     "done": "green",
     "failed": "red",
@@ -124,7 +125,7 @@ def build_table(root: RunNode):
         status = node.status
         state = f"[{_STATUS_STYLE.get(status, '')}]{status}[/]"
         if node.alive is False:
-            state = "[red]dead[/]"
+            state = "[red]died[/]"
         if node.warnings:
             state += " [yellow]![/]"
         events = len(node.events)

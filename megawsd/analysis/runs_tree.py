@@ -38,7 +38,8 @@ STATE_FILE = "megawsd_state.json"  # written last into a checkpoint tag: marks i
 LOCK_FILE = ".lock"  # megawsd.train.runlock: pid and host of the training process
 STALE_LOCK_S = 6 * 3600.0  # the lock's own rule for a holder on another host
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
-STATUSES = ("running", "done", "failed", "stopped")
+# "created": a branch made with `megawsd branch --no-train` (or not started yet)
+STATUSES = ("created", "running", "done", "failed", "stopped")
 # A symlink loop or a pathological tree must not recurse forever.
 MAX_DEPTH = 32
 
@@ -213,7 +214,7 @@ class RunNode:
 
     @property
     def status(self) -> str:
-        """running / done / failed / stopped from run.json; ``unknown`` without a run.json."""
+        """created / running / done / failed / stopped from run.json; ``unknown`` without one."""
         status = self.info.get("status")
         return status if status in STATUSES else "unknown"
 
@@ -225,11 +226,16 @@ class RunNode:
         a SIGKILLed run leaves behind with run.json still saying "running". On this host the
         pid is checked (``kill(pid, 0)``; the lock's flock is not touched: taking it, even
         shared, could make a training start at that moment refuse). On another host only a
-        heartbeat older than STALE_LOCK_S says the process is gone. None: cannot tell.
+        heartbeat older than STALE_LOCK_S says the process is gone. No lock at all: gone too
+        (a live run holds it from before run.json says running until after its last update;
+        a run that could not record its end, e.g. on a full disk, leaves "running" behind).
+        None: cannot tell.
         """
         if self.status != "running":
             return None
-        lock, _ = read_json(self.path / LOCK_FILE)
+        lock, why = read_json(self.path / LOCK_FILE)
+        if lock is None and why is None and not (self.path / LOCK_FILE).exists():
+            return False
         if not lock:
             return None
         pid = lock.get("pid")
@@ -464,9 +470,23 @@ def _load(
     )
     if node.alive is False:
         lock, _ = read_json(path / LOCK_FILE)
+        if lock is None:
+            node.warnings.append(
+                "run.json says running but no process holds the run lock (.lock is gone): "
+                "the run ended without recording it (full disk? read-only?); rerun the same "
+                "train command to resume"
+            )
+        else:
+            node.warnings.append(
+                f"run.json says running but its process (pid {lock.get('pid')} on "
+                f"{lock.get('host')}) is gone: killed? rerun the same train command to resume"
+            )
+    if node.status == "failed" and (node.info.get("error") or "checkpoint_step" in node.info):
+        resume = node.info.get("checkpoint_step")
         node.warnings.append(
-            f"run.json says running but its process (pid {lock.get('pid')} on "
-            f"{lock.get('host')}) is gone: killed? rerun the same train command to resume"
+            f"failed after step {node.info.get('step')}: {node.info.get('error') or '?'}; "
+            + (f"a rerun resumes from checkpoint step {resume}" if resume is not None
+               else "no checkpoint: a rerun starts again")
         )
     for w in node.warnings:  # shown by the runs table / JSON; commands may log them
         log.debug("%s: %s", path, w)

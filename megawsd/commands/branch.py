@@ -43,12 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megawsd.commands.train import launch_or_run
+    from megawsd.commands.train import check_launch_args, launch_or_run
     from megawsd.errors import ConfigError
     from megawsd.train import branch as br
     from megawsd.train.config import from_dict
     from megawsd.train.rundir import RunDir
 
+    check_launch_args(args)
     steps = br.parse_at(args.at)
     if args.name and len(steps) > 1:
         raise ConfigError(f"--name = {args.name!r}: one name for {len(steps)} branch steps; "
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
                      data=args.data, lr=args.lr, name=args.name) for at in steps]
     parent_ws = RunDir(args.run).read_run_json().get("world_size")
     nproc = args.nproc or (None if args.hostfile else parent_ws)
+    for p in plans:  # everything checked before the first directory is created
+        br.check(p, None if args.hostfile else (nproc or 1))
     rc = 0
     for p in plans:
         run = br.create(p, world_size=nproc)

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the train/val split and tokenizer")
     p.add_argument("--force", action="store_true", help="overwrite an existing, different DIR")
     p.add_argument("--strict", action="store_true",
-                   help="fail on a binary / non-UTF-8 file instead of skipping it")
+                   help="fail on a binary / non-UTF-8 file or a record without --text-field "
+                   "instead of skipping it with a warning")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="summary of a prepared directory (validates it)")
@@ -81,9 +82,11 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(result.meta, result)
         return 0
     if args.data_command == "info":
-        from megawsd.data.meta import load_meta
+        from megawsd.data.meta import check_vocab, load_meta
 
-        _print_summary(load_meta(args.dir), None)
+        meta = load_meta(args.dir)
+        check_vocab(meta)
+        _print_summary(meta, None)
         return 0
     print("usage: megawsd data {prepare,info} ... (see megawsd data --help)")
     return 2

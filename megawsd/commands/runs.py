@@ -16,10 +16,12 @@ JSON schema (``"schema": "megawsd.runs/1"``; fields are only ever added within a
           "parent": null | ".",       # "path" of the parent run, null for the root
           "depth": 0,
           "kind": "main" | "branch",
-          "status": "running" | "done" | "failed" | "stopped" | "unknown",  # unknown: no run.json
-          "alive": true | false | null,  # for "running": is the process still there (RUN/.lock);
-                                      # false = killed without updating run.json ("dead" in
-                                      # the table); null = not running, or cannot tell
+          "status": "created" | "running" | "done" | "failed" | "stopped" | "unknown",
+                                      # created: a branch not started; unknown: no run.json
+          "alive": true | false | null,  # for "running": is the process still there (RUN/.lock
+                                      # held by a live pid); false = it ended without updating
+                                      # run.json ("died" in the table); null = not running,
+                                      # or cannot tell (another host, fresh heartbeat)
           "step": 1234 | null,        # last completed optimizer step
           "total_steps": 5000 | null,
           "tokens": 80871424 | null,  # tokens seen at "step"

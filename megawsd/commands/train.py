@@ -35,10 +35,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start only this node's ranks (SLURM, or one command per node)")
 
 
+def check_launch_args(args: argparse.Namespace) -> None:
+    """Numbers argparse accepts but that mean nothing (0 or -1 ranks, port 0): refused here,
+    before DeepSpeed is handed ``--num_gpus -1`` or the batch layout divides by zero."""
+    from megawsd.errors import ConfigError
+
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc = {nproc}: give the number of ranks per node, at least 1 "
+                          "(omit it for one rank per GPU, or one process on a CPU machine)")
+    port = getattr(args, "master_port", None)
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"--master-port = {port}: give a TCP port in 1..65535 (omit it to "
+                          "pick a free one)")
+    node_rank = getattr(args, "node_rank", None)
+    if node_rank is not None and node_rank < 0:
+        raise ConfigError(f"--node-rank = {node_rank}: give this node's index in the hostfile "
+                          "(0, 1, ...)")
+
+
 def run(args: argparse.Namespace) -> int:
     from megawsd.train.config import load_config
     from megawsd.train.run import default_run_dir
 
+    check_launch_args(args)
     cfg = load_config(args.config, args.overrides)  # fail here, before any rank starts
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
     module_args = [str(args.config), "--run-dir", str(run_dir)]

@@ -202,3 +202,31 @@ def load_meta(path: str | Path | Meta, *, check_files: bool = True) -> Meta:
                 "directory; prepare the data again with --force"
             )
     return meta
+
+
+def check_vocab(meta: Meta) -> None:
+    """vocab_size sizes the model's embedding: it must be the tokenizer's, which produced the
+    ids (a smaller one fails deep inside the embedding with an IndexError, a larger one
+    trains a model that does not match its tokenizer). Loads the tokenizer; run at the start
+    of training (megawsd.train.integrity.verify_data) and by `megawsd data info`."""
+    meta_file = meta.meta_path
+    pieces = meta.load_tokenizer().get_piece_size()
+    if meta.vocab_size != pieces:
+        raise DataError(
+            f"meta.json vocab_size = {meta.vocab_size} ({str(meta_file)!r}): the tokenizer "
+            f"{meta.tokenizer!r} has {pieces} pieces, so token ids up to {pieces - 1} occur; "
+            f"meta.json was edited or mixed with another preparation. Set vocab_size to "
+            f"{pieces}, or prepare the data again with `megawsd data prepare ... --force`"
+        )
+    if token_dtype(pieces) == "uint32" and meta.dtype == "uint16":
+        raise DataError(
+            f"meta.json dtype = 'uint16' ({str(meta_file)!r}): cannot hold the ids of a "
+            f"{pieces}-piece vocabulary; prepare the data again with --force"
+        )
+    for name in ("eos_id", "bos_id"):
+        value = getattr(meta, name)
+        if not -1 <= value < pieces:
+            raise DataError(
+                f"meta.json {name} = {value} ({str(meta_file)!r}): outside the tokenizer's "
+                f"{pieces} pieces; prepare the data again with --force"
+            )

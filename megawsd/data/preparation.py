@@ -14,6 +14,7 @@ a stale staging directory never looks complete because its name is not DIR.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -116,7 +117,8 @@ def prepare_detailed(
             ``vocab_size`` and ``tokenizer_type`` on ~``tokenizer_sample_mb`` MB of text.
         val_fraction: probability that a document goes to val.bin (seeded by ``seed``).
         num_proc: processes for tokenization (datasets.map) and tokenizer training threads.
-        strict: fail on a binary / non-UTF-8 file instead of skipping it.
+        strict: fail on a binary / non-UTF-8 file, or a record without ``text_field``,
+            instead of skipping it with a warning.
         include: glob patterns selecting files inside input folders (default: known kinds).
     """
     t0 = time.perf_counter()
@@ -162,27 +164,74 @@ def prepare_detailed(
         return PrepareResult(reused, True, time.perf_counter() - t0,
                              input_bytes=resolved.total_bytes, skipped=resolved.skipped)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out.parent.glob(f"{out.name}.tmp-*"))
-    if stale:  # left by a killed prepare (or one running now): never used, safe to delete
-        log.warning("found %d staging folder(s) of an interrupted prepare, e.g. %s; delete "
-                    "them if no other prepare into %s is running", len(stale), stale[0], out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    staging = _make_staging(out)
     try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is a normal folder
         result = _prepare_into(
             staging, resolved, model_bytes, tok_spec, settings, fingerprint,
-            num_proc=num_proc, progress=progress,
+            num_proc=num_proc, progress=progress, strict=strict,
         )
         _install(staging, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        failure = _write_failure(err, out.parent)
+        if failure is not None:
+            raise _unwritable(out, failure) from None
         raise
     result.meta = load_meta(out)
     result.seconds = time.perf_counter() - t0
     result.input_bytes = resolved.total_bytes
     result.skipped = resolved.skipped
     return result
+
+
+def _make_staging(out: Path) -> Path:
+    """``OUT.tmp-XXXX`` next to ``out`` (renamed into place when complete)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stale = sorted(out.parent.glob(f"{out.name}.tmp-*"))
+        if stale:  # left by a killed prepare (or one running now): never used, safe to delete
+            log.warning("found %d staging folder(s) of an interrupted prepare, e.g. %s; delete "
+                        "them if no other prepare into %s is running", len(stale), stale[0], out)
+        staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is a normal folder
+    except OSError as err:
+        raise _unwritable(out, err) from None
+    return staging
+
+
+# A full or read-only disk anywhere in the output's filesystem; a permission error only
+# when it is about the output (an unreadable input is reported as such, not as this).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _write_failure(err: BaseException, out_parent: Path) -> OSError | None:
+    """The OSError that made writing the output fail, also when wrapped (datasets raises
+    DatasetGenerationError from the OSError of its cache writer); None for anything else."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            name = str(seen.filename or "")
+            if seen.errno in _WRITE_ERRNOS or (
+                    seen.errno in (errno.EACCES, errno.EPERM) and name.startswith(str(out_parent))):
+                return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unwritable(out: Path, err: OSError) -> DataError:
+    where = out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"; {shutil.disk_usage(where).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    return DataError(
+        f"--out = {str(out)!r}: cannot write the prepared data ({err.strerror or err}"
+        f"{': ' + str(err.filename) if err.filename else ''}{free}); nothing was kept. Free "
+        f"space or make {str(where)!r} writable (remount read-write, chmod), or choose "
+        "another --out"
+    )
 
 
 def _check_existing(out: Path, fingerprint: str, force: bool) -> Meta | None:
@@ -251,6 +300,7 @@ def _prepare_into(
     *,
     num_proc: int,
     progress: bool,
+    strict: bool = False,
 ) -> PrepareResult:
     import datasets
     from tqdm.auto import tqdm
@@ -261,7 +311,8 @@ def _prepare_into(
     if not progress:
         datasets.disable_progress_bars()
     try:
-        docs = load_corpus(resolved, text_field=settings["text_field"], cache_dir=str(cache))
+        docs = load_corpus(resolved, text_field=settings["text_field"], cache_dir=str(cache),
+                           strict=strict)
         n_docs = len(docs)
         log.info("%d documents from %d source(s)", n_docs, len(resolved.sources))
 

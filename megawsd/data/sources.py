@@ -22,6 +22,7 @@ import fnmatch
 import glob
 import hashlib
 import itertools
+import json
 import logging
 import os
 import sysconfig
@@ -231,8 +232,12 @@ def _text_generator(paths: list[str]):
             yield {"text": text}
 
 
-def load_corpus(res: Resolved, *, text_field: str = "text", cache_dir: str | None = None):
-    """One `datasets.Dataset` with a "text" column (one row per document), in input order."""
+def load_corpus(res: Resolved, *, text_field: str = "text", cache_dir: str | None = None,
+                strict: bool = False):
+    """One `datasets.Dataset` with a "text" column (one row per document), in input order.
+
+    Records without the text field are counted and dropped with a warning (``strict``: a
+    DataError); empty texts are not documents and are dropped."""
     import datasets
 
     parts = []
@@ -252,14 +257,40 @@ def load_corpus(res: Resolved, *, text_field: str = "text", cache_dir: str | Non
                 cache_dir=cache_dir,
             ))
         else:
-            parts.append(_load_records(group, kind, text_field, cache_dir))
+            parts.append(_load_records(group, kind, text_field, cache_dir, strict))
     parts = [p for p in parts if len(p)]
     if not parts:
         raise DataError(f"--input: empty input, the sources hold no text in field {text_field!r}")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _load_records(group: list[Source], kind: str, text_field: str, cache_dir: str | None):
+def _first_bad_json_line(paths: list[str]) -> str | None:
+    """``FILE:LINE: error`` of the first line that is not a JSON object (the datasets error
+    names neither); None when every file parses (as JSON lines or as one JSON document)."""
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            return f"{path}: {err}"
+        try:
+            json.loads(text)
+            continue  # one JSON document (a .json array / object)
+        except json.JSONDecodeError:
+            pass
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{n}: {err.msg} (column {err.colno})"
+            if not isinstance(rec, dict):
+                return f"{path}:{n}: a JSON {type(rec).__name__}, not an object with fields"
+    return None
+
+
+def _load_records(group: list[Source], kind: str, text_field: str, cache_dir: str | None,
+                  strict: bool = False):
     import datasets
 
     where = group[0].path if len(group) == 1 else f"{group[0].path} (+{len(group) - 1} more)"
@@ -280,6 +311,12 @@ def _load_records(group: list[Source], kind: str, text_field: str, cache_dir: st
                 "check NAME[:CONFIG][:SPLIT] and that you are online (HF_DATASETS_OFFLINE "
                 "unset), or download it and pass the local files"
             ) from None
+        bad = _first_bad_json_line([s.path for s in group]) if kind == "json" else None
+        if bad:
+            raise DataError(
+                f"--input = {where!r}: malformed JSON at {bad}; fix or remove that line "
+                "(one JSON object per line)"
+            ) from None
         raise DataError(
             f"--input = {where!r}: could not be read as {kind} ({cause}); check the file format"
         ) from None
@@ -296,4 +333,21 @@ def _load_records(group: list[Source], kind: str, text_field: str, cache_dir: st
             f"--text-field = {text_field!r}: column of {where!r} holds "
             f"{ds.features['text'].dtype}, not text"
         )
+    _check_missing(ds, where, text_field, strict)
     return ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True)
+
+
+def _check_missing(ds, where: str, text_field: str, strict: bool) -> None:
+    """Records without the text field (null in the column): never dropped without a word."""
+    import pyarrow.compute as pc
+
+    column = ds.data.column("text")  # arrow: counted without reading the texts into Python
+    if not column.null_count:
+        return
+    first = pc.index(pc.is_null(column), True).as_py() + 1
+    msg = (f"--text-field = {text_field!r}: {column.null_count} of {len(ds)} records of "
+           f"{where!r} have no such field (the first: record {first})")
+    if strict:
+        raise DataError(msg + "; fix those records or pass the right --text-field, or run "
+                        "without --strict to drop them with a warning")
+    log.warning("%s; dropped (--strict makes this an error)", msg)

@@ -46,8 +46,9 @@ def _dist_timeout(args: argparse.Namespace) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megawsd.train.launcher import init_distributed
+    from megawsd.train.launcher import init_distributed, watch_parent
 
+    watch_parent()  # ranks launched by `megawsd train` never outlive it
     rank = init_distributed(_dist_timeout(args))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",

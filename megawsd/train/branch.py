@@ -123,14 +123,36 @@ def plan(parent_dir: str | Path, at: int, decay: str | int, *, shape: str = "1-s
     return BranchPlan(name=name, path=path, at=at, decay_steps=d, config=cfg)
 
 
+def check(p: BranchPlan, world_size: int | None) -> None:
+    """What would fail once the branch starts, checked before its directory exists: the
+    data (a --data mix must exist and share the parent's vocabulary) and the batch layout on
+    ``world_size`` ranks (None: decided by a hostfile, checked by the ranks)."""
+    from megawsd.train.engine import build_stream
+
+    cfg = from_dict(p.config, source=f"branch {p.name}")
+    build_stream(cfg)
+    if world_size is not None:
+        cfg.check_layout(world_size)
+
+
 def create(p: BranchPlan, world_size: int | None = None) -> RunDir:
-    """Write the branch's config.yaml and run.json (lineage); the parent is untouched."""
+    """Write the branch's config.yaml and run.json (lineage); the parent is untouched.
+    A parent on a read-only or full filesystem is a CheckpointError naming the cause."""
+    from megawsd.train.integrity import explain
+
     run = RunDir(p.path)
-    run.write_config(p.config)
-    info = run.read_run_json()
-    if not info:
-        run.update_run_json(name=p.name, kind="branch", parent="../..", branch_step=p.at,
-                            decay_steps=p.decay_steps, schedule=p.config["schedule"],
-                            total_steps=p.config["steps"], status="created",
-                            step=p.at, world_size=world_size)
+    try:
+        run.write_config(p.config)
+        info = run.read_run_json()
+        if not info:
+            run.update_run_json(name=p.name, kind="branch", parent="../..", branch_step=p.at,
+                                decay_steps=p.decay_steps, schedule=p.config["schedule"],
+                                total_steps=p.config["steps"], status="created",
+                                step=p.at, world_size=world_size)
+    except OSError as err:
+        raise CheckpointError(
+            f"branch = {str(p.path)!r}: cannot be created ({explain(err, p.path)}); a branch "
+            "lives in PARENT/branches/. Make the parent run directory writable, or copy the "
+            "parent run to a writable place and branch the copy"
+        ) from None
     return run

@@ -60,12 +60,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
-         manifest: str = "sha256", inject: OSError | None = None) -> Path:
+         manifest: str = "sha256", inject: BaseException | None = None) -> Path:
     """Save on every rank (collective); returns the final tag directory.
 
-    A write error on any rank (disk full, permissions) is caught where it happens, agreed on
-    by all ranks, the temporary directory removed, and CheckpointSaveError raised on every
-    rank: earlier checkpoints and ``latest`` are never touched (megawsd.train.integrity).
+    A write error on any rank (disk full, permissions, read-only; torch reports some as
+    RuntimeError) is caught where it happens, explained, agreed on by all ranks, the
+    temporary directory removed, and CheckpointSaveError raised on every rank: earlier checkpoints and ``latest`` are never touched (megawsd.train.integrity).
     ``manifest``: "sha256" or "size" (what the manifest records); ``inject``: fault injection.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -79,13 +79,13 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
         if tmp_dir.exists():  # left by a killed save
             shutil.rmtree(tmp_dir)
     _barrier()
-    with integrity.WriteGuard(engine, inject) as guard:
+    with integrity.WriteGuard(engine, inject, where=run.ckpt_dir) as guard:
         engine.save_checkpoint(str(run.ckpt_dir), tag=tmp_tag, save_latest=False,
                                client_state={"megawsd_step": step})
         if guard.error is None:
             with guard.local():
                 torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
-    failures = integrity.agree(guard.error, world)
+    failures = integrity.agree(guard.message, world)
     if not failures:
         error = None
         if rank == 0:
@@ -93,7 +93,7 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
                 atomic_write(tmp_dir / STATE_FILE,
                              json.dumps({**state, "step": step}, indent=2) + "\n")
             except OSError as err:
-                error = err
+                error = integrity.explain(err, run.ckpt_dir)
         failures = integrity.agree(error, world)
     if not failures:
         files = integrity.build_manifest(tmp_dir, rank=rank, world=world, level=manifest)
@@ -110,7 +110,7 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
                 integrity.fsync_dir(run.ckpt_dir)
                 integrity.atomic_write_text(run.ckpt_dir / LATEST, tag + "\n")
             except OSError as err:
-                error = err
+                error = integrity.explain(err, run.ckpt_dir)
         failures = integrity.agree(error, world)
     if failures:
         if rank == 0:

@@ -24,6 +24,7 @@ and mtime are unchanged is not hashed again).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -234,58 +235,144 @@ def choose_checkpoint(ckpt_dir: str | os.PathLike, steps: list[int], tag_of: Cal
 
 # -- write errors during a save --------------------------------------------------------------
 
-class WriteGuard:
-    """Catch OSError in DeepSpeed's checkpoint writer (``engine.checkpoint_engine.save``).
+# torch.save reports a failed write of its zip writer as a RuntimeError (c10::Error), not an
+# OSError: a full disk is "[enforce fail at inline_container.cc:...] unexpected pos", a
+# directory that could not be created (read-only, no permission) "Parent directory ... does
+# not exist", a failed fopen "open file failed because of errno ...".
+_TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "Parent directory",
+                       "unexpected pos", "open file failed", "fopen")
+_LOW_SPACE = 1 << 20  # after a failed write, less than this free means the disk filled up
 
-    The first error is kept and further writes are skipped, so this rank still reaches every
-    collective of ``engine.save_checkpoint``; :func:`agree` then tells every rank whether any
-    rank failed. ``inject``: an error to raise at the first write (fault injection).
+
+def is_write_error(err: BaseException) -> bool:
+    """An OSError, or torch's RuntimeError for a failed checkpoint write."""
+    if isinstance(err, OSError):
+        return True
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_ERRORS)
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def write_cause(err: BaseException | None, directory: str | os.PathLike) -> str | None:
+    """The cause of a write error in words (full disk, read-only, no permission), read from
+    the error and the filesystem of ``directory`` right after the failure; None if unclear."""
+    d = _existing(Path(directory))
+    code = getattr(err, "errno", None)
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        st = None
+    if code == errno.EROFS or (st is not None and st.f_flag & os.ST_RDONLY):
+        return f"{str(d)!r} is on a read-only filesystem"
+    if st is not None:
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        if code in (errno.ENOSPC, errno.EDQUOT) or free < _LOW_SPACE:
+            return (f"no space left on the filesystem of {str(d)!r} ({_human(free)} free of "
+                    f"{_human(total)})")
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the filesystem of {str(d)!r}"
+    if code in (errno.EACCES, errno.EPERM) or not os.access(d, os.W_OK):
+        return f"no write permission on {str(d)!r}"
+    return None
+
+
+def explain(err: BaseException, directory: str | os.PathLike) -> str:
+    """``cause (raw error)``: the words a user acts on, and the error for the record."""
+    raw = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    cause = write_cause(err, directory)
+    return f"{cause} ({raw[:300]})" if cause else raw[:300]
+
+
+class WriteGuard:
+    """Catch write errors in DeepSpeed's checkpoint writer (``engine.checkpoint_engine.save``
+    and the recovery-script copy rank 0 makes into the checkpoints directory).
+
+    Write errors are OSError and torch's RuntimeError of a failed write (is_write_error). The
+    first one is kept, explained (``message``: full disk / read-only / permission, measured
+    before the partial files are removed) and further writes are skipped, so this rank still
+    reaches every collective of ``engine.save_checkpoint``; :func:`agree` then tells every
+    rank whether any rank failed. ``inject``: an error to raise at the first write.
     """
 
-    def __init__(self, engine, inject: OSError | None = None):
-        self.engine, self.inject = engine, inject
-        self.error: OSError | None = None
-        self._orig = None
+    def __init__(self, engine, inject: BaseException | None = None,
+                 where: str | os.PathLike | None = None):
+        self.engine, self.inject, self.where = engine, inject, where
+        self.error: BaseException | None = None
+        self.message: str | None = None
+        self._patched: list[tuple[Any, str, Any, bool]] = []
 
-    def __enter__(self) -> WriteGuard:
-        ce = getattr(self.engine, "checkpoint_engine", None)
-        if ce is None:
-            return self
-        self._orig = ce.save
+    def _keep(self, err: BaseException) -> None:
+        if self.error is None:
+            self.error = err
+            self.message = (explain(err, self.where) if self.where is not None
+                            else f"{type(err).__name__}: {err}")
 
-        def save(*args, **kwargs):
+    def _wrap(self, fn, inject: bool):
+        def guarded(*args, **kwargs):
             if self.error is not None:
                 return None
             try:
-                if self.inject is not None:
+                if inject and self.inject is not None:
                     raise self.inject
-                return self._orig(*args, **kwargs)
-            except OSError as err:
-                self.error = err
+                return fn(*args, **kwargs)
+            except (OSError, RuntimeError) as err:
+                if not is_write_error(err):
+                    raise
+                self._keep(err)
                 return None
+        return guarded
 
-        ce.save = save
+    def __enter__(self) -> WriteGuard:
+        ce = getattr(self.engine, "checkpoint_engine", None)
+        if ce is not None:
+            self._patch(ce, "save", inject=True)
+        if getattr(self.engine, "_copy_recovery_script", None) is not None:
+            self._patch(self.engine, "_copy_recovery_script", inject=False)
         return self
 
+    def _patch(self, obj, name: str, inject: bool) -> None:
+        own = name in getattr(obj, "__dict__", {})
+        orig = getattr(obj, name)
+        self._patched.append((obj, name, orig, own))
+        setattr(obj, name, self._wrap(orig, inject))
+
     def __exit__(self, *exc) -> None:
-        if self._orig is not None:
-            self.engine.checkpoint_engine.save = self._orig
+        for obj, name, orig, own in reversed(self._patched):
+            if own:
+                setattr(obj, name, orig)
+            else:
+                delattr(obj, name)  # back to the class's method
+        self._patched.clear()
         return None
 
     @contextlib.contextmanager
     def local(self) -> Iterator[None]:
-        """Our own writes on this rank (RNG file, state file): an OSError is caught and kept
-        (the first one wins); callers skip further writes once ``error`` is set."""
+        """Our own writes on this rank (RNG file, state file): a write error is caught and
+        kept (the first one wins); callers skip further writes once ``error`` is set."""
         try:
             yield
-        except OSError as err:
-            if self.error is None:
-                self.error = err
+        except (OSError, RuntimeError) as err:
+            if not is_write_error(err):
+                raise
+            self._keep(err)
 
 
-def agree(error: BaseException | None, world: int) -> list[tuple[int, str]]:
+def agree(error: BaseException | str | None, world: int) -> list[tuple[int, str]]:
     """Every rank's error (rank, message); collective when world > 1."""
-    msg = None if error is None else f"{type(error).__name__}: {error}"
+    msg = error if error is None or isinstance(error, str) else f"{type(error).__name__}: {error}"
     return [(r, m) for r, m in enumerate(_gather(msg, world)) if m is not None]
 
 
@@ -294,11 +381,41 @@ def save_error(step: int, where: Path, failures: list[tuple[int, str]], previous
     what = "; ".join(f"rank {r}: {m}" for r, m in failures[:4])
     prev = (f"the previous checkpoints are intact (latest: step {previous})" if previous is not None
             else "no earlier checkpoint exists")
+    if "read-only filesystem" in what:
+        fix = f"Remount {str(where.parent)!r} read-write (or move the run directory)"
+    elif "no space left" in what:
+        fix = "Free disk space (or lower checkpoint.keep_last)"
+    elif "no write permission" in what:
+        fix = f"Fix the permissions of {str(where.parent)!r} (chown/chmod)"
+    else:
+        fix = "Free disk space / fix permissions"
     return CheckpointSaveError(
         f"checkpoint step {step} = {str(where)!r}: saving failed ({what}); the partial files "
-        f"were removed and {prev}. Free disk space / fix permissions and rerun the same command "
-        "to resume, or set stability.on_save_error: warn to keep training without this save"
+        f"were removed and {prev}. {fix} and rerun the same command to resume, or set "
+        "stability.on_save_error: warn to keep training without this save"
     )
+
+
+def check_writable(*dirs: str | os.PathLike) -> None:
+    """Refuse to start when a directory the run writes into is not writable (a probe file,
+    since permission bits say nothing for root and nothing about a read-only mount): a run
+    would otherwise train until its first checkpoint and only then fail."""
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            continue
+        probe = d / f".megawsd_write_test.{os.getpid()}"
+        try:
+            with open(probe, "w") as f:
+                f.write("x")
+            probe.unlink()
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            raise CheckpointError(
+                f"{d.name} = {str(d)!r}: not writable ({explain(err, d)}); the run would train "
+                "until its first checkpoint and fail there. Make it writable (chown/chmod, "
+                "remount read-write, free space), or pass --run-dir on a writable filesystem"
+            ) from None
 
 
 def rank0_check(fn: Callable[[], Any], world: int) -> Any:
@@ -356,7 +473,7 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
     Sizes are checked by ``load_meta``; hashes against meta.json's where it has them, else
     against the ones pinned at this run's first start. Returns the pinned table.
     """
-    from megawsd.data.meta import load_meta
+    from megawsd.data.meta import check_vocab, load_meta
 
     pin_path = Path(run_dir) / DATA_PIN
     try:
@@ -383,6 +500,7 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
                     raise _data_changed(f, f"sha256 {entry['sha256'][:12]}..., "
                                         f"{expected[:12]}... {src}")
             pinned[key] = entry
+        check_vocab(meta)  # the embedding is sized by meta.json: it must be the tokenizer's
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(pin_path, json.dumps(pinned, indent=1, sort_keys=True) + "\n")
     return pinned

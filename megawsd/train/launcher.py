@@ -5,21 +5,36 @@
 ``--hostfile F`` the multi-node form. On machines without CUDA it sets DS_ACCELERATOR=cpu
 (DeepSpeed's CPU accelerator, gloo), one OpenMP thread budget per rank, and a free master port
 so that several runs on one machine do not collide on DeepSpeed's default 29500.
+
+The ranks must not outlive the `megawsd` process that started them (a `kill -9` of it, a
+closed terminal): the launcher gets a parent-death signal (Linux ``PR_SET_PDEATHSIG``), and
+since DeepSpeed's own launch.py under it would survive that, every rank also watches the
+`megawsd` pid (:func:`watch_parent`) and stops when it is gone: SIGTERM to itself (finish
+the step, checkpoint, exit, as for a preemption), then a hard exit after a grace period.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 LAUNCHED_VARS = ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# Set by `megawsd train/branch` for the ranks it launches: whom to watch (watch_parent).
+PARENT_PID_ENV, PARENT_HOST_ENV = "MEGAWSD_PARENT_PID", "MEGAWSD_PARENT_HOST"
+ORPHAN_GRACE_ENV = "MEGAWSD_ORPHAN_GRACE_S"
+ORPHAN_GRACE_S = 120.0  # to finish the step and checkpoint once the parent is gone
+_PR_SET_PDEATHSIG = 1
 
 
 def already_launched() -> bool:
@@ -71,6 +86,7 @@ def launch_env(nproc_per_node: int) -> dict[str, str]:
         threads = max(1, (os.cpu_count() or 1) // max(nproc_per_node, 1))
         env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env[PARENT_PID_ENV], env[PARENT_HOST_ENV] = str(os.getpid()), socket.gethostname()
     # the package must be importable in the ranks even when run from a source checkout
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -109,7 +125,9 @@ def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None =
     after a signal is a clean exit whatever the launcher returned.
     """
     log.info("launching: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    linux = sys.platform.startswith("linux")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent(os.getpid()) if linux else None)
     signalled = []
 
     def forward(signum, frame):
@@ -156,3 +174,71 @@ def _rank_processes(pid: int) -> list:
         except psutil.Error:
             continue
     return out
+
+
+# -- no orphaned ranks ------------------------------------------------------------------------
+
+def _die_with_parent(parent: int):
+    """preexec_fn: SIGTERM this child when its parent dies (Linux prctl; runs after fork)."""
+
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _wait_for_exit(pid: int, poll_s: float = 1.0) -> None:
+    """Block until process ``pid`` is gone (a pidfd where the kernel has them, else polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            select.select([fd], [], [])  # readable once the process has exited
+        finally:
+            os.close(fd)
+        return
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        time.sleep(poll_s)
+
+
+def watch_parent() -> threading.Thread | None:
+    """In a rank launched by `megawsd train/branch`: stop when that `megawsd` process dies.
+
+    First SIGTERM to this rank (the loop finishes the step, every rank agrees to stop,
+    checkpoints and exits 0, so a rerun resumes), then, if the rank is still there after
+    ``MEGAWSD_ORPHAN_GRACE_S`` (stuck before the loop or in a collective), a hard exit.
+    Ranks on other hosts (the parent's pid means nothing there) are not watched.
+    """
+    pid = os.environ.get(PARENT_PID_ENV)
+    if not pid or os.environ.get(PARENT_HOST_ENV) != socket.gethostname():
+        return None
+    grace = float(os.environ.get(ORPHAN_GRACE_ENV, ORPHAN_GRACE_S))
+
+    def watch() -> None:
+        _wait_for_exit(int(pid))
+        log.warning("the megawsd process that launched this rank (pid %s) is gone: stopping "
+                    "(checkpoint, then exit; hard exit in %.0f s)", pid, grace)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        log.error("still running %.0f s after the launching process died: exiting", grace)
+        os._exit(1)
+
+    t = threading.Thread(target=watch, daemon=True, name="megawsd-parent-watch")
+    t.start()
+    return t

@@ -142,11 +142,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
                 _save(engine, cfg, run, stream, schedule, step, rank, world, guard, events)
             if stopping:
                 break
-    except BaseException:
+    except BaseException as exc:
         if rank == 0:
             try:
-                run.update_run_json(status="failed", step=step)
-            except OSError as err:  # e.g. the disk that just filled up: keep the first error
+                run.mark_failed(step, exc)
+            except (OSError, CheckpointError) as err:  # e.g. a full disk: keep the first error
                 log.error("could not mark %s failed: %s", run.run_json, err)
         raise
     finally:

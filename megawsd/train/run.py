@@ -10,7 +10,7 @@ import yaml
 
 from megawsd.errors import ConfigError
 from megawsd.train.config import RunConfig, load_config
-from megawsd.train.integrity import rank0_check
+from megawsd.train.integrity import check_writable, rank0_check
 from megawsd.train.rundir import RunDir
 from megawsd.train.runlock import RunLock
 
@@ -54,6 +54,10 @@ def run_from_args(config: str, run_dir: str | None, overrides: list[str], resume
     # whether it got it (megawsd.train.runlock).
     lock = rank0_check(lambda: RunLock(run.path).acquire(), dist.get_world_size())
     try:
+        # Before hours of training: a run.json that cannot be read (never overwritten) and a
+        # checkpoints directory that cannot be written are refused now, not at the first save.
+        rank0_check(lambda: (run.read_run_json(), check_writable(run.path, run.ckpt_dir)),
+                    dist.get_world_size())
         check_same_run(run, resolved)
         if rank == 0:
             run.write_config(resolved)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from megawsd import __version__
+from megawsd.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -116,10 +117,39 @@ class RunDir:
 
     # -- run.json ---------------------------------------------------------------------------
     def read_run_json(self) -> dict[str, Any]:
+        """run.json, {} when there is none yet. An unreadable one is refused, never replaced:
+        it holds the lineage of a branch and the state of the run (CheckpointError)."""
         try:
-            return json.loads(self.run_json.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            text = self.run_json.read_text()
+        except FileNotFoundError:
             return {}
+        except OSError as err:
+            raise self._bad_run_json(f"cannot be read ({err.strerror or err})") from None
+        try:
+            info = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise self._bad_run_json(f"not valid JSON ({err})") from None
+        if not isinstance(info, dict):
+            raise self._bad_run_json(f"not a JSON object (a {type(info).__name__})")
+        return info
+
+    def _bad_run_json(self, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"run.json = {str(self.run_json)!r}: {what}; megawsd does not overwrite it. Restore "
+            f"it from a copy, or move it away (mv {self.run_json} {self.run_json}.bad) and "
+            "rerun: a new one is written and the checkpoints still resume the run (a branch's: "
+            "rerun the same `megawsd branch` command to record its lineage again)"
+        )
+
+    def mark_failed(self, step: int, error: BaseException | None = None) -> dict[str, Any]:
+        """status "failed" at ``step`` (the last step trained), with the newest complete
+        checkpoint (where a rerun resumes, which may be older) and the error's first line."""
+        fields: dict[str, Any] = {"status": "failed", "step": step,
+                                  "checkpoint_step": self.latest_step()}
+        if error is not None:
+            first = (str(error).strip().splitlines() or [""])[0]
+            fields["error"] = f"{type(error).__name__}: {first}"[:1000]
+        return self.update_run_json(**fields)
 
     def update_run_json(self, **fields: Any) -> dict[str, Any]:
         info = self.read_run_json()
@@ -127,6 +157,10 @@ class RunDir:
             info = {"name": self.path.name, "kind": "main", "parent": None, "branch_step": None,
                     "created": now(), "megawsd_version": __version__, "git": _git_rev(),
                     "host": socket.gethostname()}
+        if fields.get("status", "failed") != "failed":
+            # a rerun that got going again is no longer failed
+            info.pop("error", None)
+            info.pop("checkpoint_step", None)
         info.update(fields)
         info["updated"] = now()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -169,6 +203,7 @@ class MetricsWriter:
 
     def __init__(self, run: RunDir, tensorboard: bool):
         run.path.mkdir(parents=True, exist_ok=True)
+        self._path = run.path
         self._f = open(run.metrics_file, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -180,7 +215,16 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        try:
+            self._f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk mid-run: say so, not a bare errno traceback
+            from megawsd.train.integrity import explain
+
+            raise CheckpointError(
+                f"metrics = {self._f.name!r}: cannot append ({explain(err, self._path)}); "
+                "free space (or make the run directory writable) and rerun the same command "
+                "to resume from the last checkpoint"
+            ) from None
         if self._tb is not None:
             step = record["step"]
             for k, v in record.items():
@@ -188,6 +232,9 @@ class MetricsWriter:
                     self._tb.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the flush of a line that already failed to be written
+            pass
         if self._tb is not None:
             self._tb.close()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megawsd.errors import MegawsdError
+from megawsd.errors import CheckpointError, MegawsdError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,11 @@ class RunLock:
             return None
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise self._unwritable(err) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -126,6 +129,18 @@ class RunLock:
         except OSError:
             return True
         return age > self.stale_after_s
+
+    def _unwritable(self, err: OSError) -> CheckpointError:
+        """The run directory cannot hold the lock (read-only, no permission, full disk): a
+        run could not write its checkpoints there either."""
+        from megawsd.train.integrity import explain
+
+        return CheckpointError(
+            f"run_dir = {str(self.path.parent)!r}: cannot create the run lock {self.path.name} "
+            f"({explain(err, self.path.parent)}); a run writes its checkpoints and metrics "
+            "there. Make the directory writable (chown/chmod, remount read-write, free space), "
+            "or pass --run-dir on a writable filesystem"
+        )
 
     def _refusal(self, holder: dict[str, Any] | None) -> RunLockedError:
         who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
