@@ -237,6 +237,12 @@ def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
             engine.load_checkpoint(ckpt_dir, "step3")
             out["ckpt_eval_loss"] = eval_loss(engine, world, rank)
         out["ckpt_loaded_step"] = int(engine.global_steps)
+        # Offline consolidation of the checkpoint == the live export of what was loaded.
+        live = mds.consolidated_state_dict(engine, weights="x")
+        if rank == 0:
+            offline = mds.consolidate_checkpoint(ckpt_dir, "step3", weights="x")
+            out["ckpt_offline_x_equal"] = sorted(offline) == sorted(live) and all(
+                torch.equal(offline[n], live[n]) for n in live)
         out["ckpt_losses"] = [train_step(engine, batches[s - 1], world, rank, cell.gas)
                               for s in range(SAVE_AT + 1, STEPS + 1)]
         out["ckpt_k"] = [g["k"] for g in inner.param_groups]
