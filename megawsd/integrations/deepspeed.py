@@ -24,25 +24,14 @@ Schedule-free specifics that DeepSpeed does not know about and that this module 
 
 Checkpoints (consolidation, resharding) live in :mod:`megawsd.integrations.ds_checkpoint`.
 
-Supported with ScheduleFreeAdamW (DeepSpeed 0.19.8; tested on CPU ranks over gloo in
-tests/test_deepspeed_dist.py):
-
-=========================  ======  ======================================================
-ZeRO stage                 fp32    bf16
-=========================  ======  ======================================================
-0 (no ZeRO)                yes     refused: ConfigError "zero_optimization.stage = 0: bf16
-                                   with ScheduleFreeAdamW needs ZeRO stage 1, 2 or 3 ..."
-1                          yes     yes (DeepSpeedZeroOptimizer; with
-                                   ``data_types.grad_accum_dtype: fp32`` the BF16_Optimizer)
-2                          yes     yes
-3 (any ``sub_group_size``) yes     yes
-ZeRO-Offload (optimizer    refused: ConfigError "zero_optimization.offload_optimizer.device
-or param, cpu or nvme)     = 'cpu': ZeRO-Offload is not supported with ScheduleFreeAdamW ..."
-=========================  ======  ======================================================
-
-fp16 goes through the same ZeRO 1-3 code paths as bf16 (plus loss scaling, whose overflow
-steps are skipped without advancing the counters or the schedule) but is untested here (no
-fp16 on the CPU accelerator). Pipeline parallelism is refused.
+What is supported: every DeepSpeed option that matters to schedule-free is either exact
+(equal to a one-process reference) or refused here by name (:func:`check_schedule_free_supported`):
+the matrix is tests/workers/ds_matrix_cells.py, run by tests/test_deepspeed_matrix.py and
+rendered in docs/deepspeed.md. In short: ZeRO 0-3 in fp32; bf16 (or its alias "bfloat16")
+and fp16 at ZeRO 1-3; accumulation, clipping, sub-groups, overlap_comm, contiguous_gradients;
+the optimizer from the config, as an object, as a callable, or the stock
+``schedulefree.AdamWScheduleFree`` (adopted). Refused: ZeRO-Offload, round_robin_gradients,
+elastic_checkpoint, a ``PipelineModule``, other schedule-free variants.
 """
 
 from __future__ import annotations
