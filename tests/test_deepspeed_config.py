@@ -220,3 +220,25 @@ def test_optimizer_callable_keeps_deepspeeds_untested_optimizer_assertion(monkey
                              _GroupRecord())(groups)
     allowed = {**zero2, "zero_allow_untested_optimizer": True}
     _wrap_optimizer_callable(lambda ps: Custom(ps, lr=0.1), allowed, model, _GroupRecord())(groups)
+
+
+@pytest.mark.parametrize("stock", [True, False])
+def test_an_optimizer_that_has_stepped_is_refused_under_zero(stock):
+    import schedulefree
+
+    from megawsd.integrations.deepspeed import _GroupRecord, _prepare_client_optimizer
+    from megawsd.optim import ScheduleFreeAdamW
+
+    model, groups = _tiny_groups()
+    if stock:
+        opt = schedulefree.AdamWScheduleFree(groups, lr=1e-2)
+        opt.train()
+    else:
+        opt = ScheduleFreeAdamW(groups, lr=1e-2, backend="foreach")
+        opt.train()
+    _prepare_client_optimizer(opt, {"zero_optimization": {"stage": 2}}, model, _GroupRecord())
+    _steps(model, opt, 1, seed=0)
+    with pytest.raises(ConfigError, match="^optimizer = .*has already taken steps"):
+        _prepare_client_optimizer(opt, {"zero_optimization": {"stage": 2}}, model, _GroupRecord())
+    # Stage 0 steps the model's own parameters: the state carries over.
+    _prepare_client_optimizer(opt, {}, model, _GroupRecord())

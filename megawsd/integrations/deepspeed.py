@@ -410,6 +410,18 @@ def _prepare_client_optimizer(opt, cfg: dict, model, groups: _GroupRecord):
     if not isinstance(opt, ScheduleFreeAdamW):
         opt = _adopt_stock(opt)
     check_schedule_free_supported(cfg, model)
+    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    stepped = any(opt.state.get(p) for g in opt.param_groups for p in g["params"])
+    if stage > 0 and (stepped or any(g.get("k", 0) for g in opt.param_groups)):
+        # ZeRO steps flat fp32 partitions: state keyed by the model's parameters would be
+        # ignored (z restarted from y) while k kept counting.
+        raise field_error(
+            "optimizer",
+            type(opt).__name__,
+            f"has already taken steps; ZeRO stage {stage} does not carry a client optimizer's "
+            "state into its partitions. Pass a fresh optimizer and resume with "
+            "megawsd.deepspeed.load_checkpoint",
+        )
     cfg["zero_allow_untested_optimizer"] = True
     groups.record(opt, model)
     return opt
@@ -436,6 +448,8 @@ def _adopt_stock(stock) -> torch.optim.Optimizer:
         backend="foreach",  # the stock optimizer's own implementation, in our kernels
     )
     ours.load_state_dict(stock.state_dict())  # k, weight_sum, lr_max, z, exp_avg_sq
+    for p in [p for p, st in ours.state.items() if not st]:
+        del ours.state[p]  # stock.train() touched self.state[p] for every parameter
     for g in ours.param_groups:
         g["backend"] = "foreach"
     log.info("megawsd.deepspeed: adopted schedulefree.AdamWScheduleFree as ScheduleFreeAdamW")

@@ -211,6 +211,18 @@ def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
     if cell.model == "pipeline":
         return {"outcome": "initialized"}
     out: dict = {"outcome": "initialized", "path": ds_layout.path_name(engine)}
+    try:
+        return run_engine(cell, engine, sched, world, rank, tmp, refs, out)
+    except Exception:  # noqa: BLE001 - deterministic on both ranks; the test fails on it
+        import traceback
+
+        return {**out, "outcome": "error", "message": traceback.format_exc()[-3000:]}
+
+
+def run_engine(cell: Cell, engine, sched, world, rank, tmp, refs, out) -> dict:
+    import megawsd.deepspeed as mds
+    from megawsd.integrations import ds_layout
+
     batches = T.data()
     losses = []
     ckpt_dir = os.path.join(tmp, cell.name)

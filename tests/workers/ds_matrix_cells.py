@@ -101,7 +101,7 @@ ROW_BY_KEY = {r.key: r for r in ROWS}
 #: The representative slice run by default (tests/test_deepspeed_matrix.py): every refusal,
 #: and the exact rows where a regression is most likely; the full product is @slow.
 DEFAULT_EXACT = [
-    (3, ("opt_stock", "subgroups")),
+    (3, ("opt_stock", "subgroups", "ckpt")),
     (0, ("opt_callable", "ckpt")),
     (2, ("bfloat16", "gas2", "noclip", "overlap", "noncontig")),
     (1, ("fp16", "pipecfg", "opt_class", "ckpt")),
