@@ -94,7 +94,8 @@ def check_cell(cell, got, refs):
     before, after = got["train_around_eval"]
     want_true(before == after and outer != before and got["restored_exact"],
               f"y around eval_mode: {before} -> {after}, restored {got['restored_exact']}")
-    want_true(got["x_names_ok"], "exported x: parameter names differ")
+    want_true("x_error" not in got, f"exported x: {got.get('x_error')}")
+    want_true(got.get("x_names_ok"), "exported x: parameter names differ")
     if cell.dtype == "fp32":
         want_true(got["x_close_fp32"], f"exported x off the reference by {got['x_maxabs']}")
     else:
@@ -107,7 +108,8 @@ def check_cell(cell, got, refs):
         want_true(got["ckpt_losses"] == got["losses"][3:],
                   f"continued {got['ckpt_losses']} != straight {got['losses'][3:]}")
         want_true(got["ckpt_k"] == got["k"], f"k after reload {got['ckpt_k']}")
-        want_true(got["ckpt_offline_x_equal"], "consolidate_checkpoint(x) != live export")
+        want_true(got.get("ckpt_offline_x_equal"),
+                  f"consolidate_checkpoint(x) != live export {got.get('ckpt_offline_error', '')}")
     assert not bad, f"{cell.name}:\n  " + "\n  ".join(bad)
 
 
