@@ -15,8 +15,10 @@ WSD schedule), with the two parameter groups at different β1 so that x depends 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -277,6 +279,10 @@ def run_engine(cell: Cell, engine, sched, world, rank, tmp, refs, out) -> dict:
 def main():
     import deepspeed
 
+    # torch warns on every ZeRO all_gather_into_tensor/reduce_scatter_tensor call: keep the
+    # log tail (what run_ranks shows on failure) readable.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated",
+                            category=FutureWarning)
     args = worker_args()
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -291,6 +297,10 @@ def main():
         cell = make_cell(spec["stage"], tuple(spec["rows"]))
         print(f"[rank {rank}] cell {cell.name}", file=sys.stderr, flush=True)
         out[cell.name] = run_cell(cell, world, rank, args["tmp"], refs)
+        # The engine is in reference cycles (hooks): collect it here, on both ranks at the
+        # same point, since DeepSpeed's engine destructor may communicate (a GC-timed
+        # destroy on one rank only hung a ZeRO-3 launch).
+        gc.collect()
         torch.distributed.barrier()
     report(out)
 
