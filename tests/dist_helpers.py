@@ -71,27 +71,33 @@ def run_ranks(
             )
             penv.setdefault("TRITON_INTERPRET", "1")
             penv.update(env or {})
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(script)],
-                    env=penv,
-                    cwd=str(REPO),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
+            # Output to a file, not a pipe: a rank blocked writing to a pipe nobody reads yet
+            # (we wait for rank 0 first) stalls its collectives and hangs every rank.
+            log_path = os.path.join(out_dir, f"rank{rank}.log")
+            with open(log_path, "w") as log_file:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(script)],
+                        env=penv,
+                        cwd=str(REPO),
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    )
                 )
-            )
         logs, failed = [], False
-        for p in procs:
+        for rank, p in enumerate(procs):
+            note = ""
             try:
-                out, _ = p.communicate(timeout=timeout)
+                p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 for q in procs:
                     q.kill()
-                out, _ = p.communicate()
-                out = (out or "") + f"\n[timeout after {timeout}s]"
+                p.wait()
+                note = f"\n[timeout after {timeout}s]"
                 failed = True
-            logs.append(out or "")
+            with open(os.path.join(out_dir, f"rank{rank}.log"), errors="replace") as f:
+                logs.append(f.read() + note)
             failed = failed or p.returncode != 0
         results = []
         for rank in range(world_size):

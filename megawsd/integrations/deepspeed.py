@@ -24,25 +24,14 @@ Schedule-free specifics that DeepSpeed does not know about and that this module 
 
 Checkpoints (consolidation, resharding) live in :mod:`megawsd.integrations.ds_checkpoint`.
 
-Supported with ScheduleFreeAdamW (DeepSpeed 0.19.8; tested on CPU ranks over gloo in
-tests/test_deepspeed_dist.py):
-
-=========================  ======  ======================================================
-ZeRO stage                 fp32    bf16
-=========================  ======  ======================================================
-0 (no ZeRO)                yes     refused: ConfigError "zero_optimization.stage = 0: bf16
-                                   with ScheduleFreeAdamW needs ZeRO stage 1, 2 or 3 ..."
-1                          yes     yes (DeepSpeedZeroOptimizer; with
-                                   ``data_types.grad_accum_dtype: fp32`` the BF16_Optimizer)
-2                          yes     yes
-3 (any ``sub_group_size``) yes     yes
-ZeRO-Offload (optimizer    refused: ConfigError "zero_optimization.offload_optimizer.device
-or param, cpu or nvme)     = 'cpu': ZeRO-Offload is not supported with ScheduleFreeAdamW ..."
-=========================  ======  ======================================================
-
-fp16 goes through the same ZeRO 1-3 code paths as bf16 (plus loss scaling, whose overflow
-steps are skipped without advancing the counters or the schedule) but is untested here (no
-fp16 on the CPU accelerator). Pipeline parallelism is refused.
+What is supported: every DeepSpeed option that matters to schedule-free is either exact
+(equal to a one-process reference) or refused here by name (:func:`check_schedule_free_supported`):
+the matrix is tests/workers/ds_matrix_cells.py, run by tests/test_deepspeed_matrix.py and
+rendered in docs/deepspeed.md. In short: ZeRO 0-3 in fp32; bf16 (or its alias "bfloat16")
+and fp16 at ZeRO 1-3; accumulation, clipping, sub-groups, overlap_comm, contiguous_gradients;
+the optimizer from the config, as an object, as a callable, or the stock
+``schedulefree.AdamWScheduleFree`` (adopted). Refused: ZeRO-Offload, round_robin_gradients,
+elastic_checkpoint, a ``PipelineModule``, other schedule-free variants.
 """
 
 from __future__ import annotations
@@ -111,9 +100,54 @@ def _offload_device(section: Any) -> str:
     return "none"
 
 
-def check_schedule_free_supported(cfg: dict) -> None:
-    """Refuse, with one clear message, the combinations schedule-free cannot run correctly."""
+def lowp_section(cfg: dict, kind: str) -> dict:
+    """The config section DeepSpeed reads for ``kind`` ("bf16" or "fp16").
+
+    DeepSpeed also accepts ``"bfloat16"`` for bf16 (``precision_config.get_bfloat16_config``:
+    ``"bf16"`` first, the alias when ``"bf16"`` is absent), so every bf16 check goes here.
+    """
+    section = cfg.get(kind)
+    if section is None and kind == "bf16":
+        section = cfg.get("bfloat16")
+    return section if isinstance(section, dict) else {}
+
+
+def _lowp_enabled(cfg: dict, kind: str) -> bool:
+    return bool(lowp_section(cfg, kind).get("enabled"))
+
+
+def _is_pipeline_module(model) -> bool:
+    try:
+        from deepspeed.pipe import PipelineModule
+    except ImportError:  # pragma: no cover - deepspeed is a dependency of this module
+        return False
+    return isinstance(model, PipelineModule)
+
+
+#: ``zero_optimization`` switches that schedule-free cannot honour, with the reason.
+_REFUSED_ZERO_FLAGS = {
+    "round_robin_gradients": (
+        "DeepSpeed's fp32 fragment links are wrong with round-robin gradient partitioning "
+        "(safe_get_full_fp32_param is off even for AdamW), so x, exports and resharding "
+        "would read the wrong elements; set it to false"
+    ),
+    "elastic_checkpoint": (
+        "elastic checkpoints drop the schedule-free group scalars (k, weight_sum, lr_max) "
+        "and cannot be loaded back; set it to false (megawsd.deepspeed.load_checkpoint "
+        "reshards schedule-free checkpoints itself)"
+    ),
+}
+
+
+def check_schedule_free_supported(cfg: dict, model: torch.nn.Module | None = None) -> None:
+    """Refuse, with one clear message, the combinations schedule-free cannot run correctly.
+
+    The support matrix these checks implement is tests/test_deepspeed_matrix.py (rendered
+    in docs/deepspeed.md); every combination not refused there is tested exact.
+    """
     zero = cfg.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        zero = {}
     for key in ("offload_optimizer", "offload_param"):
         dev = _offload_device(zero.get(key))
         if dev not in ("none", ""):
@@ -134,9 +168,14 @@ def check_schedule_free_supported(cfg: dict) -> None:
         raise field_error(
             "zero_optimization.zenflow", True, "not supported with ScheduleFreeAdamW; remove it"
         )
-    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+    for key, why in _REFUSED_ZERO_FLAGS.items():
+        if zero.get(key):
+            raise field_error(
+                f"zero_optimization.{key}", zero[key], f"not supported with ScheduleFreeAdamW: {why}"
+            )
+    stage = int(zero.get("stage", 0))
     for lowp in ("bf16", "fp16"):
-        if stage == 0 and (cfg.get(lowp) or {}).get("enabled"):
+        if stage == 0 and _lowp_enabled(cfg, lowp):
             # DeepSpeed's stage-0 FP16_(Unfused)Optimizer calls step() once at construction
             # with zero gradients to create the state: a schedule-free step it would count.
             raise field_error(
@@ -146,9 +185,15 @@ def check_schedule_free_supported(cfg: dict) -> None:
                 f"{lowp} wrapper takes a hidden optimizer step at start-up); set "
                 '"zero_optimization": {"stage": 1} or higher, or train in fp32',
             )
-    if (cfg.get("pipeline") or {}).get("stages", 1) not in (1, None):
+    # The "pipeline" section only matters for a PipelineModule (DeepSpeed ignores it for any
+    # other model, and its default is {"stages": "auto"}): decide from the model.
+    if model is not None and _is_pipeline_module(model):
         raise field_error(
-            "pipeline.stages", cfg["pipeline"]["stages"], "pipeline parallelism is not supported"
+            "model",
+            type(model).__name__,
+            "pipeline parallelism (deepspeed.pipe.PipelineModule) is not supported with "
+            "ScheduleFreeAdamW (PipelineEngine's step, eval and checkpoint paths are not "
+            "covered); pass a plain nn.Module, or use a DeepSpeed-native optimizer",
         )
 
 
@@ -283,32 +328,18 @@ def initialize(
     cfg, opt_spec, sched_spec = split_config(
         cfg, client_optimizer=optimizer is not None, client_scheduler=lr_scheduler is not None
     )
-    schedule_free = False
+    groups = _GroupRecord()
     if opt_spec is not None:
+        check_schedule_free_supported(cfg, model)
         params = model_parameters if model_parameters is not None else model.parameters()
         optimizer = build_optimizer(opt_spec, list(params))
         model_parameters = None
-        schedule_free = True
-    elif optimizer is not None and _looks_schedule_free(optimizer):
-        check_schedule_free_supported(cfg)
-        cfg["zero_allow_untested_optimizer"] = True
-        schedule_free = True
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = _prepare_client_optimizer(optimizer, cfg, model, groups)
+    elif optimizer is not None and callable(optimizer):
+        optimizer = _wrap_optimizer_callable(optimizer, cfg, model, groups)
     if sched_spec is not None:
         lr_scheduler = _scheduler_factory(sched_spec)
-
-    # Group membership by parameter name, recorded before DeepSpeed flattens the groups (and
-    # drops empty ones, as it does in _configure_optimizer).
-    group_names: list[list[str]] = []
-    group_of: dict[int, int] = {}
-    if schedule_free and isinstance(optimizer, torch.optim.Optimizer):
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        for g in optimizer.param_groups:
-            if not g["params"]:
-                continue
-            names = [name_of[id(p)] for p in g["params"] if p.requires_grad and id(p) in name_of]
-            for p in g["params"]:
-                group_of[id(p)] = len(group_names)
-            group_names.append(names)
 
     kwargs: dict[str, Any] = dict(
         args=args,
@@ -327,17 +358,133 @@ def initialize(
         kwargs["distributed_port"] = distributed_port
     engine, ds_opt, loader, sched = deepspeed.initialize(**kwargs)
 
-    schedule_free = schedule_free or _looks_schedule_free(ds_layout.inner_optimizer(engine))
+    schedule_free = groups.schedule_free
+    if not schedule_free and _looks_schedule_free(ds_layout.inner_optimizer(engine)):
+        # Cannot happen through the paths above; refuse rather than run unchecked.
+        raise OptimizerError(
+            "optimizer: a schedule-free optimizer reached DeepSpeed without megawsd's checks; "
+            "pass it as a config section, an optimizer object or a callable"
+        )
     engine._megawsd = _EngineState(
-        schedule_free=schedule_free, group_of=group_of, group_names=group_names
+        schedule_free=schedule_free, group_of=groups.group_of, group_names=groups.group_names
     )
     if schedule_free:
         _attach(engine)
     return engine, ds_opt, loader, sched
 
 
+@dataclass
+class _GroupRecord:
+    """Group membership by parameter name, recorded before DeepSpeed flattens the groups."""
+
+    schedule_free: bool = False
+    group_names: list[list[str]] = field(default_factory=list)
+    group_of: dict[int, int] = field(default_factory=dict)
+
+    def record(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+        # DeepSpeed drops empty groups (_configure_optimizer): so do the indices here.
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        self.schedule_free = True
+        self.group_names, self.group_of = [], {}
+        for g in optimizer.param_groups:
+            if not g["params"]:
+                continue
+            names = [name_of[id(p)] for p in g["params"] if p.requires_grad and id(p) in name_of]
+            for p in g["params"]:
+                self.group_of[id(p)] = len(self.group_names)
+            self.group_names.append(names)
+
+
+def _prepare_client_optimizer(opt, cfg: dict, model, groups: _GroupRecord):
+    """Check, adopt and record a client optimizer object before DeepSpeed wraps it.
+
+    Non-schedule-free optimizers come back untouched. Ours is checked against the config;
+    a stock ``schedulefree.AdamWScheduleFree`` is replaced by ours over the same groups and
+    state (it has no ``set_step_id``, so ZeRO-3's per-sub-group ``step()`` calls would advance
+    every group once per sub-group); other schedule-free variants are refused.
+    """
+    from megawsd.optim import ScheduleFreeAdamW
+
+    if not _looks_schedule_free(opt):
+        return opt
+    if not isinstance(opt, ScheduleFreeAdamW):
+        opt = _adopt_stock(opt)
+    check_schedule_free_supported(cfg, model)
+    stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+    stepped = any(opt.state.get(p) for g in opt.param_groups for p in g["params"])
+    if stage > 0 and (stepped or any(g.get("k", 0) for g in opt.param_groups)):
+        # ZeRO steps flat fp32 partitions: state keyed by the model's parameters would be
+        # ignored (z restarted from y) while k kept counting.
+        raise field_error(
+            "optimizer",
+            type(opt).__name__,
+            f"has already taken steps; ZeRO stage {stage} does not carry a client optimizer's "
+            "state into its partitions. Pass a fresh optimizer and resume with "
+            "megawsd.deepspeed.load_checkpoint",
+        )
+    cfg["zero_allow_untested_optimizer"] = True
+    groups.record(opt, model)
+    return opt
+
+
+def _adopt_stock(stock) -> torch.optim.Optimizer:
+    """Our ScheduleFreeAdamW with a stock ``AdamWScheduleFree``'s groups, scalars and state."""
+    import schedulefree
+
+    from megawsd.optim import ScheduleFreeAdamW
+
+    if type(stock) is not schedulefree.AdamWScheduleFree:
+        raise field_error(
+            "optimizer",
+            type(stock).__name__,
+            "only ScheduleFreeAdamW (megawsd.optim, or the stock schedulefree.AdamWScheduleFree, "
+            'which megawsd adopts) runs under megawsd.deepspeed; use {"type": '
+            '"ScheduleFreeAdamW"} in the config or megawsd.optim.ScheduleFreeAdamW',
+        )
+    stock.train()  # y in the parameters (a no-op for a fresh optimizer)
+    keys = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "r", "weight_lr_power")
+    ours = ScheduleFreeAdamW(
+        [{"params": g["params"], **{k: g[k] for k in keys if k in g}} for g in stock.param_groups],
+        backend="foreach",  # the stock optimizer's own implementation, in our kernels
+    )
+    ours.load_state_dict(stock.state_dict())  # k, weight_sum, lr_max, z, exp_avg_sq
+    for p in [p for p, st in ours.state.items() if not st]:
+        del ours.state[p]  # stock.train() touched self.state[p] for every parameter
+    for g in ours.param_groups:
+        g["backend"] = "foreach"
+    log.info("megawsd.deepspeed: adopted schedulefree.AdamWScheduleFree as ScheduleFreeAdamW")
+    return ours
+
+
+def _wrap_optimizer_callable(fn, cfg: dict, model, groups: _GroupRecord):
+    """DeepSpeed calls a client optimizer callable inside ``initialize``: check and record
+    what it builds there, exactly as for an optimizer object.
+
+    DeepSpeed asserts ``zero_allow_untested_optimizer`` right after the callable returns, so
+    the flag is set here and DeepSpeed's own assertion is re-applied to anything that is not
+    schedule-free (native behaviour unchanged).
+    """
+    from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
+
+    user_allows = bool(cfg.get("zero_allow_untested_optimizer"))
+    zero_on = int((cfg.get("zero_optimization") or {}).get("stage", 0)) > 0
+    cfg["zero_allow_untested_optimizer"] = True
+
+    def build(model_parameters):
+        opt = _prepare_client_optimizer(fn(model_parameters), cfg, model, groups)
+        if not groups.schedule_free and zero_on and not user_allows:
+            if not is_zero_supported_optimizer(opt):
+                raise AssertionError(
+                    'You are using an untested ZeRO Optimizer. Please add <"zero_allow_untested_'
+                    'optimizer": true> in the configuration file to use it.'
+                )
+        return opt
+
+    return build
+
+
 def _looks_schedule_free(opt) -> bool:
-    """Our optimizer or the stock ``schedulefree.AdamWScheduleFree`` (same state layout)."""
+    """Any optimizer with schedule-free group scalars (ours, schedulefree's variants)."""
     return isinstance(opt, torch.optim.Optimizer) and bool(opt.param_groups) and all(
         "train_mode" in g and "weight_sum" in g for g in opt.param_groups
     )
@@ -401,6 +548,7 @@ def _attach(engine) -> None:
         return orig_save(*args, **kwargs)
 
     engine.save_checkpoint = save_checkpoint_hook
+    _guard_load_in_eval(engine)
 
 
 def _group_names(engine) -> list[list[str]]:
@@ -481,18 +629,57 @@ def engine_train(engine) -> None:
 
 @contextlib.contextmanager
 def eval_mode(engine) -> Iterator[None]:
-    """``with eval_mode(engine):`` evaluate at x; y is restored on exit (also on error).
+    """``with eval_mode(engine):`` evaluate at x; on exit, back to the state at entry.
 
-    Also puts the module in ``eval()`` (dropout off) and restores its previous mode.
+    Reentrant: a nested block (or one entered after ``engine_eval``) leaves the model at x
+    when it exits, so the rest of the outer block still evaluates x. Also puts the module in
+    ``eval()`` (dropout off) and restores its previous mode.
     """
     was_training = engine.module.training
+    was_eval = _state(engine).in_eval
     engine_eval(engine)
     engine.module.eval()
     try:
         yield
     finally:
-        engine_train(engine)
+        if not was_eval:
+            engine_train(engine)
         engine.module.train(was_training)
+
+
+def _leave_eval_for_load(engine) -> bool:
+    """Put y back before a checkpoint load; True when the engine was in eval mode.
+
+    In eval mode the stages whose masters are the working weights (stage 0 and ZeRO-3 in
+    fp32) keep y in a stash that ``engine_train`` copies back: a load in between would be
+    undone by it. Call :func:`_reenter_eval_after_load` with the result once loaded.
+    """
+    st = getattr(engine, "_megawsd", None)
+    if st is None or not st.in_eval:
+        return False
+    engine_train(engine)
+    return True
+
+
+def _reenter_eval_after_load(engine, was_eval: bool) -> None:
+    """After a load begun in eval mode: x of the loaded weights, as the caller expects."""
+    if was_eval:
+        engine_eval(engine)
+
+
+def _guard_load_in_eval(engine) -> None:
+    """Wrap ``engine.load_checkpoint`` so that a load inside ``eval_mode`` lands in y and the
+    rest of the block evaluates the loaded x (not the old y, not a reverted stash)."""
+    inner_load = engine.load_checkpoint
+
+    def load_checkpoint(*args, **kwargs):
+        was_eval = _leave_eval_for_load(engine)
+        try:
+            return inner_load(*args, **kwargs)
+        finally:
+            _reenter_eval_after_load(engine, was_eval)
+
+    engine.load_checkpoint = load_checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,11 +803,22 @@ def consolidated_state_dict(engine, weights: str = "x") -> dict[str, torch.Tenso
 
 
 # Re-exported here so that train code imports checkpoint functions from one place.
+from megawsd.integrations import ds_checkpoint  # noqa: E402
 from megawsd.integrations.ds_checkpoint import (  # noqa: E402
     consolidate_checkpoint,
-    load_checkpoint,
     read_full_checkpoint,
 )
+
+
+def load_checkpoint(engine, load_dir: str, tag: str | None = None, reshard: str = "auto", **kwargs):
+    """:func:`megawsd.integrations.ds_checkpoint.load_checkpoint`, also inside ``eval_mode``:
+    the load lands in y and the engine comes back at the loaded x (resharding writes the
+    masters directly, past ``engine.load_checkpoint``'s guard)."""
+    was_eval = _leave_eval_for_load(engine)
+    try:
+        return ds_checkpoint.load_checkpoint(engine, load_dir, tag, reshard=reshard, **kwargs)
+    finally:
+        _reenter_eval_after_load(engine, was_eval)
 
 __all__ = [
     "initialize",
