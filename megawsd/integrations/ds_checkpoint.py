@@ -27,6 +27,8 @@ from megawsd.errors import CheckpointError, field_error
 log = logging.getLogger(__name__)
 
 STATE_KEYS = ("z", "exp_avg_sq")
+#: State only some runs have: inner momentum's first moment (``inner_momentum`` > 0).
+OPTIONAL_STATE_KEYS = ("exp_avg",)
 #: client_state key under which megawsd saves the parameter names of each optimizer group.
 GROUP_NAMES_KEY = "megawsd_param_groups"
 #: Wrapper attributes each DeepSpeed 0.19 wrapper's own loader restores from its optimizer
@@ -166,7 +168,7 @@ def read_full_checkpoint(checkpoint_dir: str, tag: str | None = None) -> FullChe
             )
 
     params: dict[str, dict[str, torch.Tensor]] = {}
-    for key in (None, *STATE_KEYS):
+    for key in (None, *STATE_KEYS, *OPTIONAL_STATE_KEYS):
         per_rank = [flat_groups(sd, key) for sd in optim]
         if any(g is None for g in per_rank):
             continue  # no optimizer step taken yet
@@ -197,7 +199,7 @@ def _read_stage0(model_states: dict, group_names) -> FullCheckpoint:
         for name, i in zip(names, idx):
             entry = {"y": module[name].float().clone()}
             st = inner["state"].get(i, {}) if inner else {}
-            for key in STATE_KEYS:
+            for key in (*STATE_KEYS, *OPTIONAL_STATE_KEYS):
                 if key in st:
                     entry[key] = st[key].float().clone()
             params[name] = entry
@@ -362,20 +364,21 @@ def load_full_state(engine, full: FullCheckpoint, optimizer: bool = True,
         ds.engine_train(engine)
     inner = ds_layout.inner_optimizer(engine)
     named = _check_same_model(engine, full, inner)
-    has_state = optimizer and all(k in full.params[n] for n in named for k in STATE_KEYS)
+    keys = _state_keys(full, named, inner) if optimizer else ()
+    has_state = bool(keys)
     ds_layout.before_write(engine)
     shards = ds_layout.shards(engine)
     if has_state:
         for sh in shards:  # the state the first step() would create, then overwritten below
             s = inner.state[sh.y]
-            for key in STATE_KEYS:
+            for key in keys:
                 if key not in s:
                     s[key] = torch.zeros_like(sh.y)
         ds_layout.relink_state_fragments(engine)
     elif optimizer:  # saved before any step: no state, as DeepSpeed's load_state_dict leaves
         for sh in shards:
             inner.state.pop(sh.y, None)
-    _write_params(engine, full, inner, named, has_state)
+    _write_params(engine, full, inner, named, keys)
 
     if optimizer:
         for g, saved in zip(inner.param_groups, full.groups):
@@ -424,30 +427,45 @@ def _check_same_model(engine, full: FullCheckpoint, inner) -> dict[str, torch.nn
     return named
 
 
-def _write_params(engine, full: FullCheckpoint, inner, named: dict, has_state: bool) -> None:
-    """Masters (and, with ``has_state``, z and exp_avg_sq) of every trainable parameter."""
+def _state_keys(full: FullCheckpoint, named: dict, inner) -> tuple[str, ...]:
+    """The optimizer state keys to restore: z and exp_avg_sq (none when the checkpoint was saved
+    before any step), plus exp_avg when the checkpoint has it for every parameter. A run with
+    inner momentum needs exp_avg: loading a checkpoint without it would restart the first
+    moment at zero under a bias correction that assumes k steps of it, so that is refused."""
+    if not all(k in full.params[n] for n in named for k in STATE_KEYS):
+        return ()
+    extra = tuple(k for k in OPTIONAL_STATE_KEYS if all(k in full.params[n] for n in named))
+    wants_m = any(g.get("inner_momentum", 0.0) for g in inner.param_groups)
+    if wants_m and "exp_avg" not in extra:
+        raise CheckpointError(
+            "checkpoint: the optimizer uses inner_momentum but the checkpoint has no exp_avg "
+            "(it was trained with inner_momentum = 0); load it with load_optimizer_states="
+            "False for a warm start, or build the optimizer with inner_momentum = 0"
+        )
+    return STATE_KEYS + extra
+
+
+def _write_params(engine, full: FullCheckpoint, inner, named: dict, keys: tuple[str, ...]) -> None:
+    """Masters (and the optimizer state ``keys``, if any) of every trainable parameter."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from megawsd.integrations import ds_layout
 
     if ds_layout.zero_stage(engine) == 0:
-        _load_stage0(engine, full, inner, has_state)
+        _load_stage0(engine, full, inner, keys)
         return
     for name, p in named.items():
         safe_set_full_fp32_param(p, full.params[name]["y"].to(p.device))
-        if has_state:
-            for key in STATE_KEYS:
-                safe_set_full_optimizer_state(p, full.params[name][key].to(p.device), key)
+        for key in keys:
+            safe_set_full_optimizer_state(p, full.params[name][key].to(p.device), key)
 
 
-def _load_stage0(engine, full: FullCheckpoint, inner, has_state: bool) -> None:
+def _load_stage0(engine, full: FullCheckpoint, inner, keys: tuple[str, ...]) -> None:
     """Stage 0 (fp32 only): the model's parameters are the masters."""
     names = {id(p): n for n, p in engine.module.named_parameters()}
     for g in inner.param_groups:
         for p in g["params"]:
             src = full.params[names[id(p)]]
             p.data.copy_(src["y"].view_as(p))
-            if has_state:
-                s = inner.state[p]
-                for key in STATE_KEYS:
-                    s[key] = src[key].view_as(p).to(p.dtype).clone()
+            for key in keys:
+                inner.state[p][key] = src[key].view_as(p).to(p.dtype).clone()
