@@ -1,7 +1,7 @@
 # The two commands of the README. `make demo` runs the main job, `make test` the tests.
 PYTHON ?= python3
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-all lint
 
 install:
 	bash scripts/install.sh
@@ -11,6 +11,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# Everything, the tests marked slow included (the full DeepSpeed option matrix, the 2 -> 4
+# reshard, the HF Trainer's other stages, the whole Megatron sweep, ...): ~25 min on 2 cores.
+test-all: install
+	$(PYTHON) -m pytest -q -m "" tests
 
 lint:
 	ruff check .

@@ -81,7 +81,6 @@ def _runs(run: Path) -> list[dict]:
     return json.loads(r.stdout)["runs"]
 
 
-@pytest.mark.slow
 def test_full_disk_during_save_stops_cleanly_or_warns(tmp_path, data, mounts):
     small = mounts(tmp_path / "small", "-t", "tmpfs", "-o", f"size={SMALL_FS}", "tmpfs")
     cfg = write_config(tmp_path / "cfg.yaml", data)
@@ -117,7 +116,6 @@ def test_full_disk_during_save_stops_cleanly_or_warns(tmp_path, data, mounts):
     assert _ckpt_entries(run) == ["step_00000002"]
 
 
-@pytest.mark.slow
 def test_checkpoints_dir_read_only_is_refused_before_training(tmp_path, data, mounts):
     cfg = write_config(tmp_path / "cfg.yaml", data, steps=2)
     run = tmp_path / "run"

@@ -153,7 +153,6 @@ def test_kill_rank_ends_job_then_rerun_resumes_and_matches(faults):
     assert losses(run) == r["ref"]["losses"], f"killed at step {kill_at}"
 
 
-@pytest.mark.slow
 def test_kill_9_of_megawsd_train_takes_its_ranks_along(tmp_path_factory):
     """`kill -9` of the `megawsd train --nproc 2` process (the launcher runs in its own
     session): the ranks must not train on as orphans. They notice the parent is gone, stop

@@ -15,12 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.workers.train_common import prepare_data
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 

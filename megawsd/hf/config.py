@@ -32,8 +32,8 @@ import dataclasses
 from typing import Any
 
 from megawsd.errors import field_error
-from megawsd.integrations.deepspeed import build_optimizer, split_config
-from megawsd.schedules import FAMILIES, ScheduleConfig, build_schedule
+from megawsd.integrations.deepspeed import build_optimizer, schedule_dict, split_config
+from megawsd.schedules import ScheduleConfig, build_schedule
 
 AUTO = "auto"
 
@@ -54,26 +54,6 @@ def megawsd_sections(cfg: dict | None) -> tuple[dict | None, dict | None]:
     return opt, sched
 
 
-def _schedule_family(spec: dict) -> str:
-    """megawsd's family name for a ``scheduler.type`` (the rules of megawsd.deepspeed)."""
-    family = str(spec.get("type", "")).lower().replace("_", "-")
-    family = {"inversesqrt": "inverse-sqrt", "multistep": "multi-step"}.get(family, family)
-    if family not in FAMILIES:
-        raise field_error(
-            "scheduler.type",
-            spec.get("type"),
-            f"use a DeepSpeed scheduler or a megawsd family: {', '.join(FAMILIES)}",
-        )
-    return family
-
-
-def schedule_dict(spec: dict) -> dict:
-    """The ScheduleConfig mapping of a (resolved) ``scheduler`` section."""
-    params = dict(spec.get("params") or {})
-    params.pop("family", None)
-    return {"family": _schedule_family(spec), **params}
-
-
 def check_sections(opt: dict | None, sched: dict | None) -> None:
     """Fail early (at Trainer construction) on what no ``"auto"`` can fix: unknown types and
     keys, with the messages of ``megawsd.deepspeed.initialize``."""
@@ -92,9 +72,9 @@ def check_sections(opt: dict | None, sched: dict | None) -> None:
     if sched is not None:
         params = dict(sched.get("params") or {})
         known = {f.name for f in dataclasses.fields(ScheduleConfig)} | {"family"}
-        family = _schedule_family(sched)
+        mapping = schedule_dict(sched)
         if set(params) - known:
-            build_schedule({"family": family, **params})  # raises the unknown-field error
+            build_schedule(mapping)  # raises the unknown-field error
         for key, value in params.items():
             if value == AUTO and key not in _SCHED_AUTO:
                 _refuse_auto("scheduler", key)

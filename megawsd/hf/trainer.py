@@ -43,10 +43,9 @@ from megawsd.hf.config import (
     resolve_optimizer,
     resolve_schedule,
     resolve_scheduler,
-    schedule_dict,
 )
 from megawsd.hf.weights import eval_weights, is_megawsd_engine, looks_schedule_free, x_state_dict
-from megawsd.integrations.deepspeed import build_optimizer
+from megawsd.integrations.deepspeed import build_optimizer, schedule_dict
 from megawsd.schedules import BranchConfig, DeepSpeedLRScheduler, build_schedule, lambda_lr
 
 

@@ -62,7 +62,9 @@ _SF_PARAM_KEYS = {
     "warmup_steps",
     "r",
     "weight_lr_power",
+    "inner_momentum",
     "backend",
+    "foreach",
 }
 
 
@@ -214,8 +216,9 @@ def build_optimizer(spec: dict, params) -> torch.optim.Optimizer:
     return ScheduleFreeAdamW(params, **raw)
 
 
-def _scheduler_factory(spec: dict):
-    """A callable optimizer -> DeepSpeed-protocol scheduler, for a megawsd schedule type."""
+def schedule_dict(spec: dict) -> dict:
+    """The ``ScheduleConfig`` mapping of a megawsd ``scheduler`` section: its ``type`` (a
+    megawsd family, case- and '_'-insensitive) as ``family``, plus its ``params``."""
     from megawsd import schedules
 
     family = str(spec.get("type", "")).lower().replace("_", "-")
@@ -228,7 +231,14 @@ def _scheduler_factory(spec: dict):
         )
     params = dict(spec.get("params") or {})
     params.pop("family", None)
-    schedule = schedules.build_schedule({"family": family, **params})
+    return {"family": family, **params}
+
+
+def _scheduler_factory(spec: dict):
+    """A callable optimizer -> DeepSpeed-protocol scheduler, for a megawsd schedule type."""
+    from megawsd import schedules
+
+    schedule = schedules.build_schedule(schedule_dict(spec))
 
     def make(optimizer):
         return schedules.DeepSpeedLRScheduler(optimizer, schedule)
