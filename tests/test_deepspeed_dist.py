@@ -27,6 +27,7 @@ WORKER = "tests/workers/ds_train.py"
 REL = 1e-4  # fp32, 1 process vs 2 gloo ranks (reduction order); see the issue
 BF16_REL = 2e-2  # bf16 working weights vs the fp32 reference, 6 steps (measured ~1e-3)
 STAGES = (0, 1, 2, 3)
+INNER_M = {"inner_momentum": 0.9}  # schedule-free with inner momentum: one more state (exp_avg)
 
 
 def close(a, b, rel):
@@ -47,6 +48,9 @@ def runs():
         for s in STAGES
     ]
     jobs_a += [{"name": "s3sub", "stage": 3, "sub_group_size": 1200}]
+    jobs_a += [{"kind": "reference", "name": "ref_im", "sf_params": INNER_M}]
+    jobs_a += [{"name": f"im_s{s}", "stage": s, "save_at": 3, "save_dir": f"{tmp}/ckim_s{s}",
+                "sf_params": INNER_M} for s in (1, 3)]
     jobs_a += [{"name": f"nan_s{s}", "stage": s, "nan_at": 2} for s in (1, 3)]
     jobs_a += [
         {"name": f"bf16_{name}", "stage": s, "dtype": dtype, "eval_at": 3}
@@ -55,6 +59,8 @@ def runs():
     ]
     a = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs_a}, timeout=600)
     jobs_b = [{"name": f"r21_s{s}", "stage": s, "load": [ck[s], "step3"]} for s in (1, 3)]
+    jobs_b += [{"name": f"im_r21_s{s}", "stage": s, "load": [f"{tmp}/ckim_s{s}", "step3"],
+                "sf_params": INNER_M} for s in (1, 3)]
     jobs_b += [{"name": f"one_s{s}", "stage": s, "steps": 3, "save_at": 3, "save_dir": ck1[s]}
                for s in (1, 3)]
     b = run_ranks(WORKER, 1, {"tmp": tmp, "jobs": jobs_b}, timeout=600)
@@ -145,6 +151,21 @@ def test_reshard_2_to_1_continues_trajectory(runs, stage):
     assert resumed["loaded_step"] == 3 and resumed["loaded_lr_step"] == 3
     assert close(resumed["losses"], straight["losses"][3:], REL)
     assert resumed["k"] == [6, 6] and resumed["weight_sum"] == straight["weight_sum"]
+
+
+@pytest.mark.parametrize("stage", (1, 3))
+def test_inner_momentum_parity_and_reshard_2_to_1(runs, stage):
+    """With inner_momentum (a DeepSpeed JSON param) the ZeRO run equals the one-process
+    reference, and a 2 -> 1 resharded resume carries exp_avg: it continues the trajectory
+    (without it the first moment would restart at zero under a k-step bias correction)."""
+    ref = runs["a"][0]["ref_im"]
+    straight = runs["a"][0][f"im_s{stage}"]
+    assert close(straight["losses"], ref["losses"], REL)
+    assert not close(straight["losses"], runs["a"][0][f"s{stage}"]["losses"], 1e-7)
+    resumed = runs["b"][0][f"im_r21_s{stage}"]
+    assert resumed["loaded_step"] == 3
+    assert close(resumed["losses"], straight["losses"][3:], REL)
+    assert resumed["k"] == [6, 6]
 
 
 @pytest.mark.parametrize("stage", (1, 3))

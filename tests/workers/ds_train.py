@@ -78,7 +78,8 @@ def schedule_spec(steps: int = 8):
                                       "decay_shape": "1-sqrt", "min_ratio": 0.1}}
 
 
-def ds_config(stage: int, dtype: str, world: int, sub_group_size: int | None = None):
+def ds_config(stage: int, dtype: str, world: int, sub_group_size: int | None = None,
+              sf_params: dict | None = None):
     cfg = {
         "train_micro_batch_size_per_gpu": MB,
         "gradient_accumulation_steps": GLOBAL // (MB * world),
@@ -87,7 +88,7 @@ def ds_config(stage: int, dtype: str, world: int, sub_group_size: int | None = N
         "gradient_clipping": CLIP,
         "optimizer": {"type": "ScheduleFreeAdamW",
                       "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
-                                 "warmup_steps": 2, "backend": "foreach"}},
+                                 "warmup_steps": 2, "backend": "foreach", **(sf_params or {})}},
         "scheduler": schedule_spec(),
         "zero_optimization": {"stage": stage},
         "wall_clock_breakdown": False,
@@ -123,7 +124,7 @@ def run_reference(job, world):
 
     model = make_model()
     opt = ScheduleFreeAdamW(param_groups(model), lr=LR, betas=BETAS, eps=1e-8, weight_decay=WD,
-                            warmup_steps=2, backend="foreach")
+                            warmup_steps=2, backend="foreach", **job.get("sf_params", {}))
     spec = schedule_spec()
     sched = DeepSpeedLRScheduler(opt, build_schedule({"family": "wsd", **spec["params"]}))
     opt.train()
@@ -155,9 +156,11 @@ def run_reference(job, world):
         for p in g["params"]:
             xs[id(p)] = x_from_yz_reference(p.detach(), opt.state[p]["z"], g["betas"][0])
     x = {n: xs[id(p)] for n, p in model.named_parameters()}
-    torch.save(x, os.path.join(job["tmp"], "reference_x.pt"))
+    # Other reference jobs (e.g. with inner momentum) keep their files beside the main one's.
+    tag = "reference" if job["name"] == "ref" else f"reference_{job['name']}"
+    torch.save(x, os.path.join(job["tmp"], f"{tag}_x.pt"))
     torch.save({n: (p.detach().clone(), opt.state[p]["z"].clone()) for n, p in model.named_parameters()},
-               os.path.join(job["tmp"], "reference_yz.pt"))
+               os.path.join(job["tmp"], f"{tag}_yz.pt"))
     return {"losses": losses, "eval_loss": eval_loss, "lrs": lrs,
             "k": [g["k"] for g in opt.param_groups]}
 
@@ -191,7 +194,7 @@ def run_train(job, world, rank):
     model = make_model()
     engine, _, _, sched = mds.initialize(
         model=model, model_parameters=param_groups(model),
-        config=ds_config(stage, dtype, world, job.get("sub_group_size")),
+        config=ds_config(stage, dtype, world, job.get("sub_group_size"), job.get("sf_params")),
     )
     result = {"path": ds_layout.path_name(engine), "n_shards": len(ds_layout.shards(engine))}
     start = 0
