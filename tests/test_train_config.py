@@ -114,6 +114,23 @@ def test_deepspeed_block_merging(tmp_path):
     assert "file not found" in error_of(deepspeed={"config": str(tmp_path / "nope.json")})
 
 
+def test_deepspeed_precision_sections_agree_with_the_run_config():
+    """DeepSpeed's ``bfloat16`` alias is folded into ``bf16`` (DeepSpeed reads ``bf16`` first,
+    so next to megawsd's section the alias was ignored), and an ``enabled`` that contradicts
+    ``precision`` is refused instead of training silently in another precision."""
+    ds = deepspeed_config(cfg_of(deepspeed={"bfloat16": {"enabled": True,
+                                                         "immediate_grad_update": True}},
+                                 precision="bf16"), world_size=1)
+    assert "bfloat16" not in ds
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    with pytest.raises(ConfigError, match=r"deepspeed.bf16.enabled = True: conflicts with "
+                                          r"precision = 'fp32'"):
+        deepspeed_config(cfg_of(deepspeed={"bfloat16": {"enabled": True}}), world_size=1)
+    with pytest.raises(ConfigError, match=r"deepspeed.fp16.enabled = False: conflicts"):
+        deepspeed_config(cfg_of(deepspeed={"fp16": {"enabled": False}}, precision="fp16"),
+                         world_size=1)
+
+
 def test_shipped_configs_validate():
     from pathlib import Path
 

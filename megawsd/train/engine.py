@@ -91,11 +91,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["stage"] = stage
     zero.setdefault("stage", 0)
     ds["zero_optimization"] = zero
-    for key in ("bf16", "fp16"):
-        block = dict(ds.get(key) or {})
-        if block.get("enabled", "auto") == "auto":
-            block["enabled"] = cfg.precision == key
-        ds[key] = block
+    _set_precision(ds, cfg.precision)
     o = cfg.optimizer
     if o.kind == "deepspeed":
         ds["optimizer"] = {"type": o.type, "params": {
@@ -108,6 +104,27 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError("deepspeed.scheduler: the LR schedule belongs in the run config's "
                           "`schedule:` block (megawsd sets the LR every step); remove it here")
     return ds
+
+
+def _set_precision(ds: dict[str, Any], precision: str) -> None:
+    """The run config's ``precision`` into the ``bf16``/``fp16`` sections. A user's own
+    ``enabled`` must agree with it (else DeepSpeed would silently train in another precision),
+    and DeepSpeed's alias ``bfloat16`` is folded into ``bf16`` (DeepSpeed reads ``bf16``
+    first, so an alias next to the section megawsd writes would be ignored)."""
+    alias = ds.pop("bfloat16", None)
+    if alias is not None:
+        ds["bf16"] = {**dict(alias), **dict(ds.get("bf16") or {})}  # "bf16" wins, as in DeepSpeed
+    for key in ("bf16", "fp16"):
+        block = dict(ds.get(key) or {})
+        enabled = block.get("enabled", "auto")
+        if enabled == "auto":
+            block["enabled"] = precision == key
+        elif bool(enabled) != (precision == key):
+            raise ConfigError(
+                f"deepspeed.{key}.enabled = {enabled!r}: conflicts with precision = "
+                f"{precision!r}; set the precision in the run config and leave it \"auto\" here"
+            )
+        ds[key] = block
 
 
 def build_engine(cfg: RunConfig, stream, world_size: int):
