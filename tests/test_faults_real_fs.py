@@ -315,3 +315,19 @@ def test_corrupt_run_json_is_refused_never_overwritten(tmp_path, data):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         RunDir(run).update_run_json(status="failed")
     assert (run / "run.json").read_text() == bad
+
+
+def test_stability_log_on_a_full_disk_is_a_clear_error(tmp_path, mounts):
+    """stability.jsonl fills the disk: the same clear error as metrics.jsonl, not an OSError."""
+    from megawsd.train.guard import EventLog
+    from megawsd.train.stability import Event
+
+    fs = mounts(tmp_path / "fs", "-t", "tmpfs", "-o", "size=64k", "tmpfs")
+    events = EventLog(fs)
+    event = Event(step=1, type="loss_spike", action="log", value=9.0, threshold=3.0)
+    with pytest.raises(CheckpointError) as err:
+        for _ in range(100_000):
+            events.write([event])
+    events.close()
+    assert f"stability = {str(fs / 'stability.jsonl')!r}: cannot append (no space left" \
+        in str(err.value)

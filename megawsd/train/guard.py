@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megawsd.train.faults import Faults
+from megawsd.train.rundir import append_jsonl
 from megawsd.train.stability import (
     Event,
     SkipMap,
@@ -370,15 +371,13 @@ class EventLog:
         self._f = None
 
     def write(self, events: list[Event]) -> None:
-        import json
-
         if not events:
             return
         if self._f is None:
             self._f = open(self.path, "a", buffering=1)
         for e in events:
             rec = e.record()
-            self._f.write(json.dumps(rec) + "\n")
+            append_jsonl(self._f, rec, "stability", self.path.parent)
             if self.metrics is not None:
                 self.metrics.write({"step": e.step, "stability_event": rec})
             log.warning("stability: %s at step %d (%s) -> %s", e.type, e.step,
@@ -388,7 +387,10 @@ class EventLog:
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # the flush of a line that already failed to be written
+                pass
             self._f = None
 
     def truncate(self, seq: int) -> None:

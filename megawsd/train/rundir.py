@@ -198,6 +198,21 @@ class RunDir:
         return out
 
 
+def append_jsonl(f, record: dict[str, Any], field: str, run_path: Path) -> None:
+    """Append ``record`` as one line to the open file ``f``; a write error (a full disk mid-run)
+    becomes an error naming the file, the cause and the fix, not a bare errno traceback."""
+    try:
+        f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        from megawsd.train.integrity import explain
+
+        raise CheckpointError(
+            f"{field} = {f.name!r}: cannot append ({explain(err, run_path)}); free space (or "
+            "make the run directory writable) and rerun the same command to resume from the "
+            "last checkpoint"
+        ) from None
+
+
 class MetricsWriter:
     """metrics.jsonl (line-buffered, so a killed run loses at most a line) + TensorBoard."""
 
@@ -215,16 +230,7 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        try:
-            self._f.write(json.dumps(record) + "\n")
-        except OSError as err:  # a full disk mid-run: say so, not a bare errno traceback
-            from megawsd.train.integrity import explain
-
-            raise CheckpointError(
-                f"metrics = {self._f.name!r}: cannot append ({explain(err, self._path)}); "
-                "free space (or make the run directory writable) and rerun the same command "
-                "to resume from the last checkpoint"
-            ) from None
+        append_jsonl(self._f, record, "metrics", self._path)
         if self._tb is not None:
             step = record["step"]
             for k, v in record.items():
