@@ -22,7 +22,7 @@ from megawsd.schedules import (
 )
 from megawsd.schedules.shapes import decay_curve
 
-# -- exact values at chosen steps (hand-computed from the formulas in DESIGN.md) -------------
+# -- exact values at chosen steps (hand-computed from the formulas in docs/schedules.md) ---
 
 
 def test_wsd_values_by_hand():

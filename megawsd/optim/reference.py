@@ -1,7 +1,7 @@
 """Plain-torch reference of schedule-free AdamW: the oracle every fast path is tested against.
 
 Written for reading, not speed: one tensor at a time, one line per equation of the update in
-DESIGN.md ("Schedule-free AdamW"), with the same operation order as
+docs/design.md ("Schedule-free AdamW in brief"), with the same operation order as
 ``schedulefree.AdamWScheduleFree`` 1.4 (so the two agree to fp32 rounding) and without its
 in-place modification of ``p.grad``.
 
