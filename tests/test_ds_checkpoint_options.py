@@ -132,22 +132,22 @@ def assert_same_load(tmp: str, same: dict, other: dict, same_name: str, other_na
             torch.testing.assert_close(b[part][n], a[part][n], rtol=REL, atol=1e-6)
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("case", [f"{c}_{o}" for c, _, _, o in CASES])
-def test_reshard_2_to_1_honours_load_option(runs, case):
-    assert_loaded_what_was_saved(runs["tmp"], f"same2_{case}", f"save2_{case.split('_')[0]}", case)
-    assert_loaded_what_was_saved(runs["tmp"], f"r21_{case}", f"save2_{case.split('_')[0]}", case)
-    assert_same_load(runs["tmp"], runs[f"w2_same2_{case}"], runs[f"w1_r21_{case}"],
-                     f"same2_{case}", f"r21_{case}", continuation=not case.startswith("fp16"))
+# (saved on, same-size load, resharded load, the two loads' spawns) for 2 -> 1 and 1 -> 2.
+DIRECTIONS = {"2_to_1": ("save2", "same2", "r21", "w2", "w1"),
+              "1_to_2": ("save1", "same1", "r12", "w1", "w2b")}
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", [f"{c}_{o}" for c, _, _, o in CASES])
-def test_reshard_1_to_2_honours_load_option(runs, case):
-    assert_loaded_what_was_saved(runs["tmp"], f"same1_{case}", f"save1_{case.split('_')[0]}", case)
-    assert_loaded_what_was_saved(runs["tmp"], f"r12_{case}", f"save1_{case.split('_')[0]}", case)
-    assert_same_load(runs["tmp"], runs[f"w1_same1_{case}"], runs[f"w2b_r12_{case}"],
-                     f"same1_{case}", f"r12_{case}", continuation=not case.startswith("fp16"))
+def test_reshard_honours_load_option(runs, case, direction):
+    save, same, resharded, same_spawn, reshard_spawn = DIRECTIONS[direction]
+    saved = f"{save}_{case.split('_')[0]}"
+    assert_loaded_what_was_saved(runs["tmp"], f"{same}_{case}", saved, case)
+    assert_loaded_what_was_saved(runs["tmp"], f"{resharded}_{case}", saved, case)
+    assert_same_load(runs["tmp"], runs[f"{same_spawn}_{same}_{case}"],
+                     runs[f"{reshard_spawn}_{resharded}_{case}"], f"{same}_{case}",
+                     f"{resharded}_{case}", continuation=not case.startswith("fp16"))
 
 
 @pytest.mark.dist
