@@ -128,6 +128,8 @@ def ds_config(cell: Cell, world: int) -> dict:
                        "loss_scale_window": 1000}
     if cell.pipeline_cfg:
         cfg["pipeline"] = {"stages": "auto"}
+    if cell.force_ds_cpu_opt:
+        cfg["zero_force_ds_cpu_optimizer"] = True
     return cfg
 
 
