@@ -82,6 +82,13 @@ def check_cell(cell, got, refs):
         if not ok:
             bad.append(what)
 
+    off = got["offload"]
+    want_true(off["optimizer"] == ("offload_opt" in cell.rows)
+              and off["param"] == ("offload_param" in cell.rows),
+              f"DeepSpeed's offload flags {off} for rows {cell.rows}")
+    if "offload_opt" in cell.rows:  # the offloaded step: CPU masters, the compiled CPU kernel
+        want_true(off["master_devices"] == ["cpu"] and off["auto_backends"] == ["compiled"],
+                  f"offloaded masters {off}")
     want_true(close(got["losses"], ref["losses"], rel),
               f"losses {got['losses']} != reference {ref['losses']}")
     want_true(got["k"] == ref["k"] == [6, 6], f"k {got['k']} != reference {ref['k']}")

@@ -209,6 +209,21 @@ def rank0_only(out: dict, key: str):
         out[key] = f"{type(e).__name__}: {e}"[:2000]
 
 
+def offload_report(engine) -> dict:
+    """Whether DeepSpeed really offloaded (its wrappers' own flags), and the backend that
+    ``auto`` resolves to on the masters' device (what an offloaded step runs)."""
+    from megawsd.integrations import ds_layout
+    from megawsd.kernels import resolve_backend
+
+    opt = engine.optimizer
+    masters = [sh.y for sh in ds_layout.shards(engine)]
+    return {"optimizer": bool(getattr(opt, "cpu_offload", False)
+                              or getattr(opt, "offload_optimizer", False)),
+            "param": bool(getattr(opt, "offload_param", False)),
+            "master_devices": sorted({t.device.type for t in masters}),
+            "auto_backends": sorted({resolve_backend("auto", t.device) for t in masters})}
+
+
 def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
     import megawsd.deepspeed as mds
     from megawsd.errors import ConfigError
@@ -225,7 +240,8 @@ def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
         return {"outcome": "error", "message": f"{type(e).__name__}: {e}"[:2000]}
     if cell.model == "pipeline":
         return {"outcome": "initialized"}
-    out: dict = {"outcome": "initialized", "path": ds_layout.path_name(engine)}
+    out: dict = {"outcome": "initialized", "path": ds_layout.path_name(engine),
+                 "offload": offload_report(engine)}
     try:
         return run_engine(cell, engine, sched, world, rank, tmp, refs, out)
     except Exception:  # noqa: BLE001 - deterministic on both ranks; the test fails on it
