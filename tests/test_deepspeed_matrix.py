@@ -118,6 +118,14 @@ def check_cell(cell, got, refs):
         want_true(got["ckpt_k"] == got["k"], f"k after reload {got['ckpt_k']}")
         want_true(got.get("ckpt_offline_x_equal"),
                   f"consolidate_checkpoint(x) != live export {got.get('ckpt_offline_error', '')}")
+    if cell.ckpt and any(r.startswith("offload") for r in cell.rows):
+        # The same checkpoint through megawsd's resharding path: the same x and trajectory.
+        want_true(got["reshard_loaded_step"] == 3 and got["reshard_k"] == got["k"],
+                  f"resharded load: step {got['reshard_loaded_step']}, k {got['reshard_k']}")
+        want_true(got["reshard_eval_loss"] == outer,
+                  f"eval after resharded load {got['reshard_eval_loss']} != {outer}")
+        want_true(got["reshard_losses"] == got["losses"][3:],
+                  f"continued after resharded load {got['reshard_losses']} != {got['losses'][3:]}")
     assert not bad, f"{cell.name}:\n  " + "\n  ".join(bad)
 
 

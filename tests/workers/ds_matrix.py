@@ -291,7 +291,26 @@ def run_engine(cell: Cell, engine, sched, world, rank, tmp, refs, out) -> dict:
         out["ckpt_losses"] = [train_step(engine, batches[s - 1], world, rank, cell.gas)
                               for s in range(SAVE_AT + 1, STEPS + 1)]
         out["ckpt_k"] = [g["k"] for g in inner.param_groups]
+        if any(r.startswith("offload") for r in cell.rows):
+            out.update(resharded_load(cell, engine, ckpt_dir, world, rank))
     return out
+
+
+def resharded_load(cell: Cell, engine, ckpt_dir, world, rank) -> dict:
+    """The step-3 checkpoint again, through megawsd's resharding path (``reshard="always"``:
+    full tensors written into the offloaded partitions) inside eval_mode, then continued."""
+    import megawsd.deepspeed as mds
+    from megawsd.integrations import ds_layout
+
+    batches = T.data()
+    with mds.eval_mode(engine):
+        mds.load_checkpoint(engine, ckpt_dir, "step3", reshard="always")
+        ev = eval_loss(engine, world, rank)
+    step = int(engine.global_steps)
+    losses = [train_step(engine, batches[s - 1], world, rank, cell.gas)
+              for s in range(SAVE_AT + 1, STEPS + 1)]
+    return {"reshard_eval_loss": ev, "reshard_loaded_step": step, "reshard_losses": losses,
+            "reshard_k": [g["k"] for g in ds_layout.inner_optimizer(engine).param_groups]}
 
 
 def main():
