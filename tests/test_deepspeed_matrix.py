@@ -83,12 +83,17 @@ def check_cell(cell, got, refs):
             bad.append(what)
 
     off = got["offload"]
-    want_true(off["optimizer"] == ("offload_opt" in cell.rows)
+    offloads_opt = "offload_opt" in cell.rows or "offload_auto" in cell.rows
+    want_true(off["optimizer"] == offloads_opt
               and off["param"] == ("offload_param" in cell.rows),
               f"DeepSpeed's offload flags {off} for rows {cell.rows}")
-    if "offload_opt" in cell.rows:  # the offloaded step: CPU masters, the compiled CPU kernel
+    if offloads_opt:  # the offloaded step: CPU masters, the compiled CPU kernel
         want_true(off["master_devices"] == ["cpu"] and off["auto_backends"] == ["compiled"],
                   f"offloaded masters {off}")
+    # What the step really ran: "auto" on CPU tensors is the compiled kernel (no fallback).
+    ran = {"auto": "compiled"}.get(cell.backend, cell.backend)
+    want_true(got["ran_backends"] == [ran],
+              f"ScheduleFreeAdamW ran {got['ran_backends']}, expected {ran!r} ({cell.backend!r})")
     want_true(close(got["losses"], ref["losses"], rel),
               f"losses {got['losses']} != reference {ref['losses']}")
     want_true(got["k"] == ref["k"] == [6, 6], f"k {got['k']} != reference {ref['k']}")

@@ -116,7 +116,7 @@ def ds_config(cell: Cell, world: int) -> dict:
         cfg["gradient_accumulation_steps"] = 2
     if cell.opt == "config":
         cfg["optimizer"] = {"type": "ScheduleFreeAdamW",
-                            "params": {**sf_kwargs(), "betas": list(BETAS[0]), "backend": "foreach"}}
+                            "params": {**sf_kwargs(), "betas": list(BETAS[0]), "backend": cell.backend}}
     if cell.stage == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 200
     if cell.dtype in ("bf16", "bfloat16"):
@@ -140,9 +140,9 @@ def make_optimizer(cell: Cell, model):
     if cell.opt == "config":
         return None, groups(model)
     if cell.opt == "class":
-        return ScheduleFreeAdamW(groups(model), backend="foreach", **sf_kwargs()), None
+        return ScheduleFreeAdamW(groups(model), backend=cell.backend, **sf_kwargs()), None
     if cell.opt == "callable":
-        return (lambda params: ScheduleFreeAdamW(params, backend="foreach", **sf_kwargs())), \
+        return (lambda params: ScheduleFreeAdamW(params, backend=cell.backend, **sf_kwargs())), \
             groups(model)
     if cell.opt == "stock":
         import schedulefree
@@ -224,6 +224,27 @@ def offload_report(engine) -> dict:
             "auto_backends": sorted({resolve_backend("auto", t.device) for t in masters})}
 
 
+@contextlib.contextmanager
+def record_backends(out: dict):
+    """The backends ScheduleFreeAdamW's steps really ran (``ran_backends``), not the ones
+    asked for: a compiled kernel that fails to build falls back to foreach."""
+    import megawsd.optim.schedule_free as sf
+
+    real, ran = sf._update_tensors, set()
+
+    def spy(*args, **kwargs):
+        name = real(*args, **kwargs)
+        ran.add(name)
+        return name
+
+    sf._update_tensors = spy
+    try:
+        yield
+    finally:
+        sf._update_tensors = real
+        out["ran_backends"] = sorted(ran)
+
+
 def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
     import megawsd.deepspeed as mds
     from megawsd.errors import ConfigError
@@ -243,7 +264,8 @@ def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
     out: dict = {"outcome": "initialized", "path": ds_layout.path_name(engine),
                  "offload": offload_report(engine)}
     try:
-        return run_engine(cell, engine, sched, world, rank, tmp, refs, out)
+        with record_backends(out):
+            return run_engine(cell, engine, sched, world, rank, tmp, refs, out)
     except Exception:  # noqa: BLE001 - deterministic on both ranks; the test fails on it
         import traceback
 

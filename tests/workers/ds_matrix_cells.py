@@ -81,6 +81,10 @@ ROWS: list[Row] = [
     Row("offload_param", '`offload_param: {"device": "cpu"}`',
         {"zero": (("offload_param", {"device": "cpu"}),)},
         {0: None, 1: None, 2: None, 3: EXACT}),
+    Row("offload_auto", '`offload_optimizer` cpu with `backend: "auto"`',
+        {"zero": (("offload_optimizer", {"device": "cpu"}),), "backend": "auto"},
+        {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
+        "the offloaded step runs the compiled CPU kernel"),
     Row("offload_forced", '`zero_force_ds_cpu_optimizer: true` with `offload_optimizer` cpu',
         {"zero": (("offload_optimizer", {"device": "cpu"}),), "force_ds_cpu_opt": True},
         {0: None, **{s: _refused("zero_force_ds_cpu_optimizer") for s in (1, 2, 3)}},
@@ -147,6 +151,7 @@ class Cell:
     pipeline_cfg: bool = False
     ckpt: bool = False
     force_ds_cpu_opt: bool = False  # top-level zero_force_ds_cpu_optimizer: true
+    backend: str = "foreach"  # ScheduleFreeAdamW's backend (the reference runs foreach)
 
     @property
     def name(self) -> str:
@@ -203,7 +208,8 @@ def cells(full: bool = False) -> list[Cell]:
                                          if s == 3 else [])
         if s > 0:
             out += [make_cell(s, d + o + ("ckpt",)) for d in dtypes for o in offloads]
-            out += [make_cell(s, ("gas2", "opt_stock", "offload_opt"))]
+            out += [make_cell(s, ("gas2", "opt_stock", "offload_opt")),
+                    make_cell(s, ("bf16", "offload_auto", "ckpt"))]
     return list({c.name: c for c in out}.values())
 
 
