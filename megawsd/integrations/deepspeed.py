@@ -9,7 +9,8 @@
 DeepSpeed cannot register optimizer or scheduler types by name, so these two sections are
 removed from the config and passed as client objects (the supported way), with
 ``zero_allow_untested_optimizer`` set (and ``zero_force_ds_cpu_optimizer: false``, so that
-ZeRO-Offload runs our optimizer on the CPU partitions instead of refusing it). Every DeepSpeed-native type is left untouched.
+ZeRO-Offload runs our optimizer on the CPU partitions instead of refusing it). Every
+DeepSpeed-native type is left untouched.
 
 Schedule-free specifics that DeepSpeed does not know about and that this module owns:
 
