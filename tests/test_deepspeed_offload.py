@@ -150,3 +150,50 @@ def test_deepspeed_internals_offload_relies_on():
     assert "self.optimizer.step()" in inspect.getsource(DeepSpeedZeroOptimizer._optimizer_step)
     fp32 = inspect.getsource(DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions)
     assert "elif self.offload_optimizer:" in fp32 and "converted.clone().detach()" in fp32
+
+
+# ------------------------------------------------------------------------------------------
+# resharding an offloaded checkpoint onto another number of ranks (slow: two launches)
+
+OFFLOAD_CASES = {  # case -> (stage, zero options); both saved and loaded with offload
+    "off2": (2, {"offload_optimizer": {"device": "cpu"}}),
+    "off3": (3, {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_offloaded_checkpoint_reshards_2_to_1_like_deepspeeds_same_size_load():
+    """The oracle of tests/test_ds_checkpoint_options.py: an offloaded checkpoint loaded on
+    1 rank (megawsd's resharding writes the CPU partitions) restores and continues exactly
+    as DeepSpeed's own loader does on the 2 ranks that saved it."""
+    import tempfile
+
+    from tests.dist_helpers import run_ranks
+    from tests.test_ds_checkpoint_options import (
+        SAVE_STEPS,
+        WORKER,
+        assert_loaded_what_was_saved,
+        assert_same_load,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="megawsd-ds-offload-") as tmp:
+        def job(kind, name, case, **extra):
+            stage, zero = OFFLOAD_CASES[case]
+            return {"kind": kind, "name": name, "stage": stage, "dtype": "fp32", "zero": zero,
+                    **extra}
+
+        ck = {c: f"{tmp}/ck_{c}" for c in OFFLOAD_CASES}
+        load = {"tag": f"step{SAVE_STEPS}", "options": {}}
+        two = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": [
+            *(job("save", f"save2_{c}", c, steps=SAVE_STEPS, save_dir=ck[c]) for c in ck),
+            *(job("load", f"same2_{c}_default", c, load_dir=ck[c], **load) for c in ck)]},
+            timeout=900)[0]
+        one = run_ranks(WORKER, 1, {"tmp": tmp, "jobs": [
+            job("load", f"r21_{c}_default", c, load_dir=ck[c], **load) for c in ck]},
+            timeout=900)[0]
+        for c in ck:
+            case = f"{c}_default"
+            assert_loaded_what_was_saved(tmp, f"r21_{case}", f"save2_{c}", case)
+            assert_same_load(tmp, two[f"same2_{case}"], one[f"r21_{case}"],
+                             f"same2_{case}", f"r21_{case}")
