@@ -81,6 +81,18 @@ def check_cell(cell, got, refs):
         if not ok:
             bad.append(what)
 
+    off = got["offload"]
+    offloads_opt = "offload_opt" in cell.rows or "offload_auto" in cell.rows
+    want_true(off["optimizer"] == offloads_opt
+              and off["param"] == ("offload_param" in cell.rows),
+              f"DeepSpeed's offload flags {off} for rows {cell.rows}")
+    if offloads_opt:  # the offloaded step: CPU masters, the compiled CPU kernel
+        want_true(off["master_devices"] == ["cpu"] and off["auto_backends"] == ["compiled"],
+                  f"offloaded masters {off}")
+    # What the step really ran: "auto" on CPU tensors is the compiled kernel (no fallback).
+    ran = {"auto": "compiled"}.get(cell.backend, cell.backend)
+    want_true(got["ran_backends"] == [ran],
+              f"ScheduleFreeAdamW ran {got['ran_backends']}, expected {ran!r} ({cell.backend!r})")
     want_true(close(got["losses"], ref["losses"], rel),
               f"losses {got['losses']} != reference {ref['losses']}")
     want_true(got["k"] == ref["k"] == [6, 6], f"k {got['k']} != reference {ref['k']}")
@@ -110,6 +122,14 @@ def check_cell(cell, got, refs):
         want_true(got["ckpt_k"] == got["k"], f"k after reload {got['ckpt_k']}")
         want_true(got.get("ckpt_offline_x_equal"),
                   f"consolidate_checkpoint(x) != live export {got.get('ckpt_offline_error', '')}")
+    if cell.ckpt and any(r.startswith("offload") for r in cell.rows):
+        # The same checkpoint through megawsd's resharding path: the same x and trajectory.
+        want_true(got["reshard_loaded_step"] == 3 and got["reshard_k"] == got["k"],
+                  f"resharded load: step {got['reshard_loaded_step']}, k {got['reshard_k']}")
+        want_true(got["reshard_eval_loss"] == outer,
+                  f"eval after resharded load {got['reshard_eval_loss']} != {outer}")
+        want_true(got["reshard_losses"] == got["losses"][3:],
+                  f"continued after resharded load {got['reshard_losses']} != {got['losses'][3:]}")
     assert not bad, f"{cell.name}:\n  " + "\n  ".join(bad)
 
 

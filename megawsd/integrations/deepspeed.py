@@ -8,7 +8,9 @@
 
 DeepSpeed cannot register optimizer or scheduler types by name, so these two sections are
 removed from the config and passed as client objects (the supported way), with
-``zero_allow_untested_optimizer`` set. Every DeepSpeed-native type is left untouched.
+``zero_allow_untested_optimizer`` set (and ``zero_force_ds_cpu_optimizer: false``, so that
+ZeRO-Offload runs our optimizer on the CPU partitions instead of refusing it). Every
+DeepSpeed-native type is left untouched.
 
 Schedule-free specifics that DeepSpeed does not know about and that this module owns:
 
@@ -30,8 +32,10 @@ the matrix is tests/workers/ds_matrix_cells.py, run by tests/test_deepspeed_matr
 rendered in docs/deepspeed.md. In short: ZeRO 0-3 in fp32; bf16 (or its alias "bfloat16")
 and fp16 at ZeRO 1-3; accumulation, clipping, sub-groups, overlap_comm, contiguous_gradients;
 the optimizer from the config, as an object, as a callable, or the stock
-``schedulefree.AdamWScheduleFree`` (adopted). Refused: ZeRO-Offload, round_robin_gradients,
-elastic_checkpoint, a ``PipelineModule``, other schedule-free variants.
+``schedulefree.AdamWScheduleFree`` (adopted); ZeRO-Offload to the CPU (``offload_optimizer``
+at ZeRO 1-3, ``offload_param`` at ZeRO 3: the step runs on the CPU fp32 partitions, backend
+"auto" resolving to the compiled CPU kernel there). Refused: NVMe offload, partial offload,
+round_robin_gradients, elastic_checkpoint, a ``PipelineModule``, other schedule-free variants.
 """
 
 from __future__ import annotations
@@ -141,6 +145,60 @@ _REFUSED_ZERO_FLAGS = {
 }
 
 
+def _check_offload(cfg: dict, zero: dict) -> None:
+    """ZeRO-Offload to CPU runs a client optimizer on the CPU fp32 partitions: ours steps them
+    there (backend "auto" resolves per tensor device: the compiled CPU kernel), and eval_mode,
+    exports and checkpoints read those partitions in memory. Refused: NVMe (the partitions
+    are swapped out to disk between steps), partial offload, the deprecated flags, and
+    ``zero_force_ds_cpu_optimizer: true`` (DeepSpeed then raises on any optimizer but its
+    own CPU Adam/Lion, which are not schedule-free)."""
+    devices = {key: _offload_device(zero.get(key)) for key in ("offload_optimizer", "offload_param")}
+    for key, dev in devices.items():
+        if dev == "nvme":
+            raise field_error(
+                f"zero_optimization.{key}.device",
+                dev,
+                "NVMe offload is not supported with ScheduleFreeAdamW (schedule-free evaluation, "
+                "export and resharding read the fp32 partitions in memory, which NVMe swaps out "
+                'to disk; it is also untested: DeepSpeed\'s async_io op needs libaio); use '
+                '"device": "cpu" or "none"',
+            )
+    ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
+    if devices["offload_optimizer"] == "cpu" and float(ratio) != 1.0:
+        raise field_error(
+            "zero_optimization.offload_optimizer.ratio",
+            ratio,
+            "partial ZeRO-Offload is not tested with ScheduleFreeAdamW; remove it (offload "
+            'all sub-groups, ratio 1.0) or set "device": "none"',
+        )
+    for key, fix in (("cpu_offload", "offload_optimizer"), ("cpu_offload_params", "offload_param"),
+                     ("cpu_offload_param", "offload_param")):
+        if zero.get(key):
+            raise field_error(
+                f"zero_optimization.{key}",
+                zero[key],
+                f'deprecated; with ScheduleFreeAdamW write "{fix}": {{"device": "cpu"}} instead',
+            )
+    force = cfg.get("zero_force_ds_cpu_optimizer")
+    if devices["offload_optimizer"] == "cpu" and force is not None and bool(force):
+        raise field_error(
+            "zero_force_ds_cpu_optimizer",
+            force,
+            "with ZeRO-Offload it makes DeepSpeed refuse every optimizer but its own CPU Adam / "
+            "Lion, so ScheduleFreeAdamW could not run; remove it (megawsd sets it to false, "
+            "the offloaded step then runs ScheduleFreeAdamW on the CPU partitions)",
+        )
+
+
+def allow_client_optimizer_offload(cfg: dict) -> None:
+    """Let ScheduleFreeAdamW run under ZeRO-Offload: DeepSpeed raises on a client optimizer
+    with offload unless ``zero_force_ds_cpu_optimizer`` is false (engine
+    ``_configure_optimizer``), as it asserts unless ``zero_allow_untested_optimizer``. A
+    value the user set is kept (true with offload is refused by :func:`_check_offload`)."""
+    if cfg.get("zero_force_ds_cpu_optimizer") is None:
+        cfg["zero_force_ds_cpu_optimizer"] = False
+
+
 def check_schedule_free_supported(cfg: dict, model: torch.nn.Module | None = None) -> None:
     """Refuse, with one clear message, the combinations schedule-free cannot run correctly.
 
@@ -150,22 +208,7 @@ def check_schedule_free_supported(cfg: dict, model: torch.nn.Module | None = Non
     zero = cfg.get("zero_optimization") or {}
     if not isinstance(zero, dict):
         zero = {}
-    for key in ("offload_optimizer", "offload_param"):
-        dev = _offload_device(zero.get(key))
-        if dev not in ("none", ""):
-            raise field_error(
-                f"zero_optimization.{key}.device",
-                dev,
-                "ZeRO-Offload is not supported with ScheduleFreeAdamW (the offloaded step runs "
-                'DeepSpeed\'s CPU Adam, not schedule-free); set "device": "none" or use a '
-                "DeepSpeed-native optimizer",
-            )
-    if zero.get("cpu_offload") or zero.get("cpu_offload_params"):
-        raise field_error(
-            "zero_optimization.cpu_offload",
-            True,
-            "ZeRO-Offload is not supported with ScheduleFreeAdamW; remove it",
-        )
+    _check_offload(cfg, zero)
     if zero.get("zenflow") or zero.get("super_offload"):
         raise field_error(
             "zero_optimization.zenflow", True, "not supported with ScheduleFreeAdamW; remove it"
@@ -274,6 +317,7 @@ def split_config(
         check_schedule_free_supported(cfg)
         ours_opt = cfg.pop("optimizer")
         cfg["zero_allow_untested_optimizer"] = True
+        allow_client_optimizer_offload(cfg)
     ours_sched = None
     if (
         not client_scheduler
@@ -433,6 +477,7 @@ def _prepare_client_optimizer(opt, cfg: dict, model, groups: _GroupRecord):
             "megawsd.deepspeed.load_checkpoint",
         )
     cfg["zero_allow_untested_optimizer"] = True
+    allow_client_optimizer_offload(cfg)
     groups.record(opt, model)
     return opt
 
@@ -470,15 +515,20 @@ def _wrap_optimizer_callable(fn, cfg: dict, model, groups: _GroupRecord):
     """DeepSpeed calls a client optimizer callable inside ``initialize``: check and record
     what it builds there, exactly as for an optimizer object.
 
-    DeepSpeed asserts ``zero_allow_untested_optimizer`` right after the callable returns, so
-    the flag is set here and DeepSpeed's own assertion is re-applied to anything that is not
-    schedule-free (native behaviour unchanged).
+    DeepSpeed asserts ``zero_allow_untested_optimizer`` (and, with ZeRO-Offload, raises
+    unless ``zero_force_ds_cpu_optimizer`` is false) right after the callable returns, from
+    the config it parsed before calling it: both flags are set here, and DeepSpeed's own
+    checks are re-applied to anything that is not schedule-free (native behaviour unchanged).
     """
     from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
 
     user_allows = bool(cfg.get("zero_allow_untested_optimizer"))
-    zero_on = int((cfg.get("zero_optimization") or {}).get("stage", 0)) > 0
+    user_force = cfg.get("zero_force_ds_cpu_optimizer")
+    zero = cfg.get("zero_optimization") or {}
+    zero_on = int(zero.get("stage", 0)) > 0
+    offload = _offload_device(zero.get("offload_optimizer")) in ("cpu", "nvme")
     cfg["zero_allow_untested_optimizer"] = True
+    allow_client_optimizer_offload(cfg)
 
     def build(model_parameters):
         opt = _prepare_client_optimizer(fn(model_parameters), cfg, model, groups)
@@ -488,9 +538,25 @@ def _wrap_optimizer_callable(fn, cfg: dict, model, groups: _GroupRecord):
                     'You are using an untested ZeRO Optimizer. Please add <"zero_allow_untested_'
                     'optimizer": true> in the configuration file to use it.'
                 )
+        if not groups.schedule_free and offload and (user_force is None or bool(user_force)):
+            _ds_cpu_optimizer_check(opt)
         return opt
 
     return build
+
+
+def _ds_cpu_optimizer_check(opt) -> None:
+    """DeepSpeed 0.19.8's ``zero_force_ds_cpu_optimizer`` check (engine ``_configure_optimizer``),
+    for a non-schedule-free optimizer built by a callable once the flag was lifted for it."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.lion import DeepSpeedCPULion
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+    if not isinstance(opt, (DeepSpeedCPUAdam, DeepSpeedCPULion)):
+        raise ZeRORuntimeException(
+            f"You are using ZeRO-Offload with a client provided optimizer ({type(opt)}); set "
+            '<"zero_force_ds_cpu_optimizer": false> to use it (DeepSpeed\'s own check)'
+        )
 
 
 def _looks_schedule_free(opt) -> bool:

@@ -23,6 +23,13 @@ Paths (DeepSpeed 0.19.8, read from ``runtime/zero/stage_1_and_2.py``, ``stage3.p
   ``fp32_partitioned_groups_flat[s]``; the rank's shard of the working weights is
   ``fp16_partitioned_groups_flat[s]`` (the same tensor as the master when the model is fp32);
   persistent parameters are re-gathered and secondary tensors invalidated, as ``_post_step``.
+
+ZeRO-Offload (``offload_optimizer`` / ``offload_param`` device "cpu"): the same tensors, but
+the masters (and z, exp_avg_sq) live on the CPU while the working weights stay on the
+accelerator (ZeRO 1/2 copy them back through a CPU bit16 buffer after the step; ZeRO-3
+keeps separate fp32 masters, never aliased). Every write here is master-device math followed
+by a cross-device ``copy_`` into the working copy (``megawsd.kernels.write_x`` computes x on
+y's device, the CPU, and copies into ``out``); ``Shard.aliased`` compares devices too.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ class Shard:
 
     @property
     def aliased(self) -> bool:
-        return self.lp.data_ptr() == self.y.data_ptr()
+        return self.lp.device == self.y.device and self.lp.data_ptr() == self.y.data_ptr()
 
 
 def zero_stage(engine) -> int:

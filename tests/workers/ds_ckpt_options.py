@@ -60,6 +60,7 @@ def micro_batches(batch: torch.Tensor, world: int, rank: int) -> list[torch.Tens
 def config(job, world):
     cfg = ds_config(job["stage"], "fp32" if job.get("dtype") == "fp16" else job.get("dtype", "fp32"),
                     world)
+    cfg["zero_optimization"].update(job.get("zero", {}))  # e.g. ZeRO-Offload
     cfg["train_micro_batch_size_per_gpu"] = micro(world)
     cfg["gradient_accumulation_steps"] = GLOBAL // (micro(world) * world)
     if job.get("dtype") == "fp16":

@@ -116,7 +116,7 @@ def ds_config(cell: Cell, world: int) -> dict:
         cfg["gradient_accumulation_steps"] = 2
     if cell.opt == "config":
         cfg["optimizer"] = {"type": "ScheduleFreeAdamW",
-                            "params": {**sf_kwargs(), "betas": list(BETAS[0]), "backend": "foreach"}}
+                            "params": {**sf_kwargs(), "betas": list(BETAS[0]), "backend": cell.backend}}
     if cell.stage == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 200
     if cell.dtype in ("bf16", "bfloat16"):
@@ -128,6 +128,8 @@ def ds_config(cell: Cell, world: int) -> dict:
                        "loss_scale_window": 1000}
     if cell.pipeline_cfg:
         cfg["pipeline"] = {"stages": "auto"}
+    if cell.force_ds_cpu_opt:
+        cfg["zero_force_ds_cpu_optimizer"] = True
     return cfg
 
 
@@ -138,9 +140,9 @@ def make_optimizer(cell: Cell, model):
     if cell.opt == "config":
         return None, groups(model)
     if cell.opt == "class":
-        return ScheduleFreeAdamW(groups(model), backend="foreach", **sf_kwargs()), None
+        return ScheduleFreeAdamW(groups(model), backend=cell.backend, **sf_kwargs()), None
     if cell.opt == "callable":
-        return (lambda params: ScheduleFreeAdamW(params, backend="foreach", **sf_kwargs())), \
+        return (lambda params: ScheduleFreeAdamW(params, backend=cell.backend, **sf_kwargs())), \
             groups(model)
     if cell.opt == "stock":
         import schedulefree
@@ -207,6 +209,42 @@ def rank0_only(out: dict, key: str):
         out[key] = f"{type(e).__name__}: {e}"[:2000]
 
 
+def offload_report(engine) -> dict:
+    """Whether DeepSpeed really offloaded (its wrappers' own flags), and the backend that
+    ``auto`` resolves to on the masters' device (what an offloaded step runs)."""
+    from megawsd.integrations import ds_layout
+    from megawsd.kernels import resolve_backend
+
+    opt = engine.optimizer
+    masters = [sh.y for sh in ds_layout.shards(engine)]
+    return {"optimizer": bool(getattr(opt, "cpu_offload", False)
+                              or getattr(opt, "offload_optimizer", False)),
+            "param": bool(getattr(opt, "offload_param", False)),
+            "master_devices": sorted({t.device.type for t in masters}),
+            "auto_backends": sorted({resolve_backend("auto", t.device) for t in masters})}
+
+
+@contextlib.contextmanager
+def record_backends(out: dict):
+    """The backends ScheduleFreeAdamW's steps really ran (``ran_backends``), not the ones
+    asked for: a compiled kernel that fails to build falls back to foreach."""
+    import megawsd.optim.schedule_free as sf
+
+    real, ran = sf._update_tensors, set()
+
+    def spy(*args, **kwargs):
+        name = real(*args, **kwargs)
+        ran.add(name)
+        return name
+
+    sf._update_tensors = spy
+    try:
+        yield
+    finally:
+        sf._update_tensors = real
+        out["ran_backends"] = sorted(ran)
+
+
 def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
     import megawsd.deepspeed as mds
     from megawsd.errors import ConfigError
@@ -223,9 +261,11 @@ def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
         return {"outcome": "error", "message": f"{type(e).__name__}: {e}"[:2000]}
     if cell.model == "pipeline":
         return {"outcome": "initialized"}
-    out: dict = {"outcome": "initialized", "path": ds_layout.path_name(engine)}
+    out: dict = {"outcome": "initialized", "path": ds_layout.path_name(engine),
+                 "offload": offload_report(engine)}
     try:
-        return run_engine(cell, engine, sched, world, rank, tmp, refs, out)
+        with record_backends(out):
+            return run_engine(cell, engine, sched, world, rank, tmp, refs, out)
     except Exception:  # noqa: BLE001 - deterministic on both ranks; the test fails on it
         import traceback
 
@@ -273,7 +313,26 @@ def run_engine(cell: Cell, engine, sched, world, rank, tmp, refs, out) -> dict:
         out["ckpt_losses"] = [train_step(engine, batches[s - 1], world, rank, cell.gas)
                               for s in range(SAVE_AT + 1, STEPS + 1)]
         out["ckpt_k"] = [g["k"] for g in inner.param_groups]
+        if any(r.startswith("offload") for r in cell.rows):
+            out.update(resharded_load(cell, engine, ckpt_dir, world, rank))
     return out
+
+
+def resharded_load(cell: Cell, engine, ckpt_dir, world, rank) -> dict:
+    """The step-3 checkpoint again, through megawsd's resharding path (``reshard="always"``:
+    full tensors written into the offloaded partitions) inside eval_mode, then continued."""
+    import megawsd.deepspeed as mds
+    from megawsd.integrations import ds_layout
+
+    batches = T.data()
+    with mds.eval_mode(engine):
+        mds.load_checkpoint(engine, ckpt_dir, "step3", reshard="always")
+        ev = eval_loss(engine, world, rank)
+    step = int(engine.global_steps)
+    losses = [train_step(engine, batches[s - 1], world, rank, cell.gas)
+              for s in range(SAVE_AT + 1, STEPS + 1)]
+    return {"reshard_eval_loss": ev, "reshard_loaded_step": step, "reshard_losses": losses,
+            "reshard_k": [g["k"] for g in ds_layout.inner_optimizer(engine).param_groups]}
 
 
 def main():

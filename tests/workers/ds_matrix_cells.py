@@ -76,13 +76,30 @@ ROWS: list[Row] = [
         "its checkpoints drop k, weight_sum, lr_max"),
     Row("offload_opt", '`offload_optimizer: {"device": "cpu"}`',
         {"zero": (("offload_optimizer", {"device": "cpu"}),)},
-        {0: None, 1: _refused("zero_optimization.offload_optimizer.device"),
-         2: _refused("zero_optimization.offload_optimizer.device"),
-         3: _refused("zero_optimization.offload_optimizer.device")},
-        "the offloaded step is DeepSpeed's CPU Adam"),
+        {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
+        "the step runs ScheduleFreeAdamW on the CPU fp32 partitions"),
     Row("offload_param", '`offload_param: {"device": "cpu"}`',
         {"zero": (("offload_param", {"device": "cpu"}),)},
+        {0: None, 1: None, 2: None, 3: EXACT}),
+    Row("offload_auto", '`offload_optimizer` cpu with `backend: "auto"`',
+        {"zero": (("offload_optimizer", {"device": "cpu"}),), "backend": "auto"},
+        {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
+        "the offloaded step runs the compiled CPU kernel"),
+    Row("offload_forced", '`zero_force_ds_cpu_optimizer: true` with `offload_optimizer` cpu',
+        {"zero": (("offload_optimizer", {"device": "cpu"}),), "force_ds_cpu_opt": True},
+        {0: None, **{s: _refused("zero_force_ds_cpu_optimizer") for s in (1, 2, 3)}},
+        "DeepSpeed then accepts only its own CPU Adam / Lion"),
+    Row("offload_nvme", '`offload_optimizer: {"device": "nvme"}`',
+        {"zero": (("offload_optimizer", {"device": "nvme", "nvme_path": "/tmp"}),)},
+        {0: None, **{s: _refused("zero_optimization.offload_optimizer.device") for s in (1, 2, 3)}},
+        "NVMe swaps the partitions that eval, export and resharding read"),
+    Row("offload_param_nvme", '`offload_param: {"device": "nvme"}`',
+        {"zero": (("offload_param", {"device": "nvme", "nvme_path": "/tmp"}),)},
         {0: None, 1: None, 2: None, 3: _refused("zero_optimization.offload_param.device")}),
+    Row("offload_partial", '`offload_optimizer: {"device": "cpu", "ratio": 0.5}`',
+        {"zero": (("offload_optimizer", {"device": "cpu", "ratio": 0.5}),)},
+        {0: None, 1: None, 2: None, 3: _refused("zero_optimization.offload_optimizer.ratio")},
+        "partial offload is untested"),
     Row("pipecfg", '`pipeline: {"stages": "auto"}` on a plain model', {"pipeline_cfg": True},
         _ALL_EXACT, "DeepSpeed ignores the section without a PipelineModule"),
     Row("pipemodule", "a 2-stage `deepspeed.pipe.PipelineModule`", {"model": "pipeline"},
@@ -105,6 +122,8 @@ DEFAULT_EXACT = [
     (0, ("opt_callable", "ckpt")),
     (2, ("bfloat16", "gas2", "noclip", "overlap", "noncontig")),
     (1, ("fp16", "pipecfg", "opt_class", "ckpt")),
+    # ZeRO-Offload: the CPU step, the bf16 copy-back and offloaded gradient accumulation.
+    (2, ("bf16", "gas2", "offload_opt", "ckpt")),
 ]
 #: Refusals through the other ways of passing the optimizer (a callable is only seen once
 #: DeepSpeed calls it, inside deepspeed.initialize).
@@ -113,7 +132,7 @@ DEFAULT_REFUSED = [
     (1, ("opt_stock", "elastic")),
     (0, ("opt_callable", "bfloat16")),
     (1, ("opt_callable", "pipemodule")),
-    (3, ("opt_class", "offload_param")),
+    (3, ("opt_callable", "offload_forced")),
 ]
 
 
@@ -131,6 +150,8 @@ class Cell:
     model: str = "plain"  # plain | pipeline
     pipeline_cfg: bool = False
     ckpt: bool = False
+    force_ds_cpu_opt: bool = False  # top-level zero_force_ds_cpu_optimizer: true
+    backend: str = "foreach"  # ScheduleFreeAdamW's backend (the reference runs foreach)
 
     @property
     def name(self) -> str:
@@ -182,6 +203,13 @@ def cells(full: bool = False) -> list[Cell]:
         for key in ("bfloat16", "subgroups", "overlap", "noncontig", "pipecfg"):
             if _applies(key, s):
                 out += [make_cell(s, d + (key,)) for d in (dtypes if key != "bfloat16" else [()])]
+        # ZeRO-Offload on every dtype, saved -> reloaded -> continued; ZeRO-3 offloads both.
+        offloads = [("offload_opt",)] + ([("offload_param",), ("offload_opt", "offload_param")]
+                                         if s == 3 else [])
+        if s > 0:
+            out += [make_cell(s, d + o + ("ckpt",)) for d in dtypes for o in offloads]
+            out += [make_cell(s, ("gas2", "opt_stock", "offload_opt")),
+                    make_cell(s, ("bf16", "offload_auto", "ckpt"))]
     return list({c.name: c for c in out}.values())
 
 
