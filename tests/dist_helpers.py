@@ -138,3 +138,20 @@ def report(result: dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(result, f)
     os.replace(tmp, path)
+
+
+def run_worker(main) -> None:
+    """Inside a worker: run ``main()``; if it raises, print the traceback and exit at once.
+
+    A rank that raised must not wait in gloo's teardown for its peer (that hangs until the
+    timeout): ``os._exit`` skips it, after flushing what the traceback printed.
+    """
+    try:
+        main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from tests.dist_helpers import report, worker_args  # noqa: E402
+from tests.dist_helpers import report, run_worker, worker_args  # noqa: E402
 from tests.workers.ds_train import (  # noqa: E402
     GLOBAL,
     MB,
@@ -213,12 +213,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # a rank that raised must not wait in gloo's teardown for its peer
+    run_worker(main)

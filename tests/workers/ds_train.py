@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from tests.dist_helpers import report, worker_args  # noqa: E402
+from tests.dist_helpers import report, run_worker, worker_args  # noqa: E402
 
 SEQ, MB, GLOBAL = 16, 2, 4  # sequence length, micro batch per rank, global batch (sequences)
 LR, BETAS, WD = 1e-3, (0.9, 0.999), 0.1
@@ -333,13 +333,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # A rank that raised must not wait in gloo's teardown for its peer: exit now.
-        os._exit(1)
+    run_worker(main)
