@@ -155,7 +155,8 @@ def launch(args: dict, nproc: int, cpu: bool) -> list[dict]:
         if cpu:
             env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         cmd = [sys.executable, str(Path(__file__)), "--worker", json.dumps(args)]
-        procs.append(subprocess.Popen(cmd, env=env))
+        # DeepSpeed logs to stdout: the ranks' stdout goes to stderr, so ours holds the JSON alone.
+        procs.append(subprocess.Popen(cmd, env=env, stdout=sys.stderr))
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"engine_step ranks failed with exit codes {codes}")
