@@ -13,7 +13,7 @@ test: install
 	$(PYTHON) -m pytest -q tests
 
 # Everything, the tests marked slow included (the full DeepSpeed option matrix, the 2 -> 4
-# reshard, the HF Trainer's other stages, the whole Megatron sweep, ...): ~25 min on 2 cores.
+# reshard, the HF Trainer's other stages, the whole Megatron sweep, ...): ~20 min on 2 idle cores.
 test-all: install
 	$(PYTHON) -m pytest -q -m "" tests
 
