@@ -723,24 +723,24 @@ def eval_mode(engine) -> Iterator[None]:
         engine.module.train(was_training)
 
 
-def _leave_eval_for_load(engine) -> bool:
-    """Put y back before a checkpoint load; True when the engine was in eval mode.
+@contextlib.contextmanager
+def _out_of_eval_for_load(engine) -> Iterator[None]:
+    """Around a checkpoint load: put y back first if the engine is in eval mode, and come
+    back at x of the loaded weights afterwards (also on error).
 
     In eval mode the stages whose masters are the working weights (stage 0 and ZeRO-3 in
     fp32) keep y in a stash that ``engine_train`` copies back: a load in between would be
-    undone by it. Call :func:`_reenter_eval_after_load` with the result once loaded.
+    undone by it, and the rest of the block would evaluate the old weights.
     """
     st = getattr(engine, "_megawsd", None)
-    if st is None or not st.in_eval:
-        return False
-    engine_train(engine)
-    return True
-
-
-def _reenter_eval_after_load(engine, was_eval: bool) -> None:
-    """After a load begun in eval mode: x of the loaded weights, as the caller expects."""
+    was_eval = st is not None and st.in_eval
     if was_eval:
-        engine_eval(engine)
+        engine_train(engine)
+    try:
+        yield
+    finally:
+        if was_eval:
+            engine_eval(engine)
 
 
 def _guard_load_in_eval(engine) -> None:
@@ -749,11 +749,8 @@ def _guard_load_in_eval(engine) -> None:
     inner_load = engine.load_checkpoint
 
     def load_checkpoint(*args, **kwargs):
-        was_eval = _leave_eval_for_load(engine)
-        try:
+        with _out_of_eval_for_load(engine):
             return inner_load(*args, **kwargs)
-        finally:
-            _reenter_eval_after_load(engine, was_eval)
 
     engine.load_checkpoint = load_checkpoint
 
@@ -890,11 +887,8 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None, reshard: str 
     """:func:`megawsd.integrations.ds_checkpoint.load_checkpoint`, also inside ``eval_mode``:
     the load lands in y and the engine comes back at the loaded x (resharding writes the
     masters directly, past ``engine.load_checkpoint``'s guard)."""
-    was_eval = _leave_eval_for_load(engine)
-    try:
+    with _out_of_eval_for_load(engine):
         return ds_checkpoint.load_checkpoint(engine, load_dir, tag, reshard=reshard, **kwargs)
-    finally:
-        _reenter_eval_after_load(engine, was_eval)
 
 __all__ = [
     "initialize",

@@ -365,10 +365,9 @@ def load_full_state(engine, full: FullCheckpoint, optimizer: bool = True,
     inner = ds_layout.inner_optimizer(engine)
     named = _check_same_model(engine, full, inner)
     keys = _state_keys(full, named, inner) if optimizer else ()
-    has_state = bool(keys)
     ds_layout.before_write(engine)
     shards = ds_layout.shards(engine)
-    if has_state:
+    if keys:
         for sh in shards:  # the state the first step() would create, then overwritten below
             s = inner.state[sh.y]
             for key in keys:

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from tests.dist_helpers import report, worker_args  # noqa: E402
+from tests.workers.ds_train import global_mean  # noqa: E402
 
 SEQ, MB, GLOBAL = 16, 2, 4  # sequence length, micro batch per rank, global batch (sequences)
 LR, BETAS, WD, EPS = 1e-2, (0.9, 0.999), 0.1, 1e-8
@@ -301,14 +302,6 @@ def run_trainer(job):
     return result
 
 
-def _global_mean(t: torch.Tensor) -> float:
-    t = t.detach().float().clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return float(t)
-
-
 def run_accelerate(job):
     """Accelerate directly: DeepSpeed plugin with the JSON, DummyOptim/DummyScheduler."""
     from accelerate import Accelerator
@@ -338,12 +331,12 @@ def run_accelerate(job):
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(_global_mean(loss))
+        losses.append(global_mean(loss))
         if step == job.get("eval_at"):
             ev = eval_samples()[rank * (GLOBAL // world):(rank + 1) * (GLOBAL // world)]
             opt.eval()  # accelerate's own call, as a schedule-free user writes it
             with torch.no_grad():
-                result["eval_loss"] = _global_mean(model(input_ids=ev, labels=ev).loss)
+                result["eval_loss"] = global_mean(model(input_ids=ev, labels=ev).loss)
             opt.train()
         if step == STEPS:
             break
