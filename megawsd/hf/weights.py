@@ -20,6 +20,7 @@ import torch
 
 from megawsd.integrations.deepspeed import consolidated_state_dict
 from megawsd.integrations.deepspeed import eval_mode as ds_eval_mode
+from megawsd.integrations.deepspeed import looks_schedule_free as ds_looks_schedule_free
 from megawsd.kernels import write_x
 
 
@@ -37,13 +38,9 @@ def _has_groups(opt) -> bool:
 
 
 def looks_schedule_free(optimizer) -> bool:
-    """megawsd's ScheduleFreeAdamW or schedulefree's AdamWScheduleFree (same state layout)."""
-    opt = unwrap_optimizer(optimizer)
-    return (
-        isinstance(opt, torch.optim.Optimizer)
-        and bool(opt.param_groups)
-        and all("train_mode" in g and "weight_sum" in g for g in opt.param_groups)
-    )
+    """megawsd's ScheduleFreeAdamW or schedulefree's AdamWScheduleFree, also inside
+    accelerate's AcceleratedOptimizer (the test is megawsd.deepspeed's)."""
+    return ds_looks_schedule_free(unwrap_optimizer(optimizer))
 
 
 def is_megawsd_engine(model) -> bool:

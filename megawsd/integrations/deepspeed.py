@@ -413,7 +413,7 @@ def initialize(
     engine, ds_opt, loader, sched = deepspeed.initialize(**kwargs)
 
     schedule_free = groups.schedule_free
-    if not schedule_free and _looks_schedule_free(ds_layout.inner_optimizer(engine)):
+    if not schedule_free and looks_schedule_free(ds_layout.inner_optimizer(engine)):
         # Cannot happen through the paths above; refuse rather than run unchecked.
         raise OptimizerError(
             "optimizer: a schedule-free optimizer reached DeepSpeed without megawsd's checks; "
@@ -459,7 +459,7 @@ def _prepare_client_optimizer(opt, cfg: dict, model, groups: _GroupRecord):
     """
     from megawsd.optim import ScheduleFreeAdamW
 
-    if not _looks_schedule_free(opt):
+    if not looks_schedule_free(opt):
         return opt
     if not isinstance(opt, ScheduleFreeAdamW):
         opt = _adopt_stock(opt)
@@ -559,7 +559,7 @@ def _ds_cpu_optimizer_check(opt) -> None:
         )
 
 
-def _looks_schedule_free(opt) -> bool:
+def looks_schedule_free(opt) -> bool:
     """Any optimizer with schedule-free group scalars (ours, schedulefree's variants)."""
     return isinstance(opt, torch.optim.Optimizer) and bool(opt.param_groups) and all(
         "train_mode" in g and "weight_sum" in g for g in opt.param_groups
