@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-from megawsd.kernels import resolve_backend, triton_runs_on, write_x
+from megawsd.kernels import BACKENDS, resolve_backend, triton_runs_on, write_x
 from megawsd.kernels import sf_adamw_compiled as compiled_mod
 from megawsd.optim import ScheduleFreeAdamW, advance_group_scalars, sf_adamw_update
 from megawsd.optim.reference import sf_adamw_reference_, x_from_yz_reference
@@ -247,3 +247,67 @@ def test_sf_adamw_update_rejects_mismatched_buffers():
         sf_adamw_update(y, y, z, v, backend="reference", inner_momentum=0.9, **coef)
     with pytest.raises(ValueError, match="elements"):
         sf_adamw_update(y, y, z, v, exp_avg=torch.zeros(3), inner_momentum=0.9, **coef)
+
+
+def test_every_backend_has_one_signature():
+    """torch/optim/adam.py's rule: one signature for every implementation in the table."""
+    import inspect
+
+    from megawsd.kernels.sf_adamw_triton import sf_adamw_triton_
+    from megawsd.optim import schedule_free as sf
+
+    impls = {**sf._IMPLEMENTATIONS, "triton": sf_adamw_triton_}
+    want = ["ys", "grads", "zs", "vs", "lowp_outs", "exp_avgs"]
+    for name, fn in impls.items():
+        params = list(inspect.signature(fn).parameters)
+        assert params[:6] == want, (name, params)
+    assert set(sf._IMPLEMENTATIONS) == set(BACKENDS) - {"auto"}
+    assert all(b in sf._IMPLEMENTATIONS for b in sf._FALLBACK.values())
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+def test_grad_scale_tensor_equals_the_same_float(backend):
+    """DeepSpeed's clip coefficient arrives as a one-element device tensor (no host sync):
+    the step must equal the one with that fp32 value as a float, bit for bit."""
+    _skip_if_no_triton(backend)
+    scale = torch.tensor([0.3712])
+    got, ref = _run(backend, 2047, torch.float32, steps=3, grad_scale=scale), _run(
+        backend, 2047, torch.float32, steps=3, grad_scale=float(scale)
+    )
+    for a, b in zip(got[:3], ref[:3]):
+        assert torch.equal(a, b)
+
+
+def test_compile_failure_midway_finishes_the_rest_with_foreach(monkeypatch):
+    """The fallback chain: tensors the compiled loop already updated are not stepped again."""
+    from megawsd.optim import sf_adamw
+
+    real_get, calls = compiled_mod._get, []
+
+    def flaky(name):
+        fn = real_get(name)
+
+        def run(*args):
+            calls.append(name)
+            if len(calls) > 1:
+                raise RuntimeError("compiler crashed (simulated)")
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(compiled_mod, "_get", flaky)
+    monkeypatch.setattr(compiled_mod, "_BROKEN", None)
+    monkeypatch.setattr(compiled_mod, "_WARNED", True)
+    gen = torch.Generator().manual_seed(5)
+    ys = [torch.randn(n, generator=gen) for n in (300, 301, 302)]
+    gs = [torch.randn(y.numel(), generator=gen) for y in ys]
+    zs, vs = [y.clone() for y in ys], [torch.zeros_like(y) for y in ys]
+    ref = [(y.clone(), z.clone(), v.clone()) for y, z, v in zip(ys, zs, vs)]
+    coef = dict(lr=0.01, ckp1=0.3, bias_correction2=0.01, grad_scale=1.0, **HP)
+    ran = sf_adamw(ys, gs, zs, vs, backend="compiled", **coef)
+    assert ran == "foreach" and calls == ["step", "step"]
+    for (y, g, z, v), (ry, rz, rv) in zip(zip(ys, gs, zs, vs), ref):
+        sf_adamw_reference_(ry, g, rz, rv, **coef)
+        _close(y, ry, 2e-6)  # each tensor stepped exactly once
+        _close(z, rz, 2e-6)
+        _close(v, rv, 2e-6)

@@ -13,6 +13,10 @@ Public helpers:
 - ``write_x(y, z, beta1, out)``: x into ``out`` (fp32 or bf16, any device: Triton on CUDA,
   torch elsewhere), y and z untouched. Used for evaluation/export under ZeRO.
 - ``resolve_backend(backend, device)``: "auto" -> "triton" on CUDA, "compiled" elsewhere.
+- ``contiguous(*tensors)``: the fused kernels' precondition (flat, dense memory).
+- ``BackendUnavailable``: raised by a backend that cannot run here (compiling failed), saying
+  how many tensors it had already updated, so the dispatcher finishes the rest with the next
+  backend of its fallback chain.
 """
 
 from __future__ import annotations
@@ -59,10 +63,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _flat_ok(*tensors: torch.Tensor | None) -> bool:
-    ts = [t for t in tensors if t is not None]
-    n = ts[0].numel()
-    return all(t.is_contiguous() and t.numel() == n for t in ts)
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run in this process; tensors ``[0, start)`` of the call were updated,
+    the others are untouched."""
+
+    def __init__(self, backend: str, start: int, reason: str) -> None:
+        super().__init__(f"backend {backend!r} unavailable: {reason}")
+        self.backend, self.start, self.reason = backend, start, reason
+
+
+def contiguous(*tensors: torch.Tensor | None) -> bool:
+    """All given tensors are contiguous (``None`` entries are ignored): what the fused kernels,
+    which read every tensor as one flat array, need."""
+    return all(t is None or t.is_contiguous() for t in tensors)
 
 
 @torch.no_grad()
@@ -84,7 +97,7 @@ def write_x(
     use_triton = backend == "triton" or (
         backend == "auto" and y.device.type == "cuda" and triton_available()
     )
-    if use_triton and not _flat_ok(y, z, out):
+    if use_triton and not contiguous(y, z, out):
         if backend == "triton":
             raise ValueError("write_x(backend='triton') needs contiguous y, z, out")
         use_triton = False
@@ -98,4 +111,12 @@ def write_x(
     return out
 
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_runs_on", "write_x"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "contiguous",
+    "resolve_backend",
+    "triton_available",
+    "triton_runs_on",
+    "write_x",
+]

@@ -17,9 +17,9 @@ Why the shape of this file:
   by a 0/1 flag and ``w`` = c or -(1 - c) (exact in fp32 for c >= 0.5), which gives torch's
   values with fewer instructions per element than evaluating both sides.
 
-Entry point: :func:`sf_adamw_compiled_` (same signature as the reference, one tensor), and
-:func:`compiled_available` (False after a compile failure; the caller then falls back to
-foreach and warns once).
+Entry point: :func:`sf_adamw_compiled_`, with the list signature every backend shares; after
+a compile failure it raises :class:`~megawsd.kernels.BackendUnavailable` and the dispatcher
+falls back to foreach (warned once).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import struct
 import warnings
 
 import torch
+
+from megawsd.kernels import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def pack_scalars(
     weight_decay: float,
     ckp1: float,
     bias_correction2: float,
-    grad_scale: float,
+    grad_scale: float | torch.Tensor,
     device: torch.device,
     inner_momentum: float = 0.0,
     bias_correction1: float = 1.0,
@@ -72,11 +74,14 @@ def pack_scalars(
     vals[_EPS] = eps
     vals[_WD] = weight_decay
     vals[_YCOEF] = lr * (beta1 * (1 - ckp1) - 1)
-    vals[_GS] = grad_scale
+    vals[_GS] = grad_scale if not isinstance(grad_scale, torch.Tensor) else 1.0
     vals[_MU] = inner_momentum
     vals[_OMMU] = 1 - inner_momentum
     vals[_BC1] = bias_correction1
-    return torch.tensor(vals, dtype=torch.float32, device=device)
+    packed = torch.tensor(vals, dtype=torch.float32, device=device)
+    if isinstance(grad_scale, torch.Tensor):  # DeepSpeed's clip coefficient: no host sync
+        packed[_GS : _GS + 1].copy_(grad_scale.reshape(1))
+    return packed
 
 
 def _sf_adamw_math(
@@ -138,11 +143,6 @@ def _get(name: str):
     return fn
 
 
-def compiled_available() -> bool:
-    """False once a compile has failed in this process (then callers use foreach)."""
-    return _BROKEN is None
-
-
 def _mark_broken(err: BaseException) -> None:
     global _BROKEN, _WARNED
     _BROKEN = f"{type(err).__name__}: {err}"
@@ -160,33 +160,57 @@ def _mark_broken(err: BaseException) -> None:
 
 
 def sf_adamw_compiled_(
-    y: torch.Tensor,
-    grad: torch.Tensor,
-    z: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    ys: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    zs: list[torch.Tensor],
+    vs: list[torch.Tensor],
     *,
-    scalars: torch.Tensor,
-    lowp_out: torch.Tensor | None = None,
-    exp_avg: torch.Tensor | None = None,
-) -> bool:
-    """One fused step on one contiguous tensor, in place. ``scalars`` from :func:`pack_scalars`.
-    ``exp_avg`` (contiguous, state dtype) is passed exactly when the step has inner momentum.
+    lowp_outs: list[torch.Tensor] | None = None,
+    exp_avgs: list[torch.Tensor] | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    grad_scale: float | torch.Tensor = 1.0,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
+) -> None:
+    """One fused step on each (contiguous) tensor of the lists, in place; the signature every
+    backend of :func:`megawsd.optim.schedule_free.sf_adamw` shares. ``exp_avgs`` are given
+    exactly when ``inner_momentum`` != 0.
 
-    Returns False (having changed nothing) when compiling failed; the caller then runs
-    another backend. Compile errors happen before the generated code runs, so no tensor is
-    half-updated.
+    Raises :class:`~megawsd.kernels.BackendUnavailable` when compiling failed: tensors before
+    its ``start`` were updated, the others are untouched (compile errors happen before the
+    generated code runs), so the caller finishes them with another backend.
     """
+    if not ys:
+        return
     if _BROKEN is not None:
-        return False
-    flat = [t.view(-1) for t in (y, grad, z, exp_avg_sq)]
-    extra = [] if lowp_out is None else [lowp_out.view(-1)]
-    name = "step" if lowp_out is None else "step_lowp"
-    if exp_avg is not None:
-        extra.append(exp_avg.view(-1))
-        name += "_m"
-    try:
-        _get(name)(*flat, scalars, *extra)
-    except Exception as err:  # noqa: BLE001 - any compiler failure means "use foreach"
-        _mark_broken(err)
-        return False
-    return True
+        raise BackendUnavailable("compiled", 0, _BROKEN)
+    scalars = pack_scalars(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        ckp1=ckp1,
+        bias_correction2=bias_correction2,
+        grad_scale=grad_scale,
+        device=ys[0].device,
+        inner_momentum=inner_momentum,
+        bias_correction1=bias_correction1,
+    )
+    name = ("step" if lowp_outs is None else "step_lowp") + ("_m" if exp_avgs else "")
+    for i in range(len(ys)):
+        flat = [t.view(-1) for t in (ys[i], grads[i], zs[i], vs[i])]
+        extra = [] if lowp_outs is None else [lowp_outs[i].view(-1)]
+        if exp_avgs:
+            extra.append(exp_avgs[i].view(-1))
+        try:
+            _get(name)(*flat, scalars, *extra)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means "use foreach"
+            _mark_broken(err)
+            raise BackendUnavailable("compiled", i, _BROKEN) from err

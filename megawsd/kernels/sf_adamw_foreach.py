@@ -4,19 +4,54 @@ Used where ``torch.compile`` does not work (no C++ compiler, exotic device) and 
 multi-tensor version. Same math and operation order as the reference; several passes over
 memory (like ``schedulefree``'s foreach path) but without modifying ``p.grad``.
 
-Entry point: :func:`sf_adamw_foreach_` on lists of tensors of one device and dtype; ``ys`` may
-be low precision (bf16/fp16) with fp32 ``zs``/``vs``: the math then runs on fp32 copies of y.
-With ``inner_momentum`` μ != 0, ``ms`` (Adam's first moment, state dtype) are updated too and
-replace the gradient in the numerator, as in the reference.
+Entry point: :func:`sf_adamw_foreach_` on lists of tensors of one device, with the signature
+every backend of :func:`megawsd.optim.schedule_free.sf_adamw` shares; it runs one group of
+foreach calls per (y, grad, state) dtype combination. ``ys`` may be low precision (bf16/fp16)
+with fp32 ``zs``/``vs``: the math then runs on fp32 copies of y. With ``inner_momentum``
+μ != 0, ``exp_avgs`` (Adam's first moment, state dtype) are updated too and replace the
+gradient in the numerator, as in the reference.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
+
+
+def _is_one(grad_scale: float | torch.Tensor) -> bool:
+    return not isinstance(grad_scale, torch.Tensor) and grad_scale == 1.0
 
 
 @torch.no_grad()
 def sf_adamw_foreach_(
+    ys: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    zs: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    *,
+    lowp_outs: list[torch.Tensor] | None = None,
+    exp_avgs: list[torch.Tensor] | None = None,
+    **coef,
+) -> None:
+    """One step on every tensor of the lists (one device), in place on ys, zs, vs; grads are
+    read only. The coefficients are :func:`_foreach_step`'s keyword arguments."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(len(ys)):
+        buckets[(ys[i].dtype, grads[i].dtype, zs[i].dtype)].append(i)
+    for idx in buckets.values():
+        _foreach_step(
+            [ys[i] for i in idx],
+            [grads[i] for i in idx],
+            [zs[i] for i in idx],
+            [vs[i] for i in idx],
+            lowp_outs=None if lowp_outs is None else [lowp_outs[i] for i in idx],
+            ms=None if exp_avgs is None else [exp_avgs[i] for i in idx],
+            **coef,
+        )
+
+
+def _foreach_step(
     ys: list[torch.Tensor],
     grads: list[torch.Tensor],
     zs: list[torch.Tensor],
@@ -29,13 +64,13 @@ def sf_adamw_foreach_(
     weight_decay: float,
     ckp1: float,
     bias_correction2: float,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
     lowp_outs: list[torch.Tensor] | None = None,
     ms: list[torch.Tensor] | None = None,
     inner_momentum: float = 0.0,
     bias_correction1: float = 1.0,
 ) -> None:
-    """One step on every tensor of the lists, in place on ys, zs, vs; grads are read only."""
+    """One step on lists of one (y, grad, state) dtype combination."""
     if not ys:
         return
     compute = zs[0].dtype
@@ -43,9 +78,9 @@ def sf_adamw_foreach_(
     y32 = [y.to(compute) for y in ys] if lowp_y else ys
     if grads[0].dtype != compute:
         g = [gr.to(compute) for gr in grads]
-        if grad_scale != 1.0:
+        if not _is_one(grad_scale):
             torch._foreach_mul_(g, grad_scale)
-    elif grad_scale != 1.0:
+    elif not _is_one(grad_scale):
         g = torch._foreach_mul(grads, grad_scale)
     else:
         g = grads

@@ -49,12 +49,13 @@ def _sf_adamw_kernel(
     eps,
     weight_decay,
     y_coef,  # lr * (beta1 * (1 - ckp1) - 1), computed in float64 on the host
-    grad_scale,
+    grad_scale,  # a float, or a pointer to one fp32 value when GS_PTR
     mu,
     one_minus_mu,
     bias_correction1,
     HAS_OUT: tl.constexpr,
     HAS_M: tl.constexpr,
+    GS_PTR: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -62,7 +63,11 @@ def _sf_adamw_kernel(
     mask = offs < n_elements
 
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    if GS_PTR:  # DeepSpeed's clip coefficient, still on the device: no host sync
+        gs = tl.load(grad_scale)
+    else:
+        gs = grad_scale
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gs
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
 
@@ -92,11 +97,13 @@ def _sf_adamw_kernel(
 
 
 def sf_adamw_triton_(
-    y: torch.Tensor,
-    grad: torch.Tensor,
-    z: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    ys: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    zs: list[torch.Tensor],
+    vs: list[torch.Tensor],
     *,
+    lowp_outs: list[torch.Tensor] | None = None,
+    exp_avgs: list[torch.Tensor] | None = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -104,43 +111,48 @@ def sf_adamw_triton_(
     weight_decay: float,
     ckp1: float,
     bias_correction2: float,
-    grad_scale: float = 1.0,
-    lowp_out: torch.Tensor | None = None,
-    exp_avg: torch.Tensor | None = None,
+    grad_scale: float | torch.Tensor = 1.0,
     inner_momentum: float = 0.0,
     bias_correction1: float = 1.0,
 ) -> None:
-    """Launch the fused step on one contiguous tensor (any shape; treated as flat), in place.
-    ``exp_avg`` is used (and required) exactly when ``inner_momentum`` != 0."""
-    n = y.numel()
-    if n == 0:
-        return
+    """Launch the fused step on each (contiguous) tensor of the lists, in place; the signature
+    every backend of :func:`megawsd.optim.schedule_free.sf_adamw` shares. ``exp_avgs`` are
+    used (and required) exactly when ``inner_momentum`` != 0; ``grad_scale`` may be a
+    one-element fp32 tensor on the tensors' device."""
     has_m = inner_momentum != 0
-    if has_m and exp_avg is None:
-        raise ValueError("sf_adamw_triton_: inner_momentum != 0 needs an exp_avg buffer")
-    grid = (triton.cdiv(n, BLOCK),)
-    _sf_adamw_kernel[grid](
-        y,
-        grad,
-        z,
-        exp_avg_sq,
-        lowp_out if lowp_out is not None else y,  # unused when HAS_OUT is False
-        exp_avg if has_m else z,  # unused when HAS_M is False
-        n,
-        float(lr),
-        float(ckp1),
-        float(beta2),
-        float(1 - beta2),
-        float(bias_correction2),
-        float(eps),
-        float(weight_decay),
-        float(lr * (beta1 * (1 - ckp1) - 1)),
-        float(grad_scale),
-        float(inner_momentum),
-        float(1 - inner_momentum),
-        float(bias_correction1),
-        HAS_OUT=lowp_out is not None,
-        HAS_M=has_m,
-        BLOCK_SIZE=BLOCK,
-        num_warps=NUM_WARPS,
-    )
+    if has_m and exp_avgs is None:
+        raise ValueError("sf_adamw_triton_: inner_momentum != 0 needs exp_avg buffers")
+    gs_ptr = isinstance(grad_scale, torch.Tensor)
+    gs = grad_scale.reshape(1).float() if gs_ptr else float(grad_scale)
+    y_coef = float(lr * (beta1 * (1 - ckp1) - 1))  # in float64 on the host, as the reference
+    for i, y in enumerate(ys):
+        n = y.numel()
+        if n == 0:
+            continue
+        out = lowp_outs[i] if lowp_outs is not None else None
+        _sf_adamw_kernel[(triton.cdiv(n, BLOCK),)](
+            y,
+            grads[i],
+            zs[i],
+            vs[i],
+            out if out is not None else y,  # unused when HAS_OUT is False
+            exp_avgs[i] if has_m else zs[i],  # unused when HAS_M is False
+            n,
+            float(lr),
+            float(ckp1),
+            float(beta2),
+            float(1 - beta2),
+            float(bias_correction2),
+            float(eps),
+            float(weight_decay),
+            y_coef,
+            gs,
+            float(inner_momentum),
+            float(1 - inner_momentum),
+            float(bias_correction1),
+            HAS_OUT=out is not None,
+            HAS_M=has_m,
+            GS_PTR=gs_ptr,
+            BLOCK_SIZE=BLOCK,
+            num_warps=NUM_WARPS,
+        )

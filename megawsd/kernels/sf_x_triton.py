@@ -13,9 +13,7 @@ import triton
 import triton.language as tl
 
 from megawsd.kernels._triton_round import cast_for_store
-
-BLOCK = 2048
-NUM_WARPS = 8
+from megawsd.kernels.sf_adamw_triton import BLOCK, NUM_WARPS
 
 
 @triton.jit

@@ -25,8 +25,10 @@ gradient, Adam's first moment, kept in the state ``exp_avg`` (allocated only whe
 
 μ = 0 is exactly the update above (no ``exp_avg``, the same floating-point operations).
 
-Two pieces: :func:`advance_group_scalars` (the per-group scalars, a pure function of the group's
-counters) and :func:`sf_adamw_reference_` (the per-tensor update, in place).
+Two pieces: the per-group scalars, a pure function of the group's counters (one formula,
+``_coefficients``, reached by :func:`advance_group_scalars` for a new step and
+:func:`current_step_scalars` to recompute the current one), and :func:`sf_adamw_reference_`
+(the per-tensor update, in place).
 """
 
 from __future__ import annotations
@@ -64,6 +66,27 @@ def _scheduled_lr(lr: float, k: int, warmup_steps: int) -> float:
     return lr * sched
 
 
+def _coefficients(
+    *, t: int, lr_t: float, lr_max: float, weight_sum: float, beta2: float, r: float,
+    weight_lr_power: float, inner_momentum: float,
+) -> StepScalars:
+    """The one formula for step t's coefficients, from the counters as they are after step t
+    (lr_max and weight_sum already include it)."""
+    weight = (t**r) * (lr_max**weight_lr_power)
+    # lr == 0 from the start gives weight == weight_sum == 0: no averaging, c = 0 (schedulefree
+    # catches ZeroDivisionError for the same case).
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    return StepScalars(
+        k=t,
+        weight_sum=weight_sum,
+        lr_max=lr_max,
+        lr=lr_t,
+        ckp1=ckp1,
+        bias_correction2=1 - beta2**t,
+        bias_correction1=_bias_correction1(inner_momentum, t),
+    )
+
+
 def advance_group_scalars(
     *,
     k: int,
@@ -77,21 +100,13 @@ def advance_group_scalars(
     inner_momentum: float = 0.0,
 ) -> StepScalars:
     """Advance a group's counters by one step (k -> k+1) and return the step's coefficients."""
+    t = k + 1
     lr_t = _scheduled_lr(lr, k, warmup_steps)
     lr_max = max(lr_t, lr_max)
-    weight = ((k + 1) ** r) * (lr_max**weight_lr_power)
-    weight_sum = weight_sum + weight
-    # lr == 0 from the start gives weight == weight_sum == 0: no averaging, c = 0 (schedulefree
-    # catches ZeroDivisionError for the same case).
-    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
-    return StepScalars(
-        k=k + 1,
-        weight_sum=weight_sum,
-        lr_max=lr_max,
-        lr=lr_t,
-        ckp1=ckp1,
-        bias_correction2=1 - beta2 ** (k + 1),
-        bias_correction1=_bias_correction1(inner_momentum, k + 1),
+    weight_sum = weight_sum + (t**r) * (lr_max**weight_lr_power)  # w_t, as _coefficients
+    return _coefficients(
+        t=t, lr_t=lr_t, lr_max=lr_max, weight_sum=weight_sum, beta2=beta2, r=r,
+        weight_lr_power=weight_lr_power, inner_momentum=inner_momentum,
     )
 
 
@@ -114,18 +129,10 @@ def current_step_scalars(
     """
     if k < 1:
         raise ValueError("current_step_scalars needs a group that has stepped at least once")
-    kk = k - 1
-    lr_t = _scheduled_lr(lr, kk, warmup_steps)
-    weight = (k**r) * (lr_max**weight_lr_power)
-    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
-    return StepScalars(
-        k=k,
-        weight_sum=weight_sum,
-        lr_max=lr_max,
-        lr=lr_t,
-        ckp1=ckp1,
-        bias_correction2=1 - beta2**k,
-        bias_correction1=_bias_correction1(inner_momentum, k),
+    return _coefficients(
+        t=k, lr_t=_scheduled_lr(lr, k - 1, warmup_steps), lr_max=lr_max,
+        weight_sum=weight_sum, beta2=beta2, r=r, weight_lr_power=weight_lr_power,
+        inner_momentum=inner_momentum,
     )
 
 
@@ -143,7 +150,7 @@ def sf_adamw_reference_(
     weight_decay: float,
     ckp1: float,
     bias_correction2: float,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
     lowp_out: torch.Tensor | None = None,
     exp_avg: torch.Tensor | None = None,
     inner_momentum: float = 0.0,
@@ -160,7 +167,7 @@ def sf_adamw_reference_(
     """
     compute = z.dtype
     g = grad.to(compute)
-    if grad_scale != 1.0:
+    if isinstance(grad_scale, torch.Tensor) or grad_scale != 1.0:
         g = g * grad_scale
     yc = y.to(compute)  # a copy when y is low precision, y itself otherwise (not written below)
 

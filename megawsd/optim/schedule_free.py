@@ -31,18 +31,24 @@ Differences from the stock optimizer, all for training at scale:
 An LR schedule composes by setting ``group['lr']`` (``LambdaLR``, megawsd's DeepSpeed scheduler
 adapter): the step uses γ_t = group['lr'] · min(1, t / warmup_steps), as schedulefree does.
 
-Functional entry point (for flat ZeRO partitions)::
+Functional entry points, as ``torch.optim.adam.adam``:
 
-    sf_adamw_update(y, grad, z, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, ckp1,
-                    bias_correction2, grad_scale=1.0, lowp_out=None, backend="auto",
-                    exp_avg=None, inner_momentum=0.0, bias_correction1=1.0)
+    sf_adamw(ys, grads, zs, vs, *, lowp_outs=None, exp_avgs=None, backend="auto", **coef)
+    sf_adamw_update(y, grad, z, exp_avg_sq, *, backend="auto", lowp_out=None, exp_avg=None,
+                    **coef)     # one tensor, with its buffers checked
 
-updates one tensor in place: y (fp32 or bf16), z and exp_avg_sq (fp32); ``grad`` read only and
-multiplied by ``grad_scale`` (clip coefficient); ``lowp_out`` optionally receives the new y in
-its own dtype in the same pass. ``lr``/``ckp1``/``bias_correction2``/``bias_correction1`` come
-from :func:`~megawsd.optim.reference.advance_group_scalars` (or
-``ScheduleFreeAdamW.step_scalars``). With ``inner_momentum`` != 0, ``exp_avg`` (fp32, like z) is
-required and updated in place.
+update in place: y (fp32 or bf16), z and exp_avg_sq (fp32); ``grad`` read only and multiplied
+by ``grad_scale`` (clip coefficient; a float or a one-element device tensor); ``lowp_out``
+optionally receives the new y in its own dtype in the same pass. ``coef`` = lr, beta1, beta2,
+eps, weight_decay, ckp1, bias_correction2, grad_scale, inner_momentum, bias_correction1; the
+step's scalars come from :func:`~megawsd.optim.reference.advance_group_scalars`. With
+``inner_momentum`` != 0, ``exp_avg`` (fp32, like z) is required and updated in place.
+
+``sf_adamw`` dispatches like torch's Adam: every backend has the signature
+``fn(ys, grads, zs, vs, *, lowp_outs, exp_avgs, **coef)``, one table maps names to them, and
+one fallback chain covers what a backend cannot do (non-contiguous tensors -> reference; a
+failed compile -> foreach). Under DeepSpeed, :class:`FusedEpilogue` carries the gradient
+scale and the working-copy output into the step (:mod:`megawsd.integrations.ds_fused`).
 """
 
 from __future__ import annotations
@@ -50,13 +56,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megawsd.errors import ConfigError, OptimizerError, field_error
-from megawsd.kernels import BACKENDS, resolve_backend
-from megawsd.kernels.sf_adamw_compiled import pack_scalars, sf_adamw_compiled_
+from megawsd.kernels import BACKENDS, BackendUnavailable, contiguous, resolve_backend
+from megawsd.kernels.sf_adamw_compiled import sf_adamw_compiled_
 from megawsd.kernels.sf_adamw_foreach import sf_adamw_foreach_
 from megawsd.optim.reference import (
     StepScalars,
@@ -114,7 +121,7 @@ def sf_adamw_update(
     weight_decay: float,
     ckp1: float,
     bias_correction2: float,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
     lowp_out: torch.Tensor | None = None,
     backend: str = "auto",
     exp_avg: torch.Tensor | None = None,
@@ -140,92 +147,117 @@ def sf_adamw_update(
             f"sf_adamw_update: z ({z.dtype}), exp_avg_sq ({exp_avg_sq.dtype}) and exp_avg must "
             f"share a dtype, and y ({y.dtype}) must have it too unless y is bf16/fp16"
         )
-    return _update_tensors(
+    return sf_adamw(
         [y],
         [grad],
         [z],
         [exp_avg_sq],
-        None if lowp_out is None else [lowp_out],
-        None if exp_avg is None else [exp_avg],
-        dict(
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            ckp1=ckp1,
-            bias_correction2=bias_correction2,
-            grad_scale=grad_scale,
-            inner_momentum=inner_momentum,
-            bias_correction1=bias_correction1,
-        ),
-        backend,
+        lowp_outs=None if lowp_out is None else [lowp_out],
+        exp_avgs=None if exp_avg is None else [exp_avg],
+        backend=backend,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        ckp1=ckp1,
+        bias_correction2=bias_correction2,
+        grad_scale=grad_scale,
+        inner_momentum=inner_momentum,
+        bias_correction1=bias_correction1,
     )
 
 
+# --------------------------------------------------------------------------------------------
+# backend dispatch, as torch/optim/adam.py does it: every backend has one signature
+#   fn(ys, grads, zs, vs, *, lowp_outs, exp_avgs, **coefficients)
+# (lists of one device; ``exp_avgs`` exactly when inner_momentum != 0), one table, and one
+# fallback chain.
+
+
+def _single_tensor_sf_adamw(ys, grads, zs, vs, *, lowp_outs=None, exp_avgs=None, **coef):
+    """The reference, tensor by tensor: the oracle, and the path for non-contiguous tensors."""
+    for i in range(len(ys)):
+        out = None if lowp_outs is None else lowp_outs[i]
+        m = None if exp_avgs is None else exp_avgs[i]
+        sf_adamw_reference_(ys[i], grads[i], zs[i], vs[i], lowp_out=out, exp_avg=m, **coef)
+
+
+def _triton_sf_adamw(*args, **kwargs):
+    # Imported on first use: importing Triton is slow and TRITON_INTERPRET must be set first.
+    from megawsd.kernels.sf_adamw_triton import sf_adamw_triton_
+
+    sf_adamw_triton_(*args, **kwargs)
+
+
+_IMPLEMENTATIONS: dict[str, Callable[..., None]] = {
+    "triton": _triton_sf_adamw,  # one kernel launch per tensor, GPU
+    "compiled": sf_adamw_compiled_,  # one Inductor loop per tensor, CPU
+    "foreach": sf_adamw_foreach_,  # eager multi-tensor ops, anywhere
+    "reference": _single_tensor_sf_adamw,  # the oracle
+}
+# Where a backend's tensors go when it cannot run in this process (compiling failed).
+_FALLBACK = {"compiled": "foreach"}
+# Backends that read every tensor as one flat array; other tensors take the reference.
+_NEEDS_CONTIGUOUS = ("triton", "compiled")
+
+
+def _pick(lists: list[list | None], idx: list[int]) -> list[list | None]:
+    return [None if lst is None else [lst[i] for i in idx] for lst in lists]
+
+
 @torch.no_grad()
-def _update_tensors(
+def sf_adamw(
     ys: list[torch.Tensor],
     grads: list[torch.Tensor],
     zs: list[torch.Tensor],
     vs: list[torch.Tensor],
-    outs: list[torch.Tensor] | None,
-    ms: list[torch.Tensor] | None,
-    coef: dict[str, float],
-    backend: str,
+    *,
+    lowp_outs: list[torch.Tensor] | None = None,
+    exp_avgs: list[torch.Tensor] | None = None,
+    backend: str = "auto",
+    **coef,
 ) -> str:
-    """Update tensors that share one device (any dtypes) with one backend; returns its name.
-    ``ms``: the ``exp_avg`` buffers, exactly when ``coef['inner_momentum']`` != 0."""
+    """One schedule-free AdamW step on tensors of one device (any dtypes), in place; returns
+    the backend that ran the contiguous tensors (after any fallback). ``coef``: lr, beta1,
+    beta2, eps, weight_decay, ckp1, bias_correction2, grad_scale (float, or a one-element
+    tensor on the device: DeepSpeed's clip coefficient), inner_momentum, bias_correction1."""
     if not ys:
         return backend
-    device = ys[0].device
-    resolved = resolve_backend(backend, device)
-    outs_ = outs if outs is not None else [None] * len(ys)
-    ms_ = ms if ms is not None else [None] * len(ys)
-
-    if resolved == "reference":
-        for y, g, z, v, o, m in zip(ys, grads, zs, vs, outs_, ms_):
-            sf_adamw_reference_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
-        return resolved
-
-    if resolved == "triton":
-        from megawsd.kernels.sf_adamw_triton import sf_adamw_triton_
-
-        for y, g, z, v, o, m in zip(ys, grads, zs, vs, outs_, ms_):
-            if _contiguous(y, g, z, v, o, m):
-                sf_adamw_triton_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
-            else:  # rare (channels_last params): correctness over speed
-                sf_adamw_reference_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
-        return resolved
-
-    rest = list(range(len(ys)))
-    if resolved == "compiled":
-        scalars = pack_scalars(device=device, **coef)
-        rest = []
-        for i, (y, g, z, v, o, m) in enumerate(zip(ys, grads, zs, vs, outs_, ms_)):
-            if not _contiguous(y, g, z, v, o, m):
-                sf_adamw_reference_(y, g, z, v, lowp_out=o, exp_avg=m, **coef)
-            elif not sf_adamw_compiled_(y, g, z, v, scalars=scalars, lowp_out=o, exp_avg=m):
-                rest.append(i)  # compiling failed (warned once): foreach below
-        if not rest:
-            return resolved
-        resolved = "foreach"
-
-    # foreach: one call per (y dtype, grad dtype, state dtype) bucket.
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i in rest:
-        buckets[(ys[i].dtype, grads[i].dtype, zs[i].dtype)].append(i)
-    for idx in buckets.values():
-        sf_adamw_foreach_(
-            [ys[i] for i in idx],
-            [grads[i] for i in idx],
-            [zs[i] for i in idx],
-            [vs[i] for i in idx],
-            lowp_outs=None if outs is None else [outs[i] for i in idx],
-            ms=None if ms is None else [ms[i] for i in idx],
-            **coef,
-        )
+    resolved = resolve_backend(backend, ys[0].device)
+    if isinstance(coef.get("grad_scale"), torch.Tensor):
+        coef["grad_scale"] = coef["grad_scale"].reshape(()).to(torch.float32)
+    lists = [ys, grads, zs, vs, lowp_outs, exp_avgs]
+    todo = list(range(len(ys)))
+    if resolved in _NEEDS_CONTIGUOUS:
+        flat = [i for i in todo if contiguous(*(lst[i] for lst in lists if lst is not None))]
+        odd = sorted(set(todo) - set(flat))
+        if odd:  # rare (channels_last params): correctness over speed
+            y, g, z, v, o, m = _pick(lists, odd)
+            _single_tensor_sf_adamw(y, g, z, v, lowp_outs=o, exp_avgs=m, **coef)
+        todo = flat
+    while todo:
+        y, g, z, v, o, m = _pick(lists, todo)
+        try:
+            _IMPLEMENTATIONS[resolved](y, g, z, v, lowp_outs=o, exp_avgs=m, **coef)
+            break
+        except BackendUnavailable as err:  # the first err.start tensors were updated
+            todo, resolved = todo[err.start :], _FALLBACK[resolved]
     return resolved
+
+
+@dataclass
+class FusedEpilogue:
+    """Work DeepSpeed does on one master tensor around its optimizer step, done by the step's
+    kernel in the same memory pass instead (see :mod:`megawsd.integrations.ds_fused`):
+    multiply ``grad`` by ``grad_scale`` (DeepSpeed's unscale/clip coefficient; the gradient
+    itself is left as it is) and write the new y into ``lowp_out`` (the working copy).
+    ``done`` is set once a step has applied it."""
+
+    grad: torch.Tensor
+    grad_scale: float | torch.Tensor = 1.0
+    lowp_out: torch.Tensor | None = None
+    done: bool = False
 
 
 class ScheduleFreeAdamW(torch.optim.Optimizer):
@@ -279,6 +311,8 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)  # checks every group's options (add_param_group)
         self._step_id: int | None = None
+        self._epilogues: dict[int, FusedEpilogue] = {}  # id(param) -> work fused into its step
+        self._stepped = False  # step() ran since the last finish_epilogues()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's, plus a check of the group's own ``inner_momentum``/``foreach``/``backend``
@@ -299,6 +333,8 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_step_id", None)
+        self.__dict__.setdefault("_epilogues", {})
+        self.__dict__.setdefault("_stepped", False)
         for group in self.param_groups:
             self._backfill(group)
 
@@ -393,49 +429,89 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
+        self._stepped = True
         for group in self.param_groups:
-            if not group["params"]:
-                continue  # ZeRO-3 sub-group calls: other groups are empty, leave them alone
-            backend = group_backend(group)
-            s = self._scalars_for_step(group)
-            beta1, beta2 = group["betas"]
-            mu = group["inner_momentum"]
-            coef = dict(
-                lr=s.lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                ckp1=s.ckp1,
-                bias_correction2=s.bias_correction2,
-                grad_scale=1.0,
-                inner_momentum=mu,
-                bias_correction1=s.bias_correction1,
-            )
-            by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise OptimizerError(
-                        "ScheduleFreeAdamW got a sparse gradient: sparse gradients are not "
-                        "supported; use dense embeddings (sparse=False)."
-                    )
-                self._init_state(p, mu, s.k)
-                by_device[p.device].append(p)
-            for ps in by_device.values():
-                _update_tensors(
-                    ps,
-                    [p.grad for p in ps],
-                    [self.state[p]["z"] for p in ps],
-                    [self.state[p]["exp_avg_sq"] for p in ps],
-                    None,
-                    [self.state[p]["exp_avg"] for p in ps] if mu != 0 else None,
-                    coef,
-                    backend,
-                )
+            if group["params"]:  # ZeRO-3 sub-group calls: other groups are empty, leave them
+                self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """Advance the group's counters and update its params: those with a fused epilogue
+        one by one (their own grad scale and output), the others in one call per device."""
+        s = self._scalars_for_step(group)
+        mu = group["inner_momentum"]
+        coef = dict(
+            lr=s.lr,
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            ckp1=s.ckp1,
+            bias_correction2=s.bias_correction2,
+            inner_momentum=mu,
+            bias_correction1=s.bias_correction1,
+        )
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        fused: list[tuple[torch.Tensor, FusedEpilogue]] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise OptimizerError(
+                    "ScheduleFreeAdamW got a sparse gradient: sparse gradients are not "
+                    "supported; use dense embeddings (sparse=False)."
+                )
+            self._init_state(p, mu, s.k)
+            epilogue = self._epilogues.pop(id(p), None)
+            if epilogue is None:
+                by_device[p.device].append(p)
+            elif epilogue.grad is not p.grad:
+                raise OptimizerError(
+                    "ScheduleFreeAdamW: the fused epilogue was prepared for another gradient "
+                    "tensor than the one this step reads (DeepSpeed's step changed shape); "
+                    "set MEGAWSD_FUSED_STEP=0 and report the DeepSpeed version"
+                )
+            else:
+                fused.append((p, epilogue))
+        backend = group_backend(group)
+        for ps in by_device.values():
+            self._update(ps, backend, coef, grad_scale=1.0, lowp_outs=None)
+        for p, ep in fused:
+            lowp = None if ep.lowp_out is None else [ep.lowp_out]
+            self._update([p], backend, coef, grad_scale=ep.grad_scale, lowp_outs=lowp)
+            ep.done = True
+
+    def _update(self, ps, backend, coef, *, grad_scale, lowp_outs) -> None:
+        mu = coef["inner_momentum"]
+        sf_adamw(
+            ps,
+            [p.grad for p in ps],
+            [self.state[p]["z"] for p in ps],
+            [self.state[p]["exp_avg_sq"] for p in ps],
+            lowp_outs=lowp_outs,
+            exp_avgs=[self.state[p]["exp_avg"] for p in ps] if mu != 0 else None,
+            backend=backend,
+            grad_scale=grad_scale,
+            **coef,
+        )
+
+    # ------------------------------------------------------------------ fused epilogues
+
+    def fuse_into_next_step(self, param: torch.Tensor, epilogue: FusedEpilogue) -> None:
+        """For DeepSpeed integrations: the next ``step()`` of ``param`` applies ``epilogue``
+        (gradient scale, low-precision copy) inside its kernel, instead of the separate
+        passes DeepSpeed would make. Replaces any earlier epilogue of ``param``."""
+        self._epilogues[id(param)] = epilogue
+
+    def finish_epilogues(self) -> list[FusedEpilogue]:
+        """End of an engine step: forget the epilogues no step consumed, and return them if
+        a ``step()`` did run since the last call (then DeepSpeed stepped other tensors than
+        the ones it scaled: an error for the caller). A step the stability gate or an
+        overflow skipped consumes none, and returns []."""
+        left = list(self._epilogues.values()) if self._stepped else []
+        self._epilogues.clear()
+        self._stepped = False
+        return left
 
     def _init_state(self, p: torch.Tensor, inner_momentum: float, t: int) -> None:
         """Create a param's state on its first step: z = p, exp_avg_sq = 0, and exp_avg = 0
@@ -457,11 +533,6 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
                     "to use inner momentum."
                 )
             state["exp_avg"] = torch.zeros_like(p, dtype=sd)
-
-    def step_scalars(self, group: dict[str, Any]) -> StepScalars:
-        """Advance ``group``'s counters (respecting ``set_step_id``) and return the coefficients:
-        for integrations that run :func:`sf_adamw_update` on their own buffers."""
-        return self._scalars_for_step(group)
 
     # ------------------------------------------------------------------ state dict
 

@@ -230,18 +230,18 @@ def record_backends(out: dict):
     asked for: a compiled kernel that fails to build falls back to foreach."""
     import megawsd.optim.schedule_free as sf
 
-    real, ran = sf._update_tensors, set()
+    real, ran = sf.sf_adamw, set()
 
     def spy(*args, **kwargs):
         name = real(*args, **kwargs)
         ran.add(name)
         return name
 
-    sf._update_tensors = spy
+    sf.sf_adamw = spy
     try:
         yield
     finally:
-        sf._update_tensors = real
+        sf.sf_adamw = real
         out["ran_backends"] = sorted(ran)
 
 
