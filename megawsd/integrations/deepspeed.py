@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from megawsd.errors import ConfigError, OptimizerError, field_error
-from megawsd.integrations import ds_layout
+from megawsd.integrations import ds_fused, ds_layout
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +341,7 @@ class _EngineState:
     group_names: list[list[str]] = field(default_factory=list)  # names per inner group
     in_eval: bool = False
     shards: list | None = None
+    fused: ds_fused.FusedStep | None = None  # DeepSpeed's passes folded into the kernel
 
 
 def initialize(
@@ -582,18 +583,24 @@ def _attach(engine) -> None:
     orig_step = wrapped.step
 
     def step(*args, **kwargs):
-        if engine._megawsd.in_eval:
+        st = engine._megawsd
+        if st.in_eval:
             raise OptimizerError(
                 "engine.step() inside eval_mode: the model holds x; leave eval_mode "
                 "(or call engine_train(engine)) before stepping"
             )
         if hasattr(inner, "set_step_id"):
             inner.set_step_id(int(engine.global_steps))
+        if st.fused is not None:
+            st.fused.before_step()
         out = orig_step(*args, **kwargs)
+        if st.fused is not None:
+            st.fused.after_step()
         ds_layout.relink_state_fragments(engine)
         return out
 
     wrapped.step = step
+    engine._megawsd.fused = ds_fused.install(engine)
 
     orig_load = engine.load_checkpoint
 

@@ -152,13 +152,7 @@ def publish(engine) -> None:
         for i in range(len(opt.bit16_groups)):
             opt._update_model_bit16_weights(i)
     elif path == "bf16_optimizer":
-        all_gather_dp_groups(
-            groups_flat=opt.bf16_groups_flat,
-            partitioned_param_groups=opt.bf16_partitioned_groups,
-            dp_process_group=opt.real_dp_process_group,
-            start_alignment_factor=opt.nccl_start_alignment_factor,
-            allgather_bucket_size=opt.allgather_bucket_size,
-        )
+        gather_bf16_partitions(opt)
     elif path == "zero3":
         for s in range(len(opt.fp16_partitioned_groups_flat)):
             opt._unflatten_partitioned_parameters(s)
@@ -166,6 +160,21 @@ def publish(engine) -> None:
         opt.invalidate_secondary_tensor()
         if len(opt.persistent_parameters) > 0:
             opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+
+
+@torch.no_grad()
+def gather_bf16_partitions(opt) -> None:
+    """BF16_Optimizer: all-gather the bf16 working partitions (``update_lp_params`` without
+    its master -> bf16 copy)."""
+    from deepspeed.runtime.utils import all_gather_dp_groups
+
+    all_gather_dp_groups(
+        groups_flat=opt.bf16_groups_flat,
+        partitioned_param_groups=opt.bf16_partitioned_groups,
+        dp_process_group=opt.real_dp_process_group,
+        start_alignment_factor=opt.nccl_start_alignment_factor,
+        allgather_bucket_size=opt.allgather_bucket_size,
+    )
 
 
 def relink_state_fragments(engine) -> None:
