@@ -328,7 +328,7 @@ class _Planner:
         budgets first); within each, by model, seed, then LR."""
         mains = sorted(self.mains.values(),
                        key=lambda r: _order((r.mlabel, r.lr, r.seed), self.labels))
-        sfs = [run for key, run in sorted(
+        sfs = [run for _, run in sorted(
             self.sfs.items(), key=lambda kv: (_order(kv[0][:3], self.labels), kv[0][3]))]
         shared = mains + sfs
         scratch = sorted(self.scratch, key=lambda r: (
