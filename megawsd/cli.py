@@ -1,15 +1,16 @@
 """The `megawsd` command: a thin dispatcher over the subcommand modules in megawsd/commands.
 
 Each subcommand lives in its own module with two functions, ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported lazily so `megawsd --help` and light commands do
-not pay for importing torch or DeepSpeed.
+``run(args) -> int``. Every module in ``COMMANDS`` is imported to build the parser, so they
+keep torch, DeepSpeed and transformers imports inside ``run``: `megawsd --help` and light
+commands do not pay for them. A module missing from the install is an import error, not a
+command that silently disappears from --help.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -30,16 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available_commands() -> dict[str, tuple[str, str]]:
-    """Commands whose module exists in this install (later issues add the rest)."""
-    found = {}
-    for name, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            found[name] = (module, help_text)
-    return found
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The parser, one subcommand per ``COMMANDS`` entry, and their modules by name."""
     parser = argparse.ArgumentParser(
         prog="megawsd",
         description="Pretrain causal LMs on DeepSpeed with WSD schedules, cooldown branches "
@@ -49,7 +42,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
-    for name, (module_name, help_text) in _available_commands().items():
+    for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text))
         module.add_arguments(p)
@@ -58,6 +51,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A MegawsdError (a refusal that names the field, the value and the
+    fix) is one line on stderr and exit code 2, not a traceback."""
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -12,6 +12,7 @@ matplotlib's Agg backend is selected explicitly: the command runs on headless cl
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from megawsd.analysis.runs_tree import RunNode, schedule_summary
@@ -97,8 +98,7 @@ def plot_tree(
     from matplotlib.ticker import EngFormatter
 
     nodes = list(root.walk())
-    tokens_axis = _uses_tokens(root)
-    xlabel = "tokens" if tokens_axis else "step"
+    xlabel = "tokens" if _uses_tokens(root) else "step"
     cmap = plt.get_cmap("tab10")
     colors = {id(root): "0.15"}
     for i, n in enumerate(nodes[1:]):
@@ -111,87 +111,8 @@ def plot_tree(
     ax_final = fig.add_subplot(grid[:, 1])
     fig.suptitle(f"{root.name}: {len(nodes) - 1} branch(es)   ({root.path})", fontsize=12)
 
-    smoothed: dict[int, tuple[list[float], list[float]]] = {}
-    lr_curves: dict[int, tuple[list[float], list[float]]] = {}
-    upper: list[float] = []  # smoothed curves: the top of the y range
-    lower: list[float] = []  # everything drawn: the bottom of the y range
-    for node in nodes:  # parents come before their branches in walk order
-        color = colors[id(node)]
-        main = node is root
-        label = node.name if main else f"{node.name} ({schedule_summary(node.schedule)})"
-        train = node.metrics.train
-        xs = [_x(r, node) for r in train]
-        ys = [float(r["loss"]) for r in train]
-        alpha = smooth if smooth is not None else auto_alpha(len(root.metrics.train) or len(ys))
-        lr = [(_x(r, node), float(r["lr"])) for r in train if isinstance(r.get("lr"), (int, float))]
-        # a branch continues its parent's curves from the branch point
-        start_loss = start_lr = None
-        bx = _branch_x(node) if node.parent is not None and node.branch_step is not None else None
-        if bx is not None:
-            start_loss = _interp(*smoothed.get(id(node.parent), ([], [])), bx)
-            start_lr = _interp(*lr_curves.get(id(node.parent), ([], [])), bx)
-        ys_s = ema(ys, alpha, init=start_loss)
-        smoothed[id(node)] = (xs, ys_s)
-        lr_curves[id(node)] = ([x for x, _ in lr], [y for _, y in lr])
-        upper.extend(ys_s)
-        lower.extend(ys)
-        if xs:
-            lead_x, lead_y = ([bx], [start_loss]) if start_loss is not None else ([], [])
-            ax_loss.plot(xs, ys, color=color, alpha=0.15, linewidth=0.8)
-            ax_loss.plot(
-                lead_x + xs, lead_y + ys_s, color=color, linewidth=2.0 if main else 1.5, label=label
-            )
-        ev = [(_x(r, node), float(r["val_loss"])) for r in node.metrics.eval]
-        if ev:
-            ax_loss.plot(
-                *zip(*ev),
-                linestyle="none",
-                marker="o",
-                markersize=4.5,
-                markerfacecolor="white",
-                markeredgecolor=color,
-                markeredgewidth=1.3,
-            )
-            lower.extend(v for _, v in ev)
-            upper.extend(v for _, v in ev)
-        if lr:
-            lead = [(bx, start_lr)] if start_lr is not None else []
-            ax_lr.plot(*zip(*(lead + lr)), color=color, linewidth=1.6 if main else 1.3)
-        # the branch point, on the parent's smoothed curve and as a guide line on the LR panel
-        if bx is not None:
-            if start_loss is not None:
-                ax_loss.plot(
-                    [bx],
-                    [start_loss],
-                    marker="D",
-                    markersize=7,
-                    color=color,
-                    markeredgecolor="black",
-                    zorder=5,
-                )
-            ax_lr.axvline(bx, color=color, linestyle=":", linewidth=1.0)
-    ylim = _robust_ylim(upper, lower)
-    if ylim:
-        ax_loss.set_ylim(*ylim)
-    ax_loss.set_ylabel("loss (train: smoothed line, val: circles)")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.plot(
-        [],
-        [],
-        linestyle="none",
-        marker="D",
-        color="0.5",
-        markeredgecolor="black",
-        label="branch point",
-    )
-    ax_loss.legend(fontsize=8, loc="upper right", framealpha=0.9)
-    ax_loss.tick_params(labelbottom=False)
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel(xlabel)
-    ax_lr.grid(alpha=0.3)
-    ax_lr.yaxis.set_major_formatter(EngFormatter())
-    ax_lr.xaxis.set_major_formatter(EngFormatter())
-
+    upper, lower = _plot_curves(ax_loss, ax_lr, root, nodes, colors, smooth)
+    _style_curve_axes(ax_loss, ax_lr, _robust_ylim(upper, lower), xlabel)
     _plot_final(ax_final, root, nodes, colors, xlabel)
     ax_final.xaxis.set_major_formatter(EngFormatter())
 
@@ -200,6 +121,101 @@ def plot_tree(
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+@dataclass
+class _Curves:
+    """One run's curves on the left panels, on the shared x axis (tokens, or steps)."""
+
+    xs: list[float]  # train records
+    loss: list[float]  # raw train loss
+    smoothed: list[float]
+    lr: list[tuple[float, float]]
+    evals: list[tuple[float, float]]  # (x, val loss)
+    branch_x: float | None = None  # a branch: where it leaves its parent
+    start_loss: float | None = None  # the parent's smoothed loss and LR there
+    start_lr: float | None = None
+
+
+def _plot_curves(ax_loss, ax_lr, root: RunNode, nodes: list[RunNode], colors: dict,
+                 smooth: float | None) -> tuple[list[float], list[float]]:
+    """Left panels: every run's loss and LR, a branch continuing its parent's curves from its
+    branch point. Returns the values drawn, for the y range: (smoothed and val, raw and val)."""
+    drawn: dict[int, _Curves] = {}
+    upper: list[float] = []  # smoothed curves: the top of the y range
+    lower: list[float] = []  # everything drawn: the bottom of the y range
+    for node in nodes:  # parents come before their branches in walk order
+        c = _node_curves(node, root, smooth, drawn.get(id(node.parent)))
+        drawn[id(node)] = c
+        upper.extend(c.smoothed)
+        lower.extend(c.loss)
+        lower.extend(v for _, v in c.evals)
+        upper.extend(v for _, v in c.evals)
+        main = node is root
+        label = node.name if main else f"{node.name} ({schedule_summary(node.schedule)})"
+        _draw_curves(ax_loss, ax_lr, c, colors[id(node)], main, label)
+    return upper, lower
+
+
+def _node_curves(node: RunNode, root: RunNode, smooth: float | None,
+                 parent: _Curves | None) -> _Curves:
+    """A run's curves; a branch's smoothing starts from its parent's smoothed loss at the
+    branch point (not from zero), so the two lines join where the branch leaves."""
+    train = node.metrics.train
+    xs = [_x(r, node) for r in train]
+    ys = [float(r["loss"]) for r in train]
+    # one smoothing for the whole tree, set by the main run's length: branches look alike
+    alpha = smooth if smooth is not None else auto_alpha(len(root.metrics.train) or len(ys))
+    lr = [(_x(r, node), float(r["lr"])) for r in train if isinstance(r.get("lr"), (int, float))]
+    evals = [(_x(r, node), float(r["val_loss"])) for r in node.metrics.eval]
+    start_loss = start_lr = None
+    bx = _branch_x(node) if node.parent is not None and node.branch_step is not None else None
+    if bx is not None:
+        p_xs, p_loss, p_lr = (parent.xs, parent.smoothed, parent.lr) if parent else ([], [], [])
+        start_loss = _interp(p_xs, p_loss, bx)
+        start_lr = _interp([x for x, _ in p_lr], [y for _, y in p_lr], bx)
+    return _Curves(xs, ys, ema(ys, alpha, init=start_loss), lr, evals, bx, start_loss, start_lr)
+
+
+def _draw_curves(ax_loss, ax_lr, c: _Curves, color, main: bool, label: str) -> None:
+    """Raw loss (faint) under its smoothed line, val losses as open circles, the LR below,
+    and a branch point as a diamond on the parent's curve and a dotted line on the LR panel."""
+    if c.xs:
+        lead_x, lead_y = ([c.branch_x], [c.start_loss]) if c.start_loss is not None else ([], [])
+        ax_loss.plot(c.xs, c.loss, color=color, alpha=0.15, linewidth=0.8)
+        ax_loss.plot(lead_x + c.xs, lead_y + c.smoothed, color=color,
+                     linewidth=2.0 if main else 1.5, label=label)
+    if c.evals:
+        ax_loss.plot(*zip(*c.evals), linestyle="none", marker="o", markersize=4.5,
+                     markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.3)
+    if c.lr:
+        lead = [(c.branch_x, c.start_lr)] if c.start_lr is not None else []
+        ax_lr.plot(*zip(*(lead + c.lr)), color=color, linewidth=1.6 if main else 1.3)
+    if c.branch_x is not None:
+        if c.start_loss is not None:
+            ax_loss.plot([c.branch_x], [c.start_loss], marker="D", markersize=7, color=color,
+                         markeredgecolor="black", zorder=5)
+        ax_lr.axvline(c.branch_x, color=color, linestyle=":", linewidth=1.0)
+
+
+def _style_curve_axes(ax_loss, ax_lr, ylim: tuple[float, float] | None, xlabel: str) -> None:
+    """Labels, grid, legend and engineering-notation ticks of the two left panels."""
+    from matplotlib.ticker import EngFormatter
+
+    if ylim:
+        ax_loss.set_ylim(*ylim)
+    ax_loss.set_ylabel("loss (train: smoothed line, val: circles)")
+    ax_loss.grid(alpha=0.3)
+    # a legend entry for the branch-point diamonds (drawn once per branch, unlabelled)
+    ax_loss.plot([], [], linestyle="none", marker="D", color="0.5", markeredgecolor="black",
+                 label="branch point")
+    ax_loss.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax_loss.tick_params(labelbottom=False)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel(xlabel)
+    ax_lr.grid(alpha=0.3)
+    ax_lr.yaxis.set_major_formatter(EngFormatter())
+    ax_lr.xaxis.set_major_formatter(EngFormatter())
 
 
 def _branch_x(node: RunNode) -> float:

@@ -305,10 +305,8 @@ def plot_report(root: RunNode, out: str | Path, dpi: int = 120) -> Path:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     nodes = list(root.walk())
-    any_bad = False
     fig, (ax_loss, ax_g) = plt.subplots(
         2,
         1,
@@ -318,56 +316,92 @@ def plot_report(root: RunNode, out: str | Path, dpi: int = 120) -> Path:
         gridspec_kw={"height_ratios": [1.6, 1]},
     )
     cmap = plt.get_cmap("tab10")
+    any_bad = False
     for i, node in enumerate(nodes):
         color = "0.15" if i == 0 else cmap((i - 1) % 10)
-        train = node.metrics.train
-        steps = [int(r["step"]) for r in train]
-        loss = [float(r["loss"]) for r in train]
-        if steps:  # raw, not smoothed: a spike is what this plot is for
-            ax_loss.plot(steps, loss, color=color, linewidth=1.1, label=node.name)
-        g = [
-            (int(r["step"]), float(r["grad_norm"]))
-            for r in train
-            if _num(r.get("grad_norm")) is not None
-            and math.isfinite(r["grad_norm"])
-            and r["grad_norm"] > 0
-        ]
-        if g:
-            ax_g.plot(*zip(*g), color=color, linewidth=1.0)
-        for ev in node.events:
-            step = _num(ev.get("step"))
-            if step is None:
-                continue
-            c = _EVENT_COLORS.get(str(ev.get("action") or "log"), "tab:purple")
-            for ax in (ax_loss, ax_g):
-                ax.axvline(step, color=c, linestyle="--", linewidth=1.0, alpha=0.8)
-            ax_loss.annotate(
-                event_type(ev),
-                (step, 1.0),
-                xycoords=("data", "axes fraction"),
-                rotation=90,
-                va="top",
-                ha="right",
-                fontsize=7,
-                color=c,
-            )
-        bad = [
-            int(r["step"])
-            for r in train
-            if _num(r.get("loss")) is not None and not math.isfinite(r["loss"])
-        ]
-        if bad:  # a NaN loss has no y: an X along the bottom edge
-            ax_loss.plot(
-                bad,
-                [0.03] * len(bad),
-                linestyle="none",
-                marker="X",
-                markersize=9,
-                color="red",
-                transform=ax_loss.get_xaxis_transform(),
-                clip_on=False,
-            )
-            any_bad = True
+        _plot_run_curves(ax_loss, ax_g, node, color)
+        _plot_events(ax_loss, ax_g, node.events)
+        any_bad |= _mark_nonfinite(ax_loss, node.metrics.train)
+    _set_loss_range(ax_loss, nodes)
+    ax_loss.set_ylabel("train loss")
+    ax_g.set_ylabel("grad norm")
+    ax_g.set_yscale("log")
+    ax_g.set_xlabel("step")
+    for ax in (ax_loss, ax_g):
+        ax.grid(alpha=0.3)
+    _legend(ax_loss, nodes, any_bad)
+    n_events = sum(len(n.events) for n in nodes)
+    fig.suptitle(f"stability of {root.name}: {n_events} event(s)   ({root.path})", fontsize=11)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def _plot_run_curves(ax_loss, ax_g, node: RunNode, color) -> None:
+    """One run's train loss and its (finite, positive: log scale) grad norm against step."""
+    train = node.metrics.train
+    steps = [int(r["step"]) for r in train]
+    loss = [float(r["loss"]) for r in train]
+    if steps:  # raw, not smoothed: a spike is what this plot is for
+        ax_loss.plot(steps, loss, color=color, linewidth=1.1, label=node.name)
+    g = [
+        (int(r["step"]), float(r["grad_norm"]))
+        for r in train
+        if _num(r.get("grad_norm")) is not None
+        and math.isfinite(r["grad_norm"])
+        and r["grad_norm"] > 0
+    ]
+    if g:
+        ax_g.plot(*zip(*g), color=color, linewidth=1.0)
+
+
+def _plot_events(ax_loss, ax_g, events: list[dict]) -> None:
+    """Each event: a dashed line on both panels in its action's colour, its type on top."""
+    for ev in events:
+        step = _num(ev.get("step"))
+        if step is None:
+            continue
+        c = _EVENT_COLORS.get(str(ev.get("action") or "log"), "tab:purple")
+        for ax in (ax_loss, ax_g):
+            ax.axvline(step, color=c, linestyle="--", linewidth=1.0, alpha=0.8)
+        ax_loss.annotate(
+            event_type(ev),
+            (step, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color=c,
+        )
+
+
+def _mark_nonfinite(ax_loss, train: list[dict]) -> bool:
+    """A NaN/Inf loss has no y: an X along the bottom edge at its step. True if any."""
+    bad = [
+        int(r["step"])
+        for r in train
+        if _num(r.get("loss")) is not None and not math.isfinite(r["loss"])
+    ]
+    if bad:
+        ax_loss.plot(
+            bad,
+            [0.03] * len(bad),
+            linestyle="none",
+            marker="X",
+            markersize=9,
+            color="red",
+            transform=ax_loss.get_xaxis_transform(),
+            clip_on=False,
+        )
+    return bool(bad)
+
+
+def _set_loss_range(ax_loss, nodes: list[RunNode]) -> None:
+    """Up to the 98th percentile of the finite losses (plus headroom for the event labels),
+    so one huge spike does not flatten every other curve."""
     finite = [
         float(r["loss"])
         for n in nodes
@@ -378,12 +412,12 @@ def plot_report(root: RunNode, out: str | Path, dpi: int = 120) -> Path:
         finite.sort()
         lo, hi = finite[0], finite[min(len(finite) - 1, int(0.98 * len(finite)))]
         ax_loss.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
-    ax_loss.set_ylabel("train loss")
-    ax_g.set_ylabel("grad norm")
-    ax_g.set_yscale("log")
-    ax_g.set_xlabel("step")
-    for ax in (ax_loss, ax_g):
-        ax.grid(alpha=0.3)
+
+
+def _legend(ax_loss, nodes: list[RunNode], any_bad: bool) -> None:
+    """The runs, plus an entry for the NaN marker and for each event action that occurs."""
+    from matplotlib.lines import Line2D
+
     handles, labels = ax_loss.get_legend_handles_labels()
     if any_bad:
         handles.append(Line2D([], [], color="red", marker="X", linestyle="none"))
@@ -395,10 +429,3 @@ def plot_report(root: RunNode, out: str | Path, dpi: int = 120) -> Path:
         handles.append(Line2D([], [], color=c, linestyle="--"))
         labels.append(f"event: {action}")
     ax_loss.legend(handles, labels, fontsize=8, loc="upper right", framealpha=0.9)
-    n_events = sum(len(n.events) for n in nodes)
-    fig.suptitle(f"stability of {root.name}: {n_events} event(s)   ({root.path})", fontsize=11)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out

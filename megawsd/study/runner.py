@@ -146,84 +146,134 @@ def execute(plan: Plan, study_dir: Path, *, nproc: int | None = None, jobs: int 
             dry_run: bool = False) -> dict[str, Any]:
     """Run the missing runs. Returns {"skipped": [...], "ran": [...]}."""
     logs = study_dir / "logs"
-    cfg_dir = study_dir / "plan"
     logs.mkdir(parents=True, exist_ok=True)
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    done: set[str] = set()
-    todo: list[PlannedRun] = []
-    for r in plan.runs:
-        state = run_state(study_dir, r)
-        if state == "done":
-            check_done_run(study_dir, r)
-            done.add(r.name)
-        else:
-            todo.append(r)
+    (study_dir / "plan").mkdir(parents=True, exist_ok=True)
+    done, todo = _done_and_todo(plan, study_dir)
     skipped = sorted(done)
     log.info("study %s: %d of %d runs done, %d to run", plan.name, len(done), len(plan.runs),
              len(todo))
     if dry_run:
         return {"skipped": skipped, "ran": [], "todo": [r.name for r in todo]}
+    stop = _Stop()
+    launcher = _Launcher(study_dir, nproc, jobs, done)
+    try:
+        launcher.run(todo, stop)
+    finally:
+        launcher.wait()
+        stop.restore()
+    if launcher.failure:
+        raise MegawsdError(launcher.failure)
+    if stop.requested:
+        raise MegawsdError(f"study {plan.name!r}: stopped by a signal; rerun with --resume to "
+                           "continue (runs checkpointed on the way out)")
+    return {"skipped": skipped, "ran": launcher.ran, "todo": []}
+
+
+def _done_and_todo(plan: Plan, study_dir: Path) -> tuple[set[str], list[PlannedRun]]:
+    """Split the plan into finished runs (checked to be the planned ones) and the rest, in
+    plan order; a started run is in the rest: rerunning its command resumes it."""
+    done: set[str] = set()
+    todo: list[PlannedRun] = []
+    for r in plan.runs:
+        if run_state(study_dir, r) == "done":
+            check_done_run(study_dir, r)
+            done.add(r.name)
+        else:
+            todo.append(r)
+    return done, todo
+
+
+def _child_env(jobs: int, nproc: int | None) -> dict[str, str]:
+    """The runs' environment: no progress bars in log files, and with several jobs the CPU
+    threads shared out between them (unless the user set OMP_NUM_THREADS)."""
     env = dict(os.environ, MEGAWSD_NO_BAR="1")
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (jobs * max(nproc or 1, 1))))
-    stop = _Stop()
-    running: dict[str, tuple[subprocess.Popen, Any, PlannedRun]] = {}
-    ran: list[str] = []
-    failure: str | None = None
-    try:
-        while (todo or running) and not (stop.requested and not running):
-            for name, (proc, fh, r) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                fh.close()
-                del running[name]
-                if proc.returncode == 0 and run_state(study_dir, r) == "done":
-                    done.add(name)
-                    ran.append(name)
-                    log.info("done: %s", name)
-                elif not stop.requested and failure is None:
-                    failure = (f"run {name!r} failed (exit {proc.returncode}); see "
-                               f"{logs / (_flat(name) + '.log')}; fix it and rerun the study with "
-                               "--resume (finished runs are kept)")
-            if stop.requested or failure:
-                for proc, _, _ in running.values():
+    return env
+
+
+class _Launcher:
+    """The runs in flight: starts up to `jobs` of them in plan order (a branch once its parent
+    has the checkpoint to branch from), reaps them, and after a failure or a signal starts no
+    more and SIGTERMs the others (a run checkpoints and exits on SIGTERM)."""
+
+    def __init__(self, study_dir: Path, nproc: int | None, jobs: int, done: set[str]) -> None:
+        self.study_dir = study_dir
+        self.nproc = nproc
+        self.jobs = jobs
+        self.done = done
+        self.env = _child_env(jobs, nproc)
+        self.running: dict[str, tuple[subprocess.Popen, Any, PlannedRun]] = {}
+        self.ran: list[str] = []
+        self.failure: str | None = None
+
+    def run(self, todo: list[PlannedRun], stop: _Stop) -> None:
+        """Poll until every run finished, or until the ones running stopped after a failure or
+        a signal (then ``failure`` / ``stop.requested`` say why)."""
+        todo = list(todo)
+        while (todo or self.running) and not (stop.requested and not self.running):
+            self._reap(stop)
+            if stop.requested or self.failure:
+                for proc, _, _ in self.running.values():
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGTERM)  # the run checkpoints and exits
                 todo = []
                 time.sleep(0.2)
                 continue
-            while todo and len(running) < jobs:
-                nxt = next((r for r in todo if _ready(study_dir, r, done)), None)
-                if nxt is None or (jobs == 1 and nxt is not todo[0]):
-                    break
-                todo.remove(nxt)
-                config_file = None
-                if nxt.kind == "train":
-                    config_file = cfg_dir / f"{_flat(nxt.name)}.yaml"
-                    config_file.write_text(yaml.safe_dump(nxt.config, sort_keys=False))
-                cmd = _command(study_dir, nxt, config_file, nproc)
-                log.info("start: %s", nxt.name)
-                fh = open(logs / f"{_flat(nxt.name)}.log", "a")
-                fh.write(f"\n$ {' '.join(cmd)}\n")
-                fh.flush()
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
-                running[nxt.name] = (proc, fh, nxt)
-            if todo and not running:
+            self._start_ready(todo)
+            if todo and not self.running:
                 raise MegawsdError(f"run {todo[0].name!r}: its parent has no checkpoint at step "
                                    f"{todo[0].at}; rerun with --resume")
             time.sleep(0.2)
-    finally:
-        for proc, fh, _ in running.values():
+
+    def _reap(self, stop: _Stop) -> None:
+        """Collect finished runs: done when run.json says so, else the study's first failure
+        (a run killed by our own stop is not one)."""
+        for name, (proc, fh, r) in list(self.running.items()):
+            if proc.poll() is None:
+                continue
+            fh.close()
+            del self.running[name]
+            if proc.returncode == 0 and run_state(self.study_dir, r) == "done":
+                self.done.add(name)
+                self.ran.append(name)
+                log.info("done: %s", name)
+            elif not stop.requested and self.failure is None:
+                self.failure = (f"run {name!r} failed (exit {proc.returncode}); see "
+                                f"{self.study_dir / 'logs' / (_flat(name) + '.log')}; fix it and "
+                                "rerun the study with --resume (finished runs are kept)")
+
+    def _start_ready(self, todo: list[PlannedRun]) -> None:
+        """Start runs while a job slot is free. With one job strictly in plan order; with more,
+        the first ready one (a branch may wait for its parent while others start)."""
+        while todo and len(self.running) < self.jobs:
+            nxt = next((r for r in todo if _ready(self.study_dir, r, self.done)), None)
+            if nxt is None or (self.jobs == 1 and nxt is not todo[0]):
+                break
+            todo.remove(nxt)
+            self._start(nxt)
+
+    def _start(self, r: PlannedRun) -> None:
+        """One run as a `megawsd train|branch` child, logging to STUDY/logs/NAME.log (appended:
+        a resumed run keeps its earlier log)."""
+        config_file = None
+        if r.kind == "train":
+            config_file = self.study_dir / "plan" / f"{_flat(r.name)}.yaml"
+            config_file.write_text(yaml.safe_dump(r.config, sort_keys=False))
+        cmd = _command(self.study_dir, r, config_file, self.nproc)
+        log.info("start: %s", r.name)
+        fh = open(self.study_dir / "logs" / f"{_flat(r.name)}.log", "a")
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
+        self.running[r.name] = (proc, fh, r)
+
+    def wait(self) -> None:
+        """Wait for the runs still going (stopped ones are checkpointing) and close their logs."""
+        for proc, fh, _ in self.running.values():
             proc.wait()
             fh.close()
-        stop.restore()
-    if failure:
-        raise MegawsdError(failure)
-    if stop.requested:
-        raise MegawsdError(f"study {plan.name!r}: stopped by a signal; rerun with --resume to "
-                           "continue (runs checkpointed on the way out)")
-    return {"skipped": skipped, "ran": ran, "todo": []}
 
 
 def compute_averages(plan: Plan, study_dir: Path) -> list[str]:
