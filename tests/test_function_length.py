@@ -21,8 +21,6 @@ ALLOWED_LONG = {
     "megawsd/analysis/study_report.py:_figures": "being split (issue #14)",
     "megawsd/data/preparation.py:prepare_detailed": "being split (issue #14)",
     "megawsd/data/preparation.py:_prepare_into": "being split (issue #14)",
-    "megawsd/integrations/ds_checkpoint.py:read_full_checkpoint": "being split (issue #14)",
-    "megawsd/integrations/deepspeed.py:initialize": "being split (issue #14)",
 }
 
 

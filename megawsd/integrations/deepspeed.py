@@ -368,31 +368,16 @@ def initialize(
     """
     import deepspeed
 
-    if config is None and config_params is not None:
-        config, config_params = config_params, None
-    if config is None and args is not None and getattr(args, "deepspeed_config", None):
-        config = args.deepspeed_config
-        args = copy.copy(args)
-        args.deepspeed_config = None
-    cfg = load_ds_config(config)
-    if cfg is None:
-        raise ConfigError("config = None: pass a DeepSpeed config (dict or JSON path)")
+    args, cfg = _resolve_config(args, config, config_params)
     if model is None:
         raise ConfigError("model = None: initialize needs the model to wrap")
-
     cfg, opt_spec, sched_spec = split_config(
         cfg, client_optimizer=optimizer is not None, client_scheduler=lr_scheduler is not None
     )
     groups = _GroupRecord()
-    if opt_spec is not None:
-        check_schedule_free_supported(cfg, model)
-        params = model_parameters if model_parameters is not None else model.parameters()
-        optimizer = build_optimizer(opt_spec, list(params))
-        model_parameters = None
-    if isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = _prepare_client_optimizer(optimizer, cfg, model, groups)
-    elif optimizer is not None and callable(optimizer):
-        optimizer = _wrap_optimizer_callable(optimizer, cfg, model, groups)
+    optimizer, model_parameters = _client_or_config_optimizer(
+        optimizer, opt_spec, cfg, model, model_parameters, groups
+    )
     if sched_spec is not None:
         lr_scheduler = _scheduler_factory(sched_spec)
 
@@ -412,7 +397,42 @@ def initialize(
     if distributed_port is not None:
         kwargs["distributed_port"] = distributed_port
     engine, ds_opt, loader, sched = deepspeed.initialize(**kwargs)
+    _adopt_engine(engine, groups)
+    return engine, ds_opt, loader, sched
 
+
+def _resolve_config(args, config, config_params) -> tuple[Any, dict]:
+    """The config from ``config``, ``config_params`` or ``args.deepspeed_config``, in
+    DeepSpeed's order (``args`` comes back without the path, which would be read twice)."""
+    if config is None and config_params is not None:
+        config = config_params
+    if config is None and args is not None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+        args = copy.copy(args)
+        args.deepspeed_config = None
+    cfg = load_ds_config(config)
+    if cfg is None:
+        raise ConfigError("config = None: pass a DeepSpeed config (dict or JSON path)")
+    return args, cfg
+
+
+def _client_or_config_optimizer(optimizer, opt_spec, cfg, model, model_parameters, groups):
+    """Build the config's schedule-free optimizer, or check/adopt a client one (object or
+    callable); returns what to hand DeepSpeed as ``(optimizer, model_parameters)``."""
+    if opt_spec is not None:
+        check_schedule_free_supported(cfg, model)
+        params = model_parameters if model_parameters is not None else model.parameters()
+        optimizer = build_optimizer(opt_spec, list(params))
+        model_parameters = None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = _prepare_client_optimizer(optimizer, cfg, model, groups)
+    elif optimizer is not None and callable(optimizer):
+        optimizer = _wrap_optimizer_callable(optimizer, cfg, model, groups)
+    return optimizer, model_parameters
+
+
+def _adopt_engine(engine, groups: _GroupRecord) -> None:
+    """Record megawsd's state on a new engine and, for schedule-free, install the hooks."""
     schedule_free = groups.schedule_free
     if not schedule_free and looks_schedule_free(ds_layout.inner_optimizer(engine)):
         # Cannot happen through the paths above; refuse rather than run unchecked.
@@ -425,7 +445,6 @@ def initialize(
     )
     if schedule_free:
         _attach(engine)
-    return engine, ds_opt, loader, sched
 
 
 @dataclass

@@ -15,6 +15,7 @@ rank that reads. Fine up to a few billion parameters on a node; beyond that, res
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -114,66 +115,22 @@ def read_full_checkpoint(checkpoint_dir: str, tag: str | None = None) -> FullChe
 
     optim = [_load(os.path.join(ckpt, f))["optimizer_state_dict"] for f in optim_files]
     zero_models = z2f.parse_model_states(model_files)
-    world = len(optim)
-    first = optim[0]
+    world, first = len(optim), optim[0]
     if "fp32_flat_groups" in first:
-        stage = 3
-        inner = first["optimizer_state_dict"]
-
-        def flat_groups(sd, key):
-            if key is None:
-                return list(sd["fp32_flat_groups"])
-            inner_sd = sd["optimizer_state_dict"]
-            idx = [i for g in inner_sd["param_groups"] for i in g["params"]]
-            out = []
-            for i, ref in zip(idx, sd["fp32_flat_groups"]):
-                t = inner_sd["state"].get(i, {}).get(key)
-                if t is None:
-                    return None
-                if t.numel() != ref.numel():
-                    raise CheckpointError(
-                        f"checkpoint = {ckpt!r}: state {key!r} of sub-group {i} has "
-                        f"{t.numel()} elements, fp32 partition {ref.numel()}; unknown layout"
-                    )
-                out.append(t)
-            return out
-
-        def merge(groups_per_rank):
-            sd = z2f._get_fp32_state_dict_from_zero3_checkpoint(world, groups_per_rank, zero_models, True)
-            return z2f.to_torch_tensor(sd)
+        stage, inner = 3, first["optimizer_state_dict"]
+        flat_groups = functools.partial(_zero3_flat_groups, ckpt=ckpt)
+        merge = functools.partial(_zero3_merge, world=world, zero_models=zero_models)
     else:
-        stage = int(first.get("zero_stage", 1))
-        inner = first["base_optimizer_state"]
-        paddings = first.get("param_alignment_paddings")
-
-        def flat_groups(sd, key):
-            base = sd["base_optimizer_state"]
-            pads = sd.get("group_paddings") or [0] * len(base["param_groups"])
-            out = []
-            for gi, ref in enumerate(sd["single_partition_of_fp32_groups"]):
-                # ZeRO 1/2 save y without the last rank's padding; BF16_Optimizer with it.
-                lean = ref.numel() - (pads[gi] if "zero_stage" not in sd else 0)
-                if key is None:
-                    out.append(ref.narrow(0, 0, lean))
-                    continue
-                t = base["state"].get(base["param_groups"][gi]["params"][0], {}).get(key)
-                if t is None:
-                    return None
-                out.append(t.narrow(0, 0, lean))
-            return out
-
-        def merge(groups_per_rank):
-            return z2f._get_fp32_state_dict_from_zero2_checkpoint(
-                world, groups_per_rank, zero_models, True, paddings
-            )
-
+        stage, inner = int(first.get("zero_stage", 1)), first["base_optimizer_state"]
+        flat_groups = _zero12_flat_groups
+        merge = functools.partial(_zero12_merge, world=world, zero_models=zero_models,
+                                  paddings=first.get("param_alignment_paddings"))
     params: dict[str, dict[str, torch.Tensor]] = {}
     for key in (None, *STATE_KEYS, *OPTIONAL_STATE_KEYS):
         per_rank = [flat_groups(sd, key) for sd in optim]
         if any(g is None for g in per_rank):
             continue  # no optimizer step taken yet
-        merged = merge(per_rank)
-        for name, t in merged.items():
+        for name, t in merge(per_rank).items():
             if name in zero_models[0].buffers:
                 continue
             params.setdefault(name, {})["y" if key is None else key] = t.float().clone()
@@ -181,6 +138,62 @@ def read_full_checkpoint(checkpoint_dir: str, tag: str | None = None) -> FullChe
     names = {a for attrs in WRAPPER_STATE.values() for a in attrs}
     wrapper_state = {k: v for k, v in first.items() if k in names}
     return FullCheckpoint(params, groups, group_names, model_states, stage, world, wrapper_state)
+
+
+# How each ZeRO layout stores one rank's flat partitions (y when ``key`` is None, else the
+# optimizer state ``key``), and how DeepSpeed's zero_to_fp32 merges the ranks' partitions into
+# full tensors by parameter name. None: that state does not exist yet (no step taken).
+
+
+def _zero3_flat_groups(sd: dict, key: str | None, ckpt: str) -> list[torch.Tensor] | None:
+    if key is None:
+        return list(sd["fp32_flat_groups"])
+    inner_sd = sd["optimizer_state_dict"]
+    idx = [i for g in inner_sd["param_groups"] for i in g["params"]]
+    out = []
+    for i, ref in zip(idx, sd["fp32_flat_groups"]):
+        t = inner_sd["state"].get(i, {}).get(key)
+        if t is None:
+            return None
+        if t.numel() != ref.numel():
+            raise CheckpointError(
+                f"checkpoint = {ckpt!r}: state {key!r} of sub-group {i} has "
+                f"{t.numel()} elements, fp32 partition {ref.numel()}; unknown layout"
+            )
+        out.append(t)
+    return out
+
+
+def _zero3_merge(groups_per_rank, world: int, zero_models) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import zero_to_fp32 as z2f
+
+    sd = z2f._get_fp32_state_dict_from_zero3_checkpoint(world, groups_per_rank, zero_models, True)
+    return z2f.to_torch_tensor(sd)
+
+
+def _zero12_flat_groups(sd: dict, key: str | None) -> list[torch.Tensor] | None:
+    base = sd["base_optimizer_state"]
+    pads = sd.get("group_paddings") or [0] * len(base["param_groups"])
+    out = []
+    for gi, ref in enumerate(sd["single_partition_of_fp32_groups"]):
+        # ZeRO 1/2 save y without the last rank's padding; BF16_Optimizer with it.
+        lean = ref.numel() - (pads[gi] if "zero_stage" not in sd else 0)
+        if key is None:
+            out.append(ref.narrow(0, 0, lean))
+            continue
+        t = base["state"].get(base["param_groups"][gi]["params"][0], {}).get(key)
+        if t is None:
+            return None
+        out.append(t.narrow(0, 0, lean))
+    return out
+
+
+def _zero12_merge(groups_per_rank, world: int, zero_models, paddings) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import zero_to_fp32 as z2f
+
+    return z2f._get_fp32_state_dict_from_zero2_checkpoint(
+        world, groups_per_rank, zero_models, True, paddings
+    )
 
 
 def _read_stage0(model_states: dict, group_names) -> FullCheckpoint:
