@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,21 +201,39 @@ def read_jsonl(path: str | os.PathLike) -> JsonlRead:
     return out
 
 
-def drop_superseded(records: list[dict]) -> list[dict]:
-    """The superseded-record rule: a record whose step is not after the previous one starts a
-    new history (a resume from an earlier checkpoint), which replaces every earlier record
-    at that step or later. Train drops them itself on resume; a reader applies the rule too,
-    for a file whose writer could not (killed between the resume and the truncation, or an
-    older version). Apply it to one kind of record at a time (train and eval records share
-    steps)."""
+def _numeric_step(rec: dict) -> float | None:
+    step = rec.get("step")
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def drop_superseded(records: list[dict], kind: Callable[[dict], str] = lambda rec: "") -> list[dict]:
+    """The superseded-record rule: keep only the newest history.
+
+    A record starts a new history (a resume or a rollback to an earlier checkpoint) when an
+    earlier record has a later step, or one of its own ``kind`` the same step; every earlier
+    record at that step or later, of any kind, belongs to the history it replaces and is
+    dropped. This is what train's own truncation on resume leaves (docs/run_directory.md);
+    a reader applies it for a file whose writer did not (a rollback re-trains steps without
+    truncating, an older version, a kill between resume and truncation). ``kind`` tells
+    records that share a step apart: a train and an eval record at step S are one history.
+    """
     out: list[dict] = []
     for rec in records:
-        step = rec.get("step")
-        if isinstance(step, (int, float)):
-            while out and isinstance(out[-1].get("step"), (int, float)) and out[-1]["step"] >= step:
+        step = _numeric_step(rec)
+        if step is not None and out and _numeric_step(out[-1]) is not None:
+            restart = out[-1]["step"] > step
+            i = len(out) - 1
+            while not restart and i >= 0 and _numeric_step(out[i]) == step:
+                restart = kind(out[i]) == kind(rec)
+                i -= 1
+            while restart and out and _numeric_step(out[-1]) is not None and out[-1]["step"] >= step:
                 out.pop()
         out.append(rec)
     return out
+
+
+def _record_kind(rec: dict) -> str:
+    return "train" if "loss" in rec else "eval"
 
 
 def _number(x: Any) -> float | None:
@@ -225,7 +244,7 @@ def _number(x: Any) -> float | None:
 
 @dataclass
 class Metrics:
-    """``metrics.jsonl`` split by record type, each with the superseded-record rule applied."""
+    """``metrics.jsonl``'s train and eval records, the superseded-record rule applied."""
 
     train: list[dict] = field(default_factory=list)  # records with "loss"
     eval: list[dict] = field(default_factory=list)  # records with "val_loss"
@@ -236,11 +255,12 @@ class Metrics:
     def read(cls, path: str | os.PathLike) -> Metrics:
         """Read a metrics file (``RUN/metrics.jsonl``)."""
         raw = read_jsonl(path)
-        train = [r for r in raw.records if "loss" in r and "step" in r]
-        evals = [r for r in raw.records if "val_loss" in r and "step" in r]
+        # one history for both kinds: an eval of a replaced history is dropped with it
+        kept = drop_superseded([r for r in raw.records if "step" in r and (
+            "loss" in r or "val_loss" in r)], kind=_record_kind)
         return cls(
-            train=drop_superseded(train),
-            eval=drop_superseded(evals),
+            train=[r for r in kept if "loss" in r],
+            eval=[r for r in kept if "val_loss" in r],
             partial_last_line=raw.partial_last_line,
             bad_lines=raw.bad_lines,
         )
