@@ -32,7 +32,15 @@ import torch
 import torch.distributed as dist
 
 from megawsd.errors import CheckpointError, explain
-from megawsd.rundir import LATEST, STATE_FILE, atomic_write, fsync_dir, is_complete, tag_for
+from megawsd.rundir import (
+    LATEST,
+    RUN_JSON,
+    STATE_FILE,
+    atomic_write,
+    fsync_dir,
+    is_complete,
+    tag_for,
+)
 from megawsd.train import integrity
 from megawsd.train.rundir import RunDir
 
@@ -185,7 +193,7 @@ def protected_steps(run: RunDir) -> set[int]:
     if run.branches_dir.is_dir():
         for b in run.branches_dir.iterdir():
             try:
-                info = json.loads((b / "run.json").read_text())
+                info = json.loads((b / RUN_JSON).read_text())
             except (OSError, json.JSONDecodeError):
                 continue
             if info.get("branch_step") is not None:
