@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from megawsd import rundir
+
 TOKENS_PER_STEP = 4096
 
 # -- tiny real training, shared by tests/workers/analysis_ds_runs.py and the export oracle --
@@ -50,6 +52,16 @@ def global_batch(seed: int, step: int, world: int, vocab: int):
 
 
 PEAK_LR = 3e-4
+
+
+def mark_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
+    """Make checkpoint ``step`` complete the way train does (megawsd.rundir's rule): the state
+    file last into its tag directory, then ``checkpoints/latest`` naming it."""
+    tag = rundir.tag_dir(run_dir, step)
+    tag.mkdir(parents=True, exist_ok=True)
+    (tag / rundir.STATE_FILE).write_text(json.dumps(state))
+    (rundir.checkpoint_dir(run_dir) / rundir.LATEST).write_text(rundir.tag_for(step) + "\n")
+    return tag
 
 
 def _loss(step: int, lr_factor_integral_gap: float, rng: random.Random) -> float:
@@ -135,11 +147,8 @@ def write_run(
                 }
             )
         if step % checkpoint_every == 0 or step == upto:
-            ck = path / "checkpoints" / f"step_{step:08d}"
-            ck.mkdir(parents=True, exist_ok=True)
-            (ck / "megawsd_state.json").write_text(json.dumps({"step": step}))
-            (path / "checkpoints" / "latest").write_text(f"step_{step:08d}")
-    with open(path / "metrics.jsonl", "w") as f:
+            mark_checkpoint(path, step, {"step": step})
+    with open(path / rundir.METRICS_FILE, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     info = {
@@ -169,14 +178,14 @@ def write_run(
             "step": upto,
             "tokens": upto * TOKENS_PER_STEP,
         }
-    (path / "run.json").write_text(json.dumps(info, indent=2))
-    (path / "config.yaml").write_text(
+    (path / rundir.RUN_JSON).write_text(json.dumps(info, indent=2))
+    (path / rundir.CONFIG_FILE).write_text(
         yaml.safe_dump(
             {"model": "tiny", "schedule": schedule, "optimizer": {"type": "adamw", "lr": PEAK_LR}}
         )
     )
     if events:
-        with open(path / "stability.jsonl", "w") as f:
+        with open(path / rundir.STABILITY_FILE, "w") as f:
             for e in events:
                 f.write(json.dumps(e) + "\n")
     return path
@@ -250,7 +259,7 @@ def make_unstable_run(path: Path) -> Path:
         {"step": 260, "type": "grad_spike", "action": "log", "grad_norm": 40.0, "lr": 2.9e-4},
     ]
     run = write_run(path, name=path.name, total_steps=300, events=events)
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (run / rundir.METRICS_FILE).read_text().splitlines()]
     for r in records:
         if "loss" not in r:
             continue
@@ -274,5 +283,5 @@ def make_unstable_run(path: Path) -> Path:
             "grad_norm": float("nan"),
         },
     )
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / rundir.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     return run

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from megawsd import errors, rundir
 from megawsd.errors import CheckpointError, DataError
 from megawsd.train import integrity
 from megawsd.train.runlock import RunLock, RunLockedError
 
-
-def _tag(step):
-    return f"step_{step:08d}"
+_tag = rundir.tag_for
 
 
 def _fake_checkpoint(ckpt: Path, step: int) -> Path:
@@ -167,33 +166,33 @@ def test_write_guard_catches_torch_write_runtime_errors(tmp_path):
 
 def test_write_cause_in_words(tmp_path, monkeypatch):
     enospc = OSError(errno.ENOSPC, "No space left on device")
-    assert integrity.write_cause(enospc, tmp_path).startswith(
+    assert errors.write_cause(enospc, tmp_path).startswith(
         f"no space left on the filesystem of {str(tmp_path)!r} (")
-    assert "read-only filesystem" in integrity.write_cause(
+    assert "read-only filesystem" in errors.write_cause(
         OSError(errno.EROFS, "Read-only file system"), tmp_path / "not" / "made")
-    assert integrity.write_cause(PermissionError(errno.EACCES, "denied"), tmp_path) == \
+    assert errors.write_cause(PermissionError(errno.EACCES, "denied"), tmp_path) == \
         f"no write permission on {str(tmp_path)!r}"
     # torch's full-disk RuntimeError carries no errno: the filesystem tells
     full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 380992")
     assert integrity.is_write_error(full)
-    assert integrity.write_cause(full, tmp_path) is None  # this disk is not full
+    assert errors.write_cause(full, tmp_path) is None  # this disk is not full
     free = type("st", (), {"f_bavail": 3, "f_frsize": 4096, "f_blocks": 600, "f_flag": 0})
-    monkeypatch.setattr(integrity.os, "statvfs", lambda d: free)
-    assert integrity.explain(full, tmp_path) == (
+    monkeypatch.setattr(errors.os, "statvfs", lambda d: free)
+    assert errors.explain(full, tmp_path) == (
         f"no space left on the filesystem of {str(tmp_path)!r} (12.0 kB free of 2.3 MB) "
         "(RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 380992)")
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     p = tmp_path / "latest"
-    integrity.atomic_write_text(p, "step_00000002\n")
+    rundir.atomic_write(p, "step_00000002\n")
 
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        integrity.atomic_write_text(p, "step_00000004\n")
+        rundir.atomic_write(p, "step_00000004\n")
     assert p.read_text() == "step_00000002\n"
     assert [x.name for x in tmp_path.iterdir()] == ["latest"]  # no temp file left behind
 

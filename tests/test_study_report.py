@@ -7,8 +7,8 @@ import math
 import pytest
 import yaml
 
-from megawsd.analysis.study_report import collect, write_report
 from megawsd.study.plan import make_plan
+from megawsd.study.report import collect, write_report
 from megawsd.study.spec import spec_from_dict
 
 BUDGETS = [100, 200, 400, 800, 1600]

@@ -36,6 +36,7 @@ from typing import Any
 from megawsd import __version__
 from megawsd.analysis.runs_tree import RunNode, load_run
 from megawsd.errors import CheckpointError, field_error
+from megawsd.rundir import CHECKPOINTS, checkpoint_dir, tag_for
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,11 @@ class Source:
 
     @property
     def tag(self) -> str:
-        return f"step_{self.step:08d}"
+        return tag_for(self.step)
 
     @property
     def checkpoint_root(self) -> Path:
-        return self.run.path / "checkpoints"
+        return checkpoint_dir(self.run.path)
 
     @property
     def tag_dir(self) -> Path:
@@ -88,12 +89,12 @@ def resolve_source(run_dir: str | Path, step: int | None = None) -> Source:
     steps = run.checkpoints
     if not steps:
         raise CheckpointError(
-            f"RUN = {str(run.path)!r}: no complete checkpoint in {str(run.path / 'checkpoints')!r}; "
+            f"RUN = {str(run.path)!r}: no complete checkpoint in {str(run.path / CHECKPOINTS)!r}; "
             "train until the first checkpoint interval (checkpoint.interval) or until the end"
         )
     if step is None:
         latest = run.latest_checkpoint
-        tag_steps = {f"step_{s:08d}": s for s in steps}
+        tag_steps = {tag_for(s): s for s in steps}
         step = tag_steps.get(latest or "", steps[-1])
         if latest and latest not in tag_steps:
             log.warning(
@@ -162,14 +163,14 @@ def find_model_config(source: Source, override: str | Path | None = None):
             raise field_error(
                 "--model-config", str(override), "file not found; give a transformers config.json"
             )
-        return _load_config(path)
+        return load_model_config(path)
     searched = []
     for directory in (source.tag_dir, source.run.path, *_ancestor_runs(source.run.path)):
         for name in MODEL_CONFIG_NAMES:
             path = directory / name
             searched.append(str(path))
             if path.is_file():
-                return _load_config(path)
+                return load_model_config(path)
     # config.yaml naming a config.json: the same file + the data's vocabulary, as train does
     model = (source.run.config or {}).get("model")
     cfg_path = (
@@ -178,7 +179,7 @@ def find_model_config(source: Source, override: str | Path | None = None):
         else (model if isinstance(model, str) and model.endswith(".json") else None)
     )
     if cfg_path and Path(cfg_path).is_file():
-        config = _load_config(Path(cfg_path))
+        config = load_model_config(Path(cfg_path))
         for key, value in (model.get("overrides") or {} if isinstance(model, dict) else {}).items():
             setattr(config, key, value)
         meta = _data_meta(source.run)
@@ -217,7 +218,9 @@ def _ancestor_runs(run_dir: Path) -> list[Path]:
     return out
 
 
-def _load_config(path: Path):
+def load_model_config(path: Path):
+    """The transformers config in ``path`` (a config.json or a model_config.json), or a
+    CheckpointError naming the file: a run's architecture comes from what it recorded."""
     from transformers import AutoConfig
 
     try:
@@ -264,7 +267,7 @@ def load_weights(source: Source, weights: str = "x"):
         ) from None
 
 
-def _strip_prefix(state: dict, model_keys: set[str]) -> dict:
+def strip_prefix(state: dict, model_keys: set[str]) -> dict:
     """Map checkpoint names onto the model's (a wrapper module adds a prefix like ``module.``)."""
     if set(state) <= model_keys:
         return state
@@ -287,7 +290,7 @@ def build_model(config, state: dict, dtype: str = "float32"):
 
     model = AutoModelForCausalLM.from_config(config)
     model_sd = model.state_dict()
-    state = _strip_prefix(state, set(model_sd))
+    state = strip_prefix(state, set(model_sd))
     unexpected = sorted(set(state) - set(model_sd))
     bad_shape = sorted(
         k for k in set(state) & set(model_sd) if tuple(state[k].shape) != tuple(model_sd[k].shape)
@@ -515,22 +518,43 @@ def export(
         raise field_error("--weights", weights, 'use "x" (schedule-free evaluation weights) or "y"')
     if dtype not in ("float32", "bfloat16", "float16"):
         raise field_error("--dtype", dtype, "use float32, bfloat16 or float16")
-    base = Path(run)
+    base, out = Path(run), Path(out)
+    sources = _sources(base, step, average)
+    check_out_dir(out, force, [s.run.path for s in sources] + [base])
+    config = _common_config(sources, model_config)
+    notes = [f"{s.describe()}: schedule-free run exported at y (the gradient point), not x"
+             for s in sources if weights == "y" and is_schedule_free(s.run)]
+
+    if len(sources) == 1:
+        state = load_weights(sources[0], weights)
+    else:
+        state = average_states(load_weights(s, weights) for s in sources)
+    model = build_model(config, state, dtype)
+    tok_kind = _write_model_dir(model, config, sources, out, weights, dtype, notes)
+    # x and y coincide for any optimizer but schedule-free: say what was really written.
+    label = weights if any(is_schedule_free(s.run) for s in sources) else "trained"
+    return ExportResult(out, [s.describe() for s in sources], label, tok_kind, notes)
+
+
+def _sources(base: Path, step: int | None, average: list[str] | None) -> list[Source]:
+    """The checkpoints to export: ``base`` at ``step``, or every --average member (a member
+    without its own @STEP takes ``step``). Resolved before anything is read or written, so a
+    wrong name fails in a second, not after consolidating the others."""
     if not base.exists():
         raise CheckpointError(
             f"RUN = {str(base)!r}: no such directory; pass a run or branch directory"
         )
-    out = Path(out)
-    if average:
-        specs = [resolve_member(s, base) for s in average]
-        if step is not None:
-            specs = [(p, s if s is not None else step) for p, s in specs]
-        sources = [resolve_source(p, s) for p, s in specs]
-    else:
-        sources = [resolve_source(base, step)]
-    check_out_dir(out, force, [s.run.path for s in sources] + [base])
-    notes: list[str] = []
+    if not average:
+        return [resolve_source(base, step)]
+    specs = [resolve_member(s, base) for s in average]
+    if step is not None:
+        specs = [(p, s if s is not None else step) for p, s in specs]
+    return [resolve_source(p, s) for p, s in specs]
 
+
+def _common_config(sources: list[Source], model_config: str | Path | None):
+    """The members' one architecture: a soup of different models is not a model, so members
+    whose configs differ (beyond _VOLATILE_CONFIG_KEYS) are refused."""
     configs = [find_model_config(s, model_config) for s in sources]
     ref = _arch_dict(configs[0])
     for s, c in zip(sources[1:], configs[1:]):
@@ -541,18 +565,14 @@ def export(
                 f"--average: {s.describe()} has another architecture than {sources[0].describe()} "
                 f"(differs in {', '.join(diff[:6])}); only runs of one model can be averaged"
             )
-    for s in sources:
-        if weights == "y" and is_schedule_free(s.run):
-            notes.append(
-                f"{s.describe()}: schedule-free run exported at y (the gradient point), not x"
-            )
+    return configs[0]
 
-    if len(sources) == 1:
-        state = load_weights(sources[0], weights)
-    else:
-        state = average_states(load_weights(s, weights) for s in sources)
-    model = build_model(configs[0], state, dtype)
 
+def _write_model_dir(model, config, sources: list[Source], out: Path, weights: str, dtype: str,
+                     notes: list[str]) -> str:
+    """Write the model, its tokenizer and megawsd_export.json into a temporary sibling of
+    ``out`` and rename it into place: a failed export leaves no half-written model. Returns
+    the tokenizer kind ("hf", "sentencepiece" or "none"); appends to ``notes``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -562,20 +582,7 @@ def export(
         model.save_pretrained(str(tmp))
         for f in tmp.iterdir():  # some writers create 0600 temp files; a model dir is shared
             os.chmod(f, 0o666 & ~umask)
-        tok_kind = "none"
-        sp_model = find_tokenizer(sources[0].run, sources[0].tag_dir)
-        if sp_model is None:
-            notes.append(
-                "no sentencepiece tokenizer found (run dir, checkpoint or the data dir in "
-                "config.yaml); the model directory has no tokenizer"
-            )
-        else:
-            shutil.copyfile(sp_model, tmp / "tokenizer.model")
-            max_len = getattr(configs[0], "max_position_embeddings", None)
-            ok, note = build_hf_tokenizer(sp_model, tmp, max_len)
-            tok_kind = "hf" if ok else "sentencepiece"
-            if not ok:
-                notes.append(f"tokenizer.model shipped; AutoTokenizer will not load it: {note}")
+        tok_kind = _ship_tokenizer(sources[0], config, tmp, notes)
         meta = {
             "megawsd_version": __version__,
             "weights": weights,
@@ -590,9 +597,25 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # x and y coincide for any optimizer but schedule-free: say what was really written.
-    label = weights if any(is_schedule_free(s.run) for s in sources) else "trained"
-    return ExportResult(out, [s.describe() for s in sources], label, tok_kind, notes)
+    return tok_kind
+
+
+def _ship_tokenizer(source: Source, config, tmp: Path, notes: list[str]) -> str:
+    """Copy the run's sentencepiece model into the export and, when the conversion is verified
+    against sentencepiece, an AutoTokenizer for it. Returns "hf", "sentencepiece" or "none";
+    what a user will miss goes into ``notes``."""
+    sp_model = find_tokenizer(source.run, source.tag_dir)
+    if sp_model is None:
+        notes.append(
+            "no sentencepiece tokenizer found (run dir, checkpoint or the data dir in "
+            "config.yaml); the model directory has no tokenizer"
+        )
+        return "none"
+    shutil.copyfile(sp_model, tmp / "tokenizer.model")
+    ok, note = build_hf_tokenizer(sp_model, tmp, getattr(config, "max_position_embeddings", None))
+    if not ok:
+        notes.append(f"tokenizer.model shipped; AutoTokenizer will not load it: {note}")
+    return "hf" if ok else "sentencepiece"
 
 
 def _member_info(s: Source) -> dict[str, Any]:

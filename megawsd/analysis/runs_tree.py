@@ -12,8 +12,10 @@ is being written right now, or that was killed mid-write:
 - records that go back in step (a resume whose writer did not drop the records after the
   resumed step) replace the later ones, as the contract says they should have been.
 
-Nothing here imports ``megawsd.train``: analysis reads run directories only, so it works on
-runs made by another megawsd version or copied from a cluster without the training stack.
+The names, the checkpoint listing, the metrics reader and the lock rule are the contract's
+(megawsd.rundir), shared with the writer. Nothing here imports ``megawsd.train``: analysis
+reads run directories only, so it works on runs made by another megawsd version or copied
+from a cluster without the training stack.
 """
 
 from __future__ import annotations
@@ -21,23 +23,32 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megawsd.errors import CheckpointError
+from megawsd.rundir import (
+    BRANCHES,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUN_FILES,
+    RUN_JSON,
+    STABILITY_FILE,
+    JsonlRead,
+    Metrics,
+    checkpoint_steps,
+    lock_holder_alive,
+    read_jsonl,
+    read_latest,
+    read_lock,
+)
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("run.json", "metrics.jsonl", "config.yaml")
-STATE_FILE = "megawsd_state.json"  # written last into a checkpoint tag: marks it complete
-LOCK_FILE = ".lock"  # megawsd.train.runlock: pid and host of the training process
-STALE_LOCK_S = 6 * 3600.0  # the lock's own rule for a holder on another host
-CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+# re-exported: the tree's readers (and their tests) take them from here
+__all__ = ["JsonlRead", "Metrics", "RunNode", "is_run_dir", "list_checkpoints", "load_run",
+           "read_json", "read_jsonl", "read_yaml", "schedule_summary"]
 # "created": a branch made with `megawsd branch --no-train` (or not started yet)
 STATUSES = ("created", "running", "done", "failed", "stopped")
 # A symlink loop or a pathological tree must not recurse forever.
@@ -45,51 +56,6 @@ MAX_DEPTH = 32
 
 
 # -- file readers -------------------------------------------------------------------------
-
-
-@dataclass
-class JsonlRead:
-    """The parsed records of a JSONL file and what had to be skipped."""
-
-    records: list[dict] = field(default_factory=list)
-    partial_last_line: bool = False  # a record being appended right now
-    bad_lines: list[int] = field(default_factory=list)  # 1-based line numbers
-
-
-def read_jsonl(path: Path) -> JsonlRead:
-    """Every complete JSON object line of ``path``; missing file -> empty.
-
-    A last line without a trailing newline that does not parse is the writer's in-flight
-    append (or a kill mid-write), not corruption, so it is dropped without a warning.
-    """
-    out = JsonlRead()
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return out
-    except OSError as err:
-        log.warning("cannot read %s: %s", path, err)
-        out.bad_lines.append(0)
-        return out
-    lines = data.split(b"\n")
-    ends_with_newline = data.endswith(b"\n")
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        is_last = i == len(lines) - 1
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if is_last and not ends_with_newline:
-                out.partial_last_line = True
-            else:
-                out.bad_lines.append(i + 1)
-            continue
-        if isinstance(rec, dict):
-            out.records.append(rec)
-        else:
-            out.bad_lines.append(i + 1)
-    return out
 
 
 def read_json(path: Path) -> tuple[dict | None, str | None]:
@@ -121,60 +87,11 @@ def read_yaml(path: Path) -> tuple[dict | None, str | None]:
     return obj, None
 
 
-def _drop_superseded(records: list[dict]) -> list[dict]:
-    """Keep, for records that go back in step, only the newest history (resume semantics)."""
-    out: list[dict] = []
-    for rec in records:
-        step = rec.get("step")
-        if isinstance(step, (int, float)):
-            while out and isinstance(out[-1].get("step"), (int, float)) and out[-1]["step"] >= step:
-                out.pop()
-        out.append(rec)
-    return out
-
-
 def _finite(x: Any) -> float | None:
     """A float, or None for missing / non-numeric values (NaN and inf are kept)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     return float(x)
-
-
-# -- metrics ------------------------------------------------------------------------------
-
-
-@dataclass
-class Metrics:
-    """``metrics.jsonl`` split by record type (see docs/run_directory.md)."""
-
-    train: list[dict] = field(default_factory=list)  # records with "loss"
-    eval: list[dict] = field(default_factory=list)  # records with "val_loss"
-    partial_last_line: bool = False
-    bad_lines: list[int] = field(default_factory=list)
-
-    @classmethod
-    def read(cls, path: Path) -> Metrics:
-        raw = read_jsonl(path)
-        train = [r for r in raw.records if "loss" in r and "step" in r]
-        evals = [r for r in raw.records if "val_loss" in r and "step" in r]
-        return cls(
-            train=_drop_superseded(train),
-            eval=_drop_superseded(evals),
-            partial_last_line=raw.partial_last_line,
-            bad_lines=raw.bad_lines,
-        )
-
-    def last_step(self) -> int | None:
-        steps = [r["step"] for r in (self.train[-1:] + self.eval[-1:])]
-        return int(max(steps)) if steps else None
-
-    def last_tokens(self) -> int | None:
-        recs = [
-            r for r in (self.train[-1:] + self.eval[-1:]) if _finite(r.get("tokens")) is not None
-        ]
-        if not recs:
-            return None
-        return int(max(recs, key=lambda r: r["step"])["tokens"])
 
 
 # -- the tree -----------------------------------------------------------------------------
@@ -222,36 +139,13 @@ class RunNode:
     def alive(self) -> bool | None:
         """For a run that run.json calls running: is its training process still there?
 
-        Read from the run lock (``RUN/.lock``: pid, host; its mtime is the heartbeat), which
-        a SIGKILLed run leaves behind with run.json still saying "running". On this host the
-        pid is checked (``kill(pid, 0)``; the lock's flock is not touched: taking it, even
-        shared, could make a training start at that moment refuse). On another host only a
-        heartbeat older than STALE_LOCK_S says the process is gone. No lock at all: gone too
-        (a live run holds it from before run.json says running until after its last update;
-        a run that could not record its end, e.g. on a full disk, leaves "running" behind).
-        None: cannot tell.
+        Read from the run lock by the contract's rule (megawsd.rundir.lock_holder_alive): a
+        SIGKILLed run leaves run.json saying "running", and one that could not record its end
+        (a full disk) too. None: cannot tell.
         """
         if self.status != "running":
             return None
-        lock, why = read_json(self.path / LOCK_FILE)
-        if lock is None and why is None and not (self.path / LOCK_FILE).exists():
-            return False
-        if not lock:
-            return None
-        pid = lock.get("pid")
-        if lock.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # exists, owned by someone else
-                return True
-            return True
-        try:
-            age = time.time() - (self.path / LOCK_FILE).stat().st_mtime
-        except OSError:
-            return None
-        return False if age > STALE_LOCK_S else None
+        return lock_holder_alive(self.path)
 
     # -- progress --------------------------------------------------------------------------
     @property
@@ -401,24 +295,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 def list_checkpoints(run_dir: Path) -> tuple[list[int], str | None]:
-    """Steps of complete ``checkpoints/step_N`` directories and the ``latest`` tag.
-
-    A tag directory is complete once ``megawsd_state.json`` is in it (train writes it last);
-    temporary directories of a save in flight (``.tmp_step_N``) do not match the pattern.
-    """
-    ck = run_dir / "checkpoints"
-    steps = []
-    if ck.is_dir():
-        for p in ck.iterdir():
-            m = CHECKPOINT_RE.match(p.name)
-            if m and (p / STATE_FILE).is_file():
-                steps.append(int(m.group(1)))
-    latest = None
-    try:
-        latest = (ck / "latest").read_text().strip() or None
-    except OSError:
-        pass
-    return sorted(steps), latest
+    """Steps of complete checkpoints and the ``latest`` tag as written (megawsd.rundir)."""
+    return checkpoint_steps(run_dir), read_latest(run_dir)
 
 
 def load_run(path: str | Path, *, recursive: bool = True) -> RunNode:
@@ -445,16 +323,16 @@ def _load(
 ) -> RunNode:
     seen.add(path.resolve())
     warnings: list[str] = []
-    info, why = read_json(path / "run.json")
+    info, why = read_json(path / RUN_JSON)
     if why:
         warnings.append(why)
-    config, why = read_yaml(path / "config.yaml")
+    config, why = read_yaml(path / CONFIG_FILE)
     if why:
         warnings.append(why)
-    metrics = Metrics.read(path / "metrics.jsonl")
+    metrics = Metrics.read(path / METRICS_FILE)
     if metrics.bad_lines:
         warnings.append(f"metrics.jsonl: skipped malformed line(s) {metrics.bad_lines[:5]}")
-    events = read_jsonl(path / "stability.jsonl").records
+    events = read_jsonl(path / STABILITY_FILE).records
     steps, latest = list_checkpoints(path)
     node = RunNode(
         path=path,
@@ -469,7 +347,7 @@ def _load(
         parent=parent,
     )
     if node.alive is False:
-        lock, _ = read_json(path / LOCK_FILE)
+        lock = read_lock(path)
         if lock is None:
             node.warnings.append(
                 "run.json says running but no process holds the run lock (.lock is gone): "
@@ -492,7 +370,7 @@ def _load(
         log.debug("%s: %s", path, w)
     if not recursive:
         return node
-    bdir = path / "branches"
+    bdir = path / BRANCHES
     if bdir.is_dir() and node.depth < MAX_DEPTH:
         for child in sorted(bdir.iterdir()):
             if child.resolve() in seen:

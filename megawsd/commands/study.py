@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.study_dir:
             raise ConfigError("STUDY_DIR = None: give the study directory, e.g. "
                               "`megawsd study report studies/study-cpu`")
-        from megawsd.analysis.study_report import write_report
+        from megawsd.study.report import write_report
 
         path = write_report(args.study_dir)
         print(f"report: {path}")

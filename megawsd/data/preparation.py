@@ -46,7 +46,7 @@ from megawsd.data.tokenizer import (
     sample_documents,
     train_tokenizer,
 )
-from megawsd.errors import ConfigError, DataError
+from megawsd.errors import ConfigError, DataError, existing_parent, explain
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +123,7 @@ def prepare_detailed(
     """
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().absolute()
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction = {val_fraction!r}: must be in [0, 1)")
-    if num_proc < 1:
-        raise ConfigError(f"--num-proc = {num_proc!r}: must be at least 1")
-    if tokenizer is None and tokenizer_type not in TOKENIZER_TYPES:
-        raise ConfigError(
-            f"--tokenizer-type = {tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}"
-        )
-    if tokenizer_sample_mb <= 0:
-        raise ConfigError(f"--tokenizer-sample-mb = {tokenizer_sample_mb!r}: must be positive")
-
+    _check_options(val_fraction, num_proc, tokenizer, tokenizer_type, tokenizer_sample_mb)
     resolved = resolve_inputs(inputs, include=include, strict=strict)
     if resolved.skipped:
         log.warning(
@@ -141,20 +131,8 @@ def prepare_detailed(
             "'skipped_files'; --strict makes this an error), e.g. %s: %s",
             len(resolved.skipped), resolved.skipped[0]["path"], resolved.skipped[0]["reason"],
         )
-
-    model_bytes: bytes | None = None
-    if tokenizer is not None:
-        model_bytes = Path(tokenizer).read_bytes() if Path(tokenizer).is_file() else None
-        if model_bytes is None:
-            raise DataError(f"--tokenizer = {str(tokenizer)!r}: file not found")
-        load_tokenizer(model_bytes)  # fail early on a file that is not a model
-        tok_spec = {"given_sha256": hashlib.sha256(model_bytes).hexdigest()}
-    else:
-        tok_spec = {
-            "vocab_size": int(vocab_size),
-            "type": tokenizer_type,
-            "sample_mb": float(tokenizer_sample_mb),
-        }
+    model_bytes, tok_spec = _tokenizer_spec(tokenizer, vocab_size, tokenizer_type,
+                                            tokenizer_sample_mb)
     settings = {"val_fraction": float(val_fraction), "seed": int(seed), "text_field": text_field}
     fingerprint = fingerprint_of(resolved, tok_spec, settings)
 
@@ -182,6 +160,39 @@ def prepare_detailed(
     result.input_bytes = resolved.total_bytes
     result.skipped = resolved.skipped
     return result
+
+
+def _check_options(val_fraction: float, num_proc: int, tokenizer, tokenizer_type: str,
+                   tokenizer_sample_mb: float) -> None:
+    """Refuse bad options before any input is read (hashing a corpus can take minutes)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction = {val_fraction!r}: must be in [0, 1)")
+    if num_proc < 1:
+        raise ConfigError(f"--num-proc = {num_proc!r}: must be at least 1")
+    if tokenizer is None and tokenizer_type not in TOKENIZER_TYPES:
+        raise ConfigError(
+            f"--tokenizer-type = {tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}"
+        )
+    if tokenizer_sample_mb <= 0:
+        raise ConfigError(f"--tokenizer-sample-mb = {tokenizer_sample_mb!r}: must be positive")
+
+
+def _tokenizer_spec(tokenizer, vocab_size: int, tokenizer_type: str,
+                    tokenizer_sample_mb: float) -> tuple[bytes | None, dict]:
+    """(the given model's bytes or None, the tokenizer part of the fingerprint). A given model
+    is identified by its hash, a trained one by its settings; a file that is not a model
+    fails here, before the corpus is tokenized."""
+    if tokenizer is None:
+        return None, {
+            "vocab_size": int(vocab_size),
+            "type": tokenizer_type,
+            "sample_mb": float(tokenizer_sample_mb),
+        }
+    model_bytes = Path(tokenizer).read_bytes() if Path(tokenizer).is_file() else None
+    if model_bytes is None:
+        raise DataError(f"--tokenizer = {str(tokenizer)!r}: file not found")
+    load_tokenizer(model_bytes)  # fail early on a file that is not a model
+    return model_bytes, {"given_sha256": hashlib.sha256(model_bytes).hexdigest()}
 
 
 def _make_staging(out: Path) -> Path:
@@ -219,18 +230,13 @@ def _write_failure(err: BaseException, out_parent: Path) -> OSError | None:
 
 
 def _unwritable(out: Path, err: OSError) -> DataError:
-    where = out.parent
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    try:
-        free = f"; {shutil.disk_usage(where).free / 2**20:.1f} MiB free there"
-    except OSError:
-        free = ""
+    """The output cannot be written: the cause in words (megawsd.errors.explain: read-only,
+    full disk with what is free, no permission), the error itself, and the fix."""
+    where = existing_parent(out.parent)
     return DataError(
-        f"--out = {str(out)!r}: cannot write the prepared data ({err.strerror or err}"
-        f"{': ' + str(err.filename) if err.filename else ''}{free}); nothing was kept. Free "
-        f"space or make {str(where)!r} writable (remount read-write, chmod), or choose "
-        "another --out"
+        f"--out = {str(out)!r}: cannot write the prepared data ({explain(err, where)}); nothing "
+        f"was kept. Free space or make {str(where)!r} writable (remount read-write, chmod), or "
+        "choose another --out"
     )
 
 
@@ -302,6 +308,7 @@ def _prepare_into(
     progress: bool,
     strict: bool = False,
 ) -> PrepareResult:
+    """Load, tokenize and write the corpus into ``staging``; meta.json is written last."""
     import datasets
     from tqdm.auto import tqdm
 
@@ -318,32 +325,17 @@ def _prepare_into(
 
         t_tok = time.perf_counter()
         if model_bytes is None:
-            model_bytes = train_tokenizer(
-                sample_documents(docs, int(tok_spec["sample_mb"] * 2**20), settings["seed"]),
-                vocab_size=tok_spec["vocab_size"],
-                model_type=tok_spec["type"],
-                sample_bytes=int(tok_spec["sample_mb"] * 2**20),
-                seed=settings["seed"],
-                num_threads=num_proc,
-            )
+            model_bytes = _train_tokenizer(docs, tok_spec, settings["seed"], num_proc)
         tokenizer_seconds = time.perf_counter() - t_tok
         (staging / TOKENIZER_FILE).write_bytes(model_bytes)
         sp = load_tokenizer(model_bytes)
-        vocab, eos = sp.get_piece_size(), sp.eos_id()
-        dtype = token_dtype(vocab)
+        dtype = token_dtype(sp.get_piece_size())
 
         t_map = time.perf_counter()
-        tokenized = docs.map(
-            Encoder(model_bytes, "text", dtype),
-            batched=True,
-            batch_size=64,
-            num_proc=num_proc if num_proc > 1 and n_docs > 1 else None,
-            remove_columns=docs.column_names,
-            cache_file_name=str(cache / "tokenized.arrow"),
-            desc="tokenizing",
-        )
+        tokenized = _tokenize(docs, model_bytes, dtype, cache, num_proc)
         is_val = _doc_split(n_docs, settings["val_fraction"], settings["seed"])
-        counts = _write_splits(tokenized, is_val, staging, dtype, vocab, progress, tqdm)
+        counts = _write_splits(tokenized, is_val, staging, dtype, sp.get_piece_size(), progress,
+                               tqdm)
         tokenize_seconds = time.perf_counter() - t_map
         del tokenized, docs
     finally:
@@ -351,15 +343,55 @@ def _prepare_into(
             datasets.enable_progress_bars()
     shutil.rmtree(cache, ignore_errors=True)
 
-    meta = Meta(
+    meta = _meta(staging, sp, dtype, counts, is_val, model_bytes, tok_spec, settings,
+                 fingerprint, resolved)
+    meta.write(staging)  # last: its presence (with matching sizes) means complete
+    return PrepareResult(
+        meta, False, tokenize_seconds=tokenize_seconds, tokenizer_seconds=tokenizer_seconds
+    )
+
+
+def _train_tokenizer(docs, tok_spec: dict, seed: int, num_proc: int) -> bytes:
+    """A sentencepiece model trained on a seeded ~sample_mb sample of the documents (all of a
+    large corpus would take far longer and barely change the vocabulary)."""
+    sample_bytes = int(tok_spec["sample_mb"] * 2**20)
+    return train_tokenizer(
+        sample_documents(docs, sample_bytes, seed),
+        vocab_size=tok_spec["vocab_size"],
+        model_type=tok_spec["type"],
+        sample_bytes=sample_bytes,
+        seed=seed,
+        num_threads=num_proc,
+    )
+
+
+def _tokenize(docs, model_bytes: bytes, dtype: str, cache: Path, num_proc: int):
+    """Token ids per document (EOS appended), by ``datasets.map`` over ``num_proc`` processes,
+    cached inside the staging directory so that nothing outlives a failed prepare."""
+    return docs.map(
+        Encoder(model_bytes, "text", dtype),
+        batched=True,
+        batch_size=64,
+        num_proc=num_proc if num_proc > 1 and len(docs) > 1 else None,
+        remove_columns=docs.column_names,
+        cache_file_name=str(cache / "tokenized.arrow"),
+        desc="tokenizing",
+    )
+
+
+def _meta(staging: Path, sp, dtype: str, counts: dict, is_val: np.ndarray, model_bytes: bytes,
+          tok_spec: dict, settings: dict, fingerprint: str, resolved: Resolved) -> Meta:
+    """meta.json's record of the preparation: what the loader and the training need (sizes,
+    vocabulary, special ids) and what makes it reproducible (fingerprint, sources, seed)."""
+    return Meta(
         path=staging,
-        vocab_size=vocab,
+        vocab_size=sp.get_piece_size(),
         dtype=dtype,
         train_tokens=counts["train_tokens"],
         val_tokens=counts["val_tokens"],
         train_documents=int((~is_val).sum()),
         val_documents=int(is_val.sum()),
-        eos_id=eos,
+        eos_id=sp.eos_id(),
         bos_id=sp.bos_id(),
         tokenizer=TOKENIZER_FILE,
         tokenizer_sha256=hashlib.sha256(model_bytes).hexdigest(),
@@ -371,10 +403,6 @@ def _prepare_into(
         sources=[s.record() for s in resolved.sources],
         skipped_files=resolved.skipped,
         megawsd_version=__version__,
-    )
-    meta.write(staging)  # last: its presence (with matching sizes) means complete
-    return PrepareResult(
-        meta, False, tokenize_seconds=tokenize_seconds, tokenizer_seconds=tokenizer_seconds
     )
 
 

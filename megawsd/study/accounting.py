@@ -18,11 +18,12 @@ Works on the plan as JSON (plan.json), so the report can use it on a copied stud
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from megawsd.rundir import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +46,11 @@ def param_count(model_config_json: str | Path) -> dict[str, int] | None:
 
 
 def executed_steps(run_dir: str | Path, start: int) -> dict[str, Any]:
-    """Steps a run directory holds as done, read from its metrics.jsonl train records:
+    """Steps a run directory holds as done, read from its metrics.jsonl train records (the
+    contract's reader: a history a resume replaced is not counted as done):
     ``last`` (its last step - start) and ``logged`` (distinct logged steps after start)."""
-    f = Path(run_dir) / "metrics.jsonl"
-    steps: set[int] = set()
-    if f.exists():
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if "loss" in rec and isinstance(rec.get("step"), int) and rec["step"] > start:
-                steps.add(rec["step"])
+    steps = {r["step"] for r in read_metrics(run_dir).train
+             if isinstance(r["step"], int) and r["step"] > start}
     return {"last": (max(steps) - start) if steps else 0, "logged": len(steps)}
 
 

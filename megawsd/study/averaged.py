@@ -22,7 +22,10 @@ from typing import Any
 
 import yaml
 
+from megawsd.analysis.export import build_model, load_model_config, strip_prefix
 from megawsd.errors import CheckpointError
+from megawsd.optim import EMA, SWA
+from megawsd.rundir import MODEL_CONFIG_FILE, checkpoint_dir, is_complete, read_metrics, tag_for
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +47,19 @@ def _val_batches(run_dir: Path):
 def _load_state(run_dir: Path, step: int) -> dict:
     from megawsd.deepspeed import consolidate_checkpoint
 
-    tag = f"step_{step:08d}"
-    if not (run_dir / "checkpoints" / tag / "megawsd_state.json").exists():
-        raise CheckpointError(f"checkpoint = {str(run_dir / 'checkpoints' / tag)!r}: missing; the "
+    ckpts, tag = checkpoint_dir(run_dir), tag_for(step)
+    if not is_complete(ckpts / tag):
+        raise CheckpointError(f"checkpoint = {str(ckpts / tag)!r}: missing; the "
                               "study plans these snapshots in checkpoint.at: rerun the study "
                               "with --resume to retrain the main run's missing part")
     try:
-        return consolidate_checkpoint(str(run_dir / "checkpoints"), tag=tag, weights="x")
+        return consolidate_checkpoint(str(ckpts), tag=tag, weights="x")
     except CheckpointError as err:
         # Stage 0 without megawsd's parameter names (plain AdamW): the module state in the
         # model-states file is the full model; for an AdamW run it is what training evaluated.
         import torch
 
-        f = run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+        f = ckpts / tag / "mp_rank_00_model_states.pt"
         if not f.exists():
             raise
         log.debug("%s: %s; reading the module state instead", tag, err)
@@ -80,11 +83,8 @@ def _loss(model, batches) -> float:
 def evaluate_average(run_dir: str | Path, steps: list[int], kind: str,
                      decay: float | None = None) -> dict[str, Any]:
     """Val loss of the SWA/EMA average of the checkpoints at ``steps`` (ascending)."""
-    from megawsd.analysis.export import _load_config, _strip_prefix, build_model
-    from megawsd.optim import EMA, SWA
-
     run_dir = Path(run_dir)
-    config = _load_config(run_dir / "model_config.json")
+    config = load_model_config(run_dir / MODEL_CONFIG_FILE)
     batches = _val_batches(run_dir)
     first = _load_state(run_dir, steps[0])
     model = build_model(config, first)
@@ -93,20 +93,12 @@ def evaluate_average(run_dir: str | Path, steps: list[int], kind: str,
     keys = set(model.state_dict())
     for i, s in enumerate(steps):
         state = first if i == 0 else _load_state(run_dir, s)
-        model.load_state_dict(_strip_prefix(state, keys), strict=False)
+        model.load_state_dict(strip_prefix(state, keys), strict=False)
         avg.update(i)
     plain = _loss(model, batches)  # the last snapshot itself
     with avg.applied():
         averaged = _loss(model, batches)
-    recorded = None
-    f = run_dir / "metrics.jsonl"
-    for line in f.read_text().splitlines() if f.exists() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step") == steps[-1] and "val_loss" in rec:
-            recorded = rec["val_loss"]
+    recorded = read_metrics(run_dir).eval_at(steps[-1])
     return {"kind": kind, "steps": steps, "decay": decay, "snapshots": avg.num_updates,
             "val_loss": averaged, "last_snapshot_val_loss": plain,
             "recorded_val_loss": recorded}

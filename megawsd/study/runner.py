@@ -278,8 +278,8 @@ class _Launcher:
 
 def compute_averages(plan: Plan, study_dir: Path) -> list[str]:
     """SWA/EMA cells: compute the ones whose result file is missing."""
+    from megawsd.rundir import atomic_write
     from megawsd.study.averaged import evaluate_average
-    from megawsd.train.rundir import atomic_write
 
     made = []
     for c in plan.cells:
@@ -302,7 +302,7 @@ def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | Non
               resume: bool = False, jobs: int = 1, dry_run: bool = False,
               report: bool = True) -> Path:
     """`megawsd study STUDY.yaml`: plan, run what is missing, average, report."""
-    from megawsd.train.rundir import atomic_write
+    from megawsd.rundir import atomic_write
 
     spec = load_spec(spec_path)
     plan = make_plan(spec)
@@ -328,7 +328,7 @@ def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | Non
         return study_dir
     compute_averages(plan, study_dir)
     if report:
-        from megawsd.analysis.study_report import write_report
+        from megawsd.study.report import write_report
 
         path = write_report(study_dir)
         log.info("report: %s", path)

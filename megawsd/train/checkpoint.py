@@ -31,9 +31,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megawsd.errors import CheckpointError
+from megawsd.errors import CheckpointError, explain
+from megawsd.rundir import (
+    LATEST,
+    RUN_JSON,
+    STATE_FILE,
+    atomic_write,
+    fsync_dir,
+    is_complete,
+    tag_for,
+)
 from megawsd.train import integrity
-from megawsd.train.rundir import LATEST, STATE_FILE, RunDir, atomic_write, tag_for
+from megawsd.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +102,7 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
                 atomic_write(tmp_dir / STATE_FILE,
                              json.dumps({**state, "step": step}, indent=2) + "\n")
             except OSError as err:
-                error = integrity.explain(err, run.ckpt_dir)
+                error = explain(err, run.ckpt_dir)
         failures = integrity.agree(error, world)
     if not failures:
         files = integrity.build_manifest(tmp_dir, rank=rank, world=world, level=manifest)
@@ -107,10 +116,10 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
                     os.replace(final, trash)
                     shutil.rmtree(trash, ignore_errors=True)
                 os.replace(tmp_dir, final)
-                integrity.fsync_dir(run.ckpt_dir)
-                integrity.atomic_write_text(run.ckpt_dir / LATEST, tag + "\n")
+                fsync_dir(run.ckpt_dir)
+                atomic_write(run.ckpt_dir / LATEST, tag + "\n")
             except OSError as err:
-                error = integrity.explain(err, run.ckpt_dir)
+                error = explain(err, run.ckpt_dir)
         failures = integrity.agree(error, world)
     if failures:
         if rank == 0:
@@ -130,7 +139,7 @@ def load(engine, run: RunDir, step: int, *, rank: int, world_size: int,
     affects the numbers: dropout is 0 in the presets), so they are reseeded per rank.
     """
     tag_dir = run.tag_dir(step)
-    if not (tag_dir / STATE_FILE).exists():
+    if not is_complete(tag_dir):
         available = run.saved_steps()
         raise CheckpointError(
             f"step = {step}: no complete checkpoint in {str(run.ckpt_dir)!r}; "
@@ -184,7 +193,7 @@ def protected_steps(run: RunDir) -> set[int]:
     if run.branches_dir.is_dir():
         for b in run.branches_dir.iterdir():
             try:
-                info = json.loads((b / "run.json").read_text())
+                info = json.loads((b / RUN_JSON).read_text())
             except (OSError, json.JSONDecodeError):
                 continue
             if info.get("branch_step") is not None:

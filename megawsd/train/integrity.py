@@ -24,7 +24,6 @@ and mtime are unchanged is not hashed again).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -35,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from megawsd.errors import CheckpointError, DataError, MegawsdError
+from megawsd.errors import CheckpointError, DataError, MegawsdError, explain
+from megawsd.rundir import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,9 @@ class CheckpointSaveError(CheckpointError):
 
 
 # -- durable writes --------------------------------------------------------------------------
+# fsync_dir and the one atomic write are the run directory's (megawsd.rundir).
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist a directory's entries (a rename is durable only once its directory is)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems (and Windows) refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+atomic_write_text = atomic_write  # the name train/guard.py imports
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
@@ -72,23 +62,6 @@ def fsync_tree(root: str | os.PathLike) -> None:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(dirpath)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Temp file + fsync + rename + fsync of the directory: all or nothing, and durable."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
 
 
 def remove_tree(path: str | os.PathLike) -> None:
@@ -156,7 +129,7 @@ def build_manifest(tag_dir: str | os.PathLike, *, rank: int = 0, world: int = 1,
 
 def write_manifest(tag_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     path = Path(tag_dir) / MANIFEST
-    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -241,7 +214,6 @@ def choose_checkpoint(ckpt_dir: str | os.PathLike, steps: list[int], tag_of: Cal
 # not exist", a failed fopen "open file failed because of errno ...".
 _TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "Parent directory",
                        "unexpected pos", "open file failed", "fopen")
-_LOW_SPACE = 1 << 20  # after a failed write, less than this free means the disk filled up
 
 
 def is_write_error(err: BaseException) -> bool:
@@ -249,51 +221,6 @@ def is_write_error(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return True
     return isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_ERRORS)
-
-
-def _existing(path: Path) -> Path:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def write_cause(err: BaseException | None, directory: str | os.PathLike) -> str | None:
-    """The cause of a write error in words (full disk, read-only, no permission), read from
-    the error and the filesystem of ``directory`` right after the failure; None if unclear."""
-    d = _existing(Path(directory))
-    code = getattr(err, "errno", None)
-    try:
-        st = os.statvfs(d)
-    except OSError:
-        st = None
-    if code == errno.EROFS or (st is not None and st.f_flag & os.ST_RDONLY):
-        return f"{str(d)!r} is on a read-only filesystem"
-    if st is not None:
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        if code in (errno.ENOSPC, errno.EDQUOT) or free < _LOW_SPACE:
-            return (f"no space left on the filesystem of {str(d)!r} ({_human(free)} free of "
-                    f"{_human(total)})")
-    elif code in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the filesystem of {str(d)!r}"
-    if code in (errno.EACCES, errno.EPERM) or not os.access(d, os.W_OK):
-        return f"no write permission on {str(d)!r}"
-    return None
-
-
-def explain(err: BaseException, directory: str | os.PathLike) -> str:
-    """``cause (raw error)``: the words a user acts on, and the error for the record."""
-    raw = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    cause = write_cause(err, directory)
-    return f"{cause} ({raw[:300]})" if cause else raw[:300]
 
 
 class WriteGuard:
@@ -502,7 +429,7 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
             pinned[key] = entry
         check_vocab(meta)  # the embedding is sized by meta.json: it must be the tokenizer's
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(pin_path, json.dumps(pinned, indent=1, sort_keys=True) + "\n")
+    atomic_write(pin_path, json.dumps(pinned, indent=1, sort_keys=True) + "\n")
     return pinned
 
 

@@ -1,16 +1,17 @@
-"""The run directory (docs/run_directory.md): the files train writes and analysis reads.
+"""The write side of the run directory (docs/run_directory.md): run.json, config.yaml,
+metrics.jsonl while a run trains.
 
-Only rank 0 writes here, except the checkpoint shards. Every file that another process may
-read while the run is going (run.json, checkpoints/latest) is replaced atomically
-(write a temp file, ``os.replace``), so a reader never sees half a file.
+The contract itself (names, checkpoint tags, the complete-checkpoint rule, the metrics
+reader, the atomic write) is megawsd.rundir's, shared with every reader; this module adds
+what only training does with it. Only rank 0 writes here, except the checkpoint shards.
+Every file that another process may read while the run is going (run.json,
+checkpoints/latest) is replaced atomically, so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import re
 import socket
 import subprocess
 from pathlib import Path
@@ -19,34 +20,15 @@ from typing import Any
 import yaml
 
 from megawsd import __version__
-from megawsd.errors import CheckpointError
+from megawsd import rundir as contract
+from megawsd.errors import CheckpointError, explain
+from megawsd.rundir import STATE_FILE, atomic_write, tag_for
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-STATE_FILE = "megawsd_state.json"
-TAG_RE = re.compile(r"^step_(\d{8,})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(tag: str) -> int | None:
-    m = TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
+__all__ = ["RunDir", "MetricsWriter", "append_jsonl", "atomic_write", "now", "tag_for"]
 
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _git_rev() -> str | None:
@@ -65,52 +47,39 @@ class RunDir:
     # -- paths ------------------------------------------------------------------------------
     @property
     def config_file(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / contract.CONFIG_FILE
 
     @property
     def run_json(self) -> Path:
-        return self.path / "run.json"
+        return self.path / contract.RUN_JSON
 
     @property
     def metrics_file(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / contract.METRICS_FILE
 
     @property
     def tb_dir(self) -> Path:
-        return self.path / "tb"
+        return self.path / contract.TB_DIR
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.path / CHECKPOINTS
+        return contract.checkpoint_dir(self.path)
 
     @property
     def branches_dir(self) -> Path:
-        return self.path / "branches"
+        return self.path / contract.BRANCHES
 
     def tag_dir(self, step: int) -> Path:
-        return self.ckpt_dir / tag_for(step)
+        return contract.tag_dir(self.path, step)
 
     # -- checkpoints ------------------------------------------------------------------------
     def latest_step(self) -> int | None:
         """Step of `checkpoints/latest`, only if that checkpoint is complete."""
-        f = self.ckpt_dir / LATEST
-        if not f.exists():
-            return None
-        step = step_of(f.read_text().strip())
-        if step is None or not (self.tag_dir(step) / STATE_FILE).exists():
-            return None
-        return step
+        return contract.latest_step(self.path)
 
     def saved_steps(self) -> list[int]:
-        """Steps of complete checkpoints (a state file is the last thing written into a tag)."""
-        if not self.ckpt_dir.is_dir():
-            return []
-        steps = []
-        for d in self.ckpt_dir.iterdir():
-            s = step_of(d.name)
-            if s is not None and (d / STATE_FILE).exists():
-                steps.append(s)
-        return sorted(steps)
+        """Steps of complete checkpoints, ascending (megawsd.rundir.checkpoint_steps)."""
+        return contract.checkpoint_steps(self.path)
 
     def read_state(self, step: int) -> dict[str, Any]:
         return json.loads((self.tag_dir(step) / STATE_FILE).read_text())
@@ -186,17 +155,6 @@ class RunDir:
                 keep.append(line)
         atomic_write(self.metrics_file, "".join(f"{x}\n" for x in keep))
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        out = []
-        for line in self.metrics_file.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-
 
 def append_jsonl(f, record: dict[str, Any], field: str, run_path: Path) -> None:
     """Append ``record`` as one line to the open file ``f``; a write error (a full disk mid-run)
@@ -204,8 +162,6 @@ def append_jsonl(f, record: dict[str, Any], field: str, run_path: Path) -> None:
     try:
         f.write(json.dumps(record) + "\n")
     except OSError as err:
-        from megawsd.train.integrity import explain
-
         raise CheckpointError(
             f"{field} = {f.name!r}: cannot append ({explain(err, run_path)}); free space (or "
             "make the run directory writable) and rerun the same command to resume from the "

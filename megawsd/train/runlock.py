@@ -1,5 +1,9 @@
 """One training process group per run directory: ``RUN/.lock``.
 
+The lock's file, what it holds and when a holder on another host counts as gone are the run
+directory contract's (megawsd.rundir: LOCK_FILE, read_lock, lock_age, STALE_LOCK_S), which
+``megawsd runs`` reads to tell a died run; this module is the process side.
+
 Two runs writing the same checkpoints and metrics interleave silently, so the second start
 must refuse. Rank 0 holds the lock for the whole run:
 
@@ -22,15 +26,12 @@ import os
 import socket
 import sys
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
-from megawsd.errors import CheckpointError, MegawsdError
+from megawsd.errors import CheckpointError, MegawsdError, explain
+from megawsd.rundir import STALE_LOCK_S, lock_age, lock_path, read_lock
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = ".lock"
 
 
 class RunLockedError(MegawsdError):
@@ -38,18 +39,15 @@ class RunLockedError(MegawsdError):
 
 
 class RunLock:
-    def __init__(self, run_dir: str | os.PathLike, stale_after_s: float = 6 * 3600.0):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: str | os.PathLike, stale_after_s: float = STALE_LOCK_S):
+        self.path = lock_path(run_dir)
         self.stale_after_s = stale_after_s
         self._fd: int | None = None
         self._stop = threading.Event()
         self.took_over: dict[str, Any] | None = None
 
     def read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text() or "null")
-        except (OSError, ValueError):
-            return None
+        return read_lock(self.path.parent)
 
     def acquire(self) -> RunLock:
         try:
@@ -124,17 +122,12 @@ class RunLock:
             # flock is authoritative on one host: we got it, so the holder does not hold it
             # (it died; its pid may even have been reused by an unrelated process)
             return True
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except OSError:
-            return True
-        return age > self.stale_after_s
+        age = lock_age(self.path.parent)
+        return age is None or age > self.stale_after_s
 
     def _unwritable(self, err: OSError) -> CheckpointError:
         """The run directory cannot hold the lock (read-only, no permission, full disk): a
         run could not write its checkpoints there either."""
-        from megawsd.train.integrity import explain
-
         return CheckpointError(
             f"run_dir = {str(self.path.parent)!r}: cannot create the run lock {self.path.name} "
             f"({explain(err, self.path.parent)}); a run writes its checkpoints and metrics "

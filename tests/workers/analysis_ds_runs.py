@@ -21,12 +21,20 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
-from analysis_fixtures import LR, MICRO, SEQ, global_batch, tiny_config  # noqa: E402
+from analysis_fixtures import (  # noqa: E402
+    LR,
+    MICRO,
+    SEQ,
+    global_batch,
+    mark_checkpoint,
+    tiny_config,
+)
 from dist_helpers import report, worker_args  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from megawsd import deepspeed as mds  # noqa: E402
 from megawsd.optim import ScheduleFreeAdamW  # noqa: E402
+from megawsd.rundir import tag_for  # noqa: E402
 
 
 def make_optimizer(kind: str, params):
@@ -66,14 +74,10 @@ def main() -> None:
             engine.backward(loss)
             engine.step()
             if step in spec["save_at"]:
-                tag = f"step_{step:08d}"
-                engine.save_checkpoint(str(ck), tag=tag, save_latest=False)
+                engine.save_checkpoint(str(ck), tag=tag_for(step), save_latest=False)
                 dist.barrier()
                 if rank == 0:
-                    (ck / tag / "megawsd_state.json").write_text(
-                        json.dumps({"step": step, "world_size": world})
-                    )
-                    (ck / "latest").write_text(tag + "\n")
+                    mark_checkpoint(run_dir, step, {"step": step, "world_size": world})
                 dist.barrier()
         if rank == 0:
             info = {

@@ -6,7 +6,10 @@ a run's final eval (cooldown branches, cosine/linear runs), a run's eval at the 
 (constant LR, schedule-free) or an offline weight average (SWA/EMA). Missing results (runs not
 finished yet) show as "-" and are left out of fits.
 
-Writes STUDY_DIR/report.md, results.json and figures/*.png.
+Writes STUDY_DIR/report.md, results.json and figures/*.png. Run directories are read through
+the run-directory contract (megawsd.rundir.read_metrics: the superseded-record rule applies,
+so a value of a history a resume replaced is never reported). It lives in ``study`` (not
+``analysis``) because it reads a study's plan and accounting: analysis stays below study.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from megawsd.errors import CheckpointError
+import numpy as np
+
+from megawsd.analysis.scaling_fit import fit_loss_vs_data, fit_loss_vs_params_data
+from megawsd.errors import CheckpointError, ConfigError
+from megawsd.rundir import Metrics, read_metrics
+from megawsd.study.accounting import param_count, study_totals, variant_costs
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +39,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def _metrics(path: Path) -> list[dict]:
-    f = path / "metrics.jsonl"
-    out = []
-    for line in f.read_text().splitlines() if f.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def load_plan(study_dir: str | Path) -> dict[str, Any]:
@@ -63,9 +60,10 @@ def cell_value(study_dir: Path, cell: dict, cache: dict) -> float | None:
             return float(final["val_loss"])
         return None
     if cell["source"] == "eval_at":
-        recs = cache.setdefault(cell["run"], _metrics(run))
-        vals = [r["val_loss"] for r in recs if r.get("step") == cell["budget"] and "val_loss" in r]
-        return float(vals[-1]) if vals else None
+        if cell["run"] not in cache:
+            cache[cell["run"]] = read_metrics(run)
+        value = cache[cell["run"]].eval_at(cell["budget"])
+        return None if value is None else float(value)
     res = _read_json(study_dir / cell["average"]["file"])
     return None if res is None else float(res["val_loss"])
 
@@ -93,8 +91,6 @@ def collect(study_dir: str | Path) -> dict[str, Any]:
 
 
 def _params(study_dir: Path, plan: dict) -> dict[str, dict | None]:
-    from megawsd.study.accounting import param_count
-
     out: dict[str, dict | None] = {}
     for m in plan["models"]:
         out[m] = None
@@ -154,9 +150,6 @@ def fit_points(stats: dict, plan: dict, model: str, vid: str) -> tuple[list[floa
 
 
 def _fits(stats: dict, plan: dict, params: dict, bootstrap: int = 200) -> list[dict]:
-    from megawsd.analysis.scaling_fit import fit_loss_vs_data, fit_loss_vs_params_data
-    from megawsd.errors import ConfigError
-
     chosen = []
     wsd = [v for v in plan["variants"] if v["kind"] == "wsd"]
     if wsd:  # Hägele's recommendation if it is in the study: 1-sqrt with the longest cooldown
@@ -195,19 +188,27 @@ def _fits(stats: dict, plan: dict, params: dict, bootstrap: int = 200) -> list[d
 # -- figures ---------------------------------------------------------------------------------
 
 def _figures(study_dir: Path, data: dict, fits: list[dict]) -> list[str]:
+    """The report's figures (figures/*.png), all for the largest model; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plan, stats = data["plan"], data["stats"]
     figdir = study_dir / "figures"
     figdir.mkdir(exist_ok=True)
-    made = []
-    tps = plan["tokens_per_step"]
-    m0 = plan["models"][-1]
-    Tmax = plan["budgets"][-1]
-    # 1. loss curves: train loss of each variant's run at its best LR, largest budget, first seed
+    made: list[str] = []
+    _plot_loss_curves(plt, study_dir, data, figdir, made)
+    _plot_final_vs_budget(plt, data, figdir, made)
+    _plot_lr_sensitivity(plt, data, figdir, made)
+    _plot_fit(plt, data["plan"], fits, figdir, made)
+    return made
+
+
+def _plot_loss_curves(plt, study_dir: Path, data: dict, figdir: Path, made: list[str]) -> None:
+    """Train loss of each variant's run at its best LR, largest budget, first seed: how the
+    arms get to the numbers in the tables (val losses as dots)."""
+    plan, stats = data["plan"], data["stats"]
+    tps, m0, Tmax = plan["tokens_per_step"], plan["models"][-1], plan["budgets"][-1]
     fig, ax = plt.subplots(figsize=(8, 5))
     for v in plan["variants"]:
         s = stats.get((m0, v["id"], Tmax))
@@ -217,19 +218,25 @@ def _figures(study_dir: Path, data: dict, fits: list[dict]) -> list[str]:
                      and c["budget"] == Tmax and c["lr"] == s["best_lr"]), None)
         if cell is None:
             continue
-        recs = [r for r in _metrics(study_dir / cell["run"]) if "loss" in r and r["step"] <= Tmax]
+        metrics: Metrics = read_metrics(study_dir / cell["run"])
+        recs = [r for r in metrics.train if r["step"] <= Tmax]
         if not recs:
             continue
         xs, ys = [r["step"] * tps for r in recs], _smooth([r["loss"] for r in recs])
         ax.plot(xs, ys, label=f"{v['label']} (lr {s['best_lr']:g})", lw=1.2)
-        vals = [r for r in _metrics(study_dir / cell["run"]) if "val_loss" in r and r["step"] <= Tmax]
+        vals = [r for r in metrics.eval if r["step"] <= Tmax]
         if vals:
             ax.scatter([r["step"] * tps for r in vals], [r["val_loss"] for r in vals], s=10)
     ax.set_xlabel("tokens")
     ax.set_ylabel("train loss (EMA-smoothed); dots: val loss")
     ax.set_title(f"loss curves at the largest budget ({Tmax} steps), best LR")
     _finish(ax, fig, figdir / "loss_curves.png", made)
-    # 2. final val loss vs budget per variant
+
+
+def _plot_final_vs_budget(plt, data: dict, figdir: Path, made: list[str]) -> None:
+    """Final val loss (best LR, mean and std over seeds) against the budget, per variant."""
+    plan, stats = data["plan"], data["stats"]
+    tps, m0 = plan["tokens_per_step"], plan["models"][-1]
     fig, ax = plt.subplots(figsize=(8, 5))
     for v in plan["variants"]:
         pts = [(T * tps, stats[(m0, v["id"], T)]) for T in plan["budgets"] if (m0, v["id"], T) in stats]
@@ -241,8 +248,12 @@ def _figures(study_dir: Path, data: dict, fits: list[dict]) -> list[str]:
     ax.set_ylabel("final val loss (best LR, mean over seeds)")
     ax.set_title("final loss vs budget")
     _finish(ax, fig, figdir / "final_vs_budget.png", made)
-    # 3. LR sensitivity at each budget
-    nb = len(plan["budgets"])
+
+
+def _plot_lr_sensitivity(plt, data: dict, figdir: Path, made: list[str]) -> None:
+    """Mean val loss per peak LR, one panel per budget: whether the best LR was bracketed."""
+    plan, stats = data["plan"], data["stats"]
+    m0, nb = plan["models"][-1], len(plan["budgets"])
     fig, axes = plt.subplots(1, nb, figsize=(4 * nb, 4), squeeze=False, sharey=True)
     for ax, T in zip(axes[0], plan["budgets"]):
         for v in plan["variants"]:
@@ -255,30 +266,31 @@ def _figures(study_dir: Path, data: dict, fits: list[dict]) -> list[str]:
         ax.set_title(f"budget {T} steps")
     axes[0][0].set_ylabel("final val loss")
     _finish(axes[0][-1], fig, figdir / "lr_sensitivity.png", made)
-    # 4. the fit
-    good = [f for f in fits if f["fit"] and f["model"] != "all"]
-    if good:
-        import numpy as np
 
-        fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
-        for f in good:
-            p = f["fit"]["params"]
-            D = np.asarray(f["D"])
-            xs = np.geomspace(D.min() / 1.5, D.max() * 3, 100)
-            lab = f"{_variant(plan, f['variant'])['label']} [{f['model']}]"
-            line = ax.plot(xs, p["E"] + p["B"] / xs ** p["beta"],
-                           label=f"{lab}: E={p['E']:.3f} beta={p['beta']:.3f}")[0]
-            ax.scatter(D, f["L"], color=line.get_color(), s=14)
-            axr.scatter(D, f["fit"]["residuals"], color=line.get_color(), s=14)
-        ax.set_xscale("log")
-        ax.set_ylabel("val loss")
-        ax.set_title("L(D) = E + B / D^beta")
-        axr.axhline(0, color="k", lw=0.6)
-        axr.set_xlabel("tokens")
-        axr.set_ylabel("residual")
-        _finish(ax, fig, figdir / "scaling_fit.png", made)
-    return made
+
+def _plot_fit(plt, plan: dict, fits: list[dict], figdir: Path, made: list[str]) -> None:
+    """The per-model L(D) fits over their points, with residuals below (skipped without one)."""
+    good = [f for f in fits if f["fit"] and f["model"] != "all"]
+    if not good:
+        return
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    for f in good:
+        p = f["fit"]["params"]
+        D = np.asarray(f["D"])
+        xs = np.geomspace(D.min() / 1.5, D.max() * 3, 100)
+        lab = f"{_variant(plan, f['variant'])['label']} [{f['model']}]"
+        line = ax.plot(xs, p["E"] + p["B"] / xs ** p["beta"],
+                       label=f"{lab}: E={p['E']:.3f} beta={p['beta']:.3f}")[0]
+        ax.scatter(D, f["L"], color=line.get_color(), s=14)
+        axr.scatter(D, f["fit"]["residuals"], color=line.get_color(), s=14)
+    ax.set_xscale("log")
+    ax.set_ylabel("val loss")
+    ax.set_title("L(D) = E + B / D^beta")
+    axr.axhline(0, color="k", lw=0.6)
+    axr.set_xlabel("tokens")
+    axr.set_ylabel("residual")
+    _finish(ax, fig, figdir / "scaling_fit.png", made)
 
 
 def _smooth(ys: list[float], alpha: float | None = None) -> list[float]:
@@ -304,8 +316,6 @@ def _finish(ax, fig, path: Path, made: list[str]) -> None:
 # -- the report ------------------------------------------------------------------------------
 
 def write_report(study_dir: str | Path, figures: bool = True, bootstrap: int = 200) -> Path:
-    from megawsd.study.accounting import study_totals, variant_costs
-
     study_dir = Path(study_dir)
     data = collect(study_dir)
     plan, stats = data["plan"], data["stats"]
