@@ -18,10 +18,9 @@ from collections.abc import Iterator
 
 import torch
 
-from megawsd.integrations.deepspeed import consolidated_state_dict
+from megawsd.integrations.deepspeed import consolidated_state_dict, megawsd_state
 from megawsd.integrations.deepspeed import eval_mode as ds_eval_mode
 from megawsd.integrations.deepspeed import looks_schedule_free as ds_looks_schedule_free
-from megawsd.integrations.deepspeed import megawsd_state
 from megawsd.kernels import write_x
 
 
