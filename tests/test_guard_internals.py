@@ -70,7 +70,8 @@ def test_optimizer_wrappers_pinned():
     # ZeRO 3: the same, one inner step per sub-group (the gate decides on the first)
     _in_order(DeepSpeedZeroOptimizer_Stage3, "step", norm, "self._optimizer_step(")
     _contains(DeepSpeedZeroOptimizer_Stage3, "_optimizer_step", "optimizer.step()")
-    _contains(DeepSpeedZeroOptimizer_Stage3, "_optimizer_step", "step_with_gradscaler(self.optimizer)")
+    _contains(DeepSpeedZeroOptimizer_Stage3, "_optimizer_step",
+              "step_with_gradscaler(self.optimizer)")
     assert ds_layout.path_name(_engine_with(DeepSpeedZeroOptimizer_Stage3)) == "zero3"
     # BF16_Optimizer: the norm, then the inner step; NaN/Inf: overflow and return
     _in_order(BF16_Optimizer, "step", norm, "self.optimizer.step()")
@@ -89,7 +90,8 @@ def test_engine_pinned():
     assert list(inspect.signature(getattr(DeepSpeedEngine, DS_CLIP)).parameters) == ["self"]
     _in_order(DeepSpeedEngine, "_take_model_step", f"self.{DS_CLIP}()", "self.optimizer.step()")
     _contains(DeepSpeedEngine, "_take_model_step",
-              "if not (self.fp16_enabled() or self.bfloat16_enabled() or self.zero_optimization()):")
+              "if not (self.fp16_enabled() or self.bfloat16_enabled() "
+              "or self.zero_optimization()):")
     # the overflow flag makes DeepSpeed count a skipped step; a vetoed step is added by the
     # guard (engine.skipped_steps), and global_steps counts attempts either way
     _contains(DeepSpeedEngine, "_take_model_step", f"overflow = self.optimizer.{DS_OVERFLOW}")

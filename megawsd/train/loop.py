@@ -265,6 +265,7 @@ class Trainer:
     # -- after an applied step --------------------------------------------------------------
     def log_step(self, out: Outcome, lr: float, dt: float, opt_time: float,
                  stopping: bool) -> None:
+        """Rank 0: the train record every ``logging.interval`` steps, at the last and at a stop."""
         step, cfg = self.step, self.cfg
         if self.rank == 0 and (step % cfg.logging.interval == 0 or step == cfg.total_steps
                                or stopping):
@@ -301,6 +302,7 @@ class Trainer:
                                 "eval_mode": "x" if self.schedule_free else "params"})
 
     def checkpoint_due(self) -> bool:
+        """Every ``checkpoint.interval`` steps, at the ``checkpoint.at`` steps, at the end."""
         c, step = self.cfg.checkpoint, self.step
         return (bool(c.interval) and step % c.interval == 0) or step in c.at or (
             step == self.cfg.total_steps and c.save_final)
