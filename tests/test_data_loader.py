@@ -221,3 +221,27 @@ def test_switched_stream_and_state(tmp_path):
         before.load_state_dict({**before.state_dict(), "seed": 2})
     with pytest.raises(ConfigError, match="global_batch_size"):
         SwitchedStream(before, TokenStream(b, 8, 16), at_step=2)
+
+
+def test_both_streams_satisfy_the_stream_protocol(tmp_path):
+    """The loop reads any megawsd.data.Stream: which directories it reads (metas, verified
+    before training; the first one's BOS/EOS go into the model) and which stream a parent run
+    read (parent_part: a branch that switches data checks the parent's checkpoint with it)."""
+    from megawsd.data import Stream
+
+    a = make_prepared(tmp_path, "a", 961, 200, offset=0)
+    b = make_prepared(tmp_path, "b", 961, 200, offset=10000)
+    c = make_prepared(tmp_path, "c", 961, 200, offset=20000)
+    before = TokenStream(DataMix.parse(f"{a}:0.5,{b}:0.5"), 8, 8, seed=1)
+    after = TokenStream(c, 8, 8, seed=1)
+    sw = SwitchedStream(before, after, at_step=4)
+    for s in (before, after, sw):
+        assert isinstance(s, Stream), type(s).__name__
+    assert not isinstance(object(), Stream)
+    assert [m.path for m in before.metas] == [a, b]
+    assert [m.path for m in sw.metas] == [a, b, c]
+    assert before.parent_part is before and sw.parent_part is before
+    # the parent's checkpoint records the part before the switch, not the switched stream
+    sw.parent_part.load_state_dict(before.state_dict())
+    with pytest.raises(ConfigError, match="the checkpoint's data stream has"):
+        sw.load_state_dict(before.state_dict())

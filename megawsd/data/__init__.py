@@ -8,6 +8,8 @@ Public API (imported lazily, so `import megawsd.data` does not pull torch or dat
 - ``TokenStream(data, seq_len, global_batch_size, seed)``: ``global_batch(step)``,
   ``micro_batch(step, m, mb, rank, world_size)``, ``val_batches(n, bs)``, ``epoch(step)``.
 - ``SwitchedStream(before, after, at_step)``: a branch that changes data from its branch step.
+- ``Stream``: the protocol both implement (what the training loop reads), with ``metas``
+  (every prepared directory read) and ``parent_part`` (the stream a parent run read).
 - ``stream_from_state(state_dict)``: rebuild a stream from a checkpoint's data state.
 """
 
@@ -22,6 +24,7 @@ _EXPORTS = {
     "DataMix": "megawsd.data.loader",
     "TokenStream": "megawsd.data.loader",
     "SwitchedStream": "megawsd.data.loader",
+    "Stream": "megawsd.data.loader",
     "stream_from_state": "megawsd.data.loader",
     "prepare": "megawsd.data.preparation",
     "PrepareResult": "megawsd.data.preparation",

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -174,6 +175,61 @@ def _has_weight(s: str) -> bool:
         return False
 
 
+
+@runtime_checkable
+class Stream(Protocol):
+    """What the training loop reads from its data: TokenStream and SwitchedStream.
+
+    Batches are pure functions of the step (see the module docstring). ``metas`` and
+    ``parent_part`` answer the two questions the loop used to ask by probing attributes:
+    which prepared directories does this stream read (to verify their files, and the first
+    one's tokenizer facts for the model), and which stream did a parent run read (a branch
+    that switches data checks the parent's checkpoint against the part before the switch).
+    """
+
+    seq_len: int
+    global_batch_size: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def tokens_per_step(self) -> int: ...
+
+    @property
+    def metas(self) -> list[Meta]:
+        """Every prepared directory this stream reads; the first one's tokenizer is the
+        stream's (a mix and a switch refuse another vocabulary)."""
+        ...
+
+    @property
+    def parent_part(self) -> Stream:
+        """The stream a parent run read up to this run's branch point (itself, unless the
+        data switches)."""
+        ...
+
+    def epoch(self, step: int) -> int: ...
+
+    def global_batch(self, step: int) -> torch.Tensor: ...
+
+    def micro_batch(self, step: int, micro_index: int, micro_batch_size: int, rank: int = 0,
+                    world_size: int = 1) -> torch.Tensor: ...
+
+    def local_batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor: ...
+
+    def check_layout(self, world_size: int, micro_batch_size: int | None = None) -> int: ...
+
+    def val_batches(self, num_batches: int, batch_size: int, rank: int = 0,
+                    world_size: int = 1) -> list[torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class TokenStream:
     """Batches of token windows as a pure function of the optimizer step.
 
@@ -228,6 +284,14 @@ class TokenStream:
     def windows(self) -> list[int]:
         """Number of windows (samples per epoch) of each source."""
         return list(self._windows)
+
+    @property
+    def metas(self) -> list[Meta]:
+        return [s.meta for s in self.mix.sources]
+
+    @property
+    def parent_part(self) -> TokenStream:
+        return self
 
     def epoch(self, step: int) -> int:
         """Epoch of the first sample of `step` (for a mix: the most repeated source's)."""
@@ -428,6 +492,14 @@ class SwitchedStream:
     vocab_size = property(lambda self: self.before.vocab_size)
     eos_id = property(lambda self: self.before.eos_id)
     tokens_per_step = property(lambda self: self.before.tokens_per_step)
+
+    @property
+    def metas(self) -> list[Meta]:
+        return self.before.metas + self.after.metas
+
+    @property
+    def parent_part(self) -> TokenStream:
+        return self.before
 
     def _at(self, step: int) -> tuple[TokenStream, int]:
         step = int(step)

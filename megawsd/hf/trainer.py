@@ -45,7 +45,7 @@ from megawsd.hf.config import (
     resolve_scheduler,
 )
 from megawsd.hf.weights import eval_weights, is_megawsd_engine, looks_schedule_free, x_state_dict
-from megawsd.integrations.deepspeed import build_optimizer, schedule_dict
+from megawsd.integrations.deepspeed import build_optimizer, megawsd_state, schedule_dict
 from megawsd.schedules import BranchConfig, DeepSpeedLRScheduler, build_schedule, lambda_lr
 
 
@@ -312,7 +312,8 @@ class TrainerMixin:
         """x for schedule-free runs (a directory ``from_pretrained`` loads). The Trainer's own
         checkpoints (``_internal_call``) keep y, which resuming needs."""
         engine = self._mw.engine
-        ds = engine is not None and is_megawsd_engine(engine) and engine._megawsd.schedule_free
+        state = megawsd_state(engine)
+        ds = state is not None and state.schedule_free
         plain = not getattr(self, "is_deepspeed_enabled", False) and looks_schedule_free(
             self.optimizer
         )

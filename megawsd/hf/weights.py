@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from megawsd.integrations.deepspeed import consolidated_state_dict
+from megawsd.integrations.deepspeed import consolidated_state_dict, megawsd_state
 from megawsd.integrations.deepspeed import eval_mode as ds_eval_mode
 from megawsd.integrations.deepspeed import looks_schedule_free as ds_looks_schedule_free
 from megawsd.kernels import write_x
@@ -45,7 +45,7 @@ def looks_schedule_free(optimizer) -> bool:
 
 def is_megawsd_engine(model) -> bool:
     """A DeepSpeed engine with megawsd's hooks (made by megawsd.deepspeed.initialize)."""
-    return getattr(model, "_megawsd", None) is not None
+    return megawsd_state(model) is not None
 
 
 @contextlib.contextmanager

@@ -344,6 +344,13 @@ class _EngineState:
     fused: ds_fused.FusedStep | None = None  # DeepSpeed's passes folded into the kernel
 
 
+def megawsd_state(engine) -> _EngineState | None:
+    """What ``initialize`` recorded on ``engine`` (is it schedule-free, its groups), or None
+    for anything else (a plain DeepSpeed engine, a module, None). The one public way to ask:
+    ``engine._megawsd`` stays this module's."""
+    return getattr(engine, "_megawsd", None)
+
+
 def initialize(
     args: Any = None,
     model: torch.nn.Module | None = None,

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from megawsd.data.loader import Stream, SwitchedStream, TokenStream
 from megawsd.errors import ConfigError
 from megawsd.train.config import RunConfig
 from megawsd.train.model import build_model, count_params, model_config
@@ -21,10 +22,8 @@ log = logging.getLogger(__name__)
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def build_stream(cfg: RunConfig):
+def build_stream(cfg: RunConfig) -> Stream:
     """The training data: a TokenStream, or a SwitchedStream for a branch with new data."""
-    from megawsd.data import SwitchedStream, TokenStream
-
     stream = TokenStream(cfg.data.path, cfg.seq_len, cfg.global_batch_size, cfg.seed)
     if cfg.data.switch_to is not None:
         after = TokenStream(cfg.data.switch_to, cfg.seq_len, cfg.global_batch_size, cfg.seed)
@@ -127,11 +126,11 @@ def _set_precision(ds: dict[str, Any], precision: str) -> None:
         ds[key] = block
 
 
-def build_engine(cfg: RunConfig, stream, world_size: int):
+def build_engine(cfg: RunConfig, stream: Stream, world_size: int):
     """Model + optimizer wrapped by megawsd's drop-in deepspeed.initialize."""
     from megawsd.integrations.deepspeed import initialize
 
-    meta = stream.mix.sources[0].meta if hasattr(stream, "mix") else stream.before.mix.sources[0].meta
+    meta = stream.metas[0]  # the tokenizer's BOS/EOS (every source shares its vocabulary)
     hf_config = model_config(cfg.model, stream.vocab_size, cfg.seq_len, meta.bos_id, meta.eos_id)
     model = build_model(hf_config, cfg.seed)
     log.info("model: %s, %.2fM parameters", type(model).__name__, count_params(model) / 1e6)

@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm")
 
+# DeepSpeed internals the gate relies on (0.19; tests/test_guard_internals.py pins each one):
+# the wrappers (ZeRO 1-3, BF16_Optimizer, FP16_Optimizer) call the inner optimizer as
+# ``self.optimizer.step()``; ZeRO 1-3 and BF16_Optimizer store the global pre-clip norm in
+# ``_global_grad_norm`` before that call; every wrapper sets ``overflow`` when it skips the
+# step itself; at stage 0 in fp32 the engine calls ``self.clip_fp32_gradients()`` before the
+# optimizer's step.
+DS_GRAD_NORM = "_global_grad_norm"
+DS_OVERFLOW = "overflow"
+DS_CLIP = "clip_fp32_gradients"
+
 
 def _to_float(x: Any) -> float | None:
     if x is None:
@@ -63,7 +73,16 @@ def _to_float(x: Any) -> float | None:
 
 
 class StepGate:
-    """Wraps the inner optimizer's ``step``: the update runs only if ``decide(norm)`` says so."""
+    """Wraps the inner optimizer's ``step``: the update runs only if ``decide(norm)`` says so.
+
+    Order of the wrappers around the update. Under ZeRO 1-3 the layers are: megawsd's
+    schedule-free step hook (on DeepSpeed's wrapper: ``set_step_id``, then the wrapper's
+    step), DeepSpeed's wrapper (norm, clipping), this gate (on the inner optimizer), the
+    update. At stage 0 the wrapper *is* the inner optimizer, so the hook and the gate wrap the
+    same ``step`` attribute; the gate is built after ``initialize`` (it needs the engine), so
+    it is always the outer one: it decides first, and a vetoed step returns before the hook
+    (no ``set_step_id``, nothing touched). ``self.wrapped`` is what the gate calls.
+    """
 
     def __init__(self, engine):
         from megawsd.integrations import ds_layout
@@ -76,7 +95,7 @@ class StepGate:
         self.applied: bool | None = None
         self.grad_norm: float | None = None
         self._stage0_norm: torch.Tensor | None = None
-        orig_step = self.inner.step
+        self.wrapped = orig_step = self.inner.step  # at stage 0: megawsd's step hook, if any
 
         def step(*args, **kwargs):
             if self._decide is not None and not self.called:
@@ -88,14 +107,14 @@ class StepGate:
             return orig_step(*args, **kwargs)
 
         self.inner.step = step
-        if self.path == "stage0" and hasattr(engine, "clip_fp32_gradients"):
-            orig_clip = engine.clip_fp32_gradients
+        if self.path == "stage0" and hasattr(engine, DS_CLIP):
+            orig_clip = getattr(engine, DS_CLIP)
 
             def clip():  # the norm before DeepSpeed clips param.grad in place
                 self._stage0_norm = _grad_norm(engine.module.parameters())
                 return orig_clip()
 
-            engine.clip_fp32_gradients = clip
+            setattr(engine, DS_CLIP, clip)
 
     def arm(self, decide) -> None:
         self._decide, self.called, self.applied, self.grad_norm = decide, False, None, None
@@ -110,11 +129,15 @@ class StepGate:
             if n is None:
                 n = _grad_norm(self.engine.module.parameters())
             return _to_float(n)
-        return _to_float(getattr(self.engine.optimizer, "_global_grad_norm", None))
+        return self.deepspeed_norm()
+
+    def deepspeed_norm(self) -> float | None:
+        """The wrapper's global pre-clip norm (None where DeepSpeed keeps none: stage 0)."""
+        return _to_float(getattr(self.engine.optimizer, DS_GRAD_NORM, None))
 
     def deepspeed_skipped(self) -> bool:
         """DeepSpeed's own overflow path skipped the step (the gate was never reached)."""
-        return not self.called and bool(getattr(self.engine.optimizer, "overflow", False))
+        return not self.called and bool(getattr(self.engine.optimizer, DS_OVERFLOW, False))
 
 
 def _grad_norm(params) -> torch.Tensor:
@@ -296,7 +319,7 @@ class StabilityGuard:
         if not gate.called:
             # DeepSpeed skipped the inner step itself (overflow: NaN/Inf norm), or never
             # reached it: the events are recorded all the same, with DeepSpeed's norm.
-            norm = _to_float(getattr(self.engine.optimizer, "_global_grad_norm", None))
+            norm = gate.deepspeed_norm()
             if gate.deepspeed_skipped() and (norm is None or math.isfinite(norm)):
                 norm = math.inf
             self._observe(norm)

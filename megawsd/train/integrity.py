@@ -368,13 +368,6 @@ def rank0_check(fn: Callable[[], Any], world: int) -> Any:
 
 # -- data files ------------------------------------------------------------------------------
 
-def stream_metas(stream) -> list:
-    """Every prepared directory a TokenStream / SwitchedStream reads."""
-    if hasattr(stream, "before"):
-        return stream_metas(stream.before) + stream_metas(stream.after)
-    return [s.meta for s in stream.mix.sources]
-
-
 def _meta_hashes(meta_path: Path) -> dict[str, str]:
     """sha256 per file name if meta.json records them (``files: {name: {sha256}}`` or
     ``train_sha256`` / ``val_sha256``), plus the tokenizer's."""

@@ -6,6 +6,10 @@ What makes branches and resumes exact (the product's core promise) is decided he
 - nothing else consumes randomness, and the same code path runs in a straight run, after a
   resume and in a branch (a checkpoint is a pause, never a different computation).
 So a constant-LR run branched at S with decay D replays exactly the WSD run of S + D steps.
+
+``train`` reads top to bottom; a ``Trainer`` holds what its parts share (config, run
+directory, data stream, engine, stability guard, records) so none of them takes ten
+arguments.
 """
 
 from __future__ import annotations
@@ -18,20 +22,25 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megawsd.data.loader import Stream
 from megawsd.errors import CheckpointError, ConfigError
+from megawsd.integrations.deepspeed import eval_mode, megawsd_state
+from megawsd.integrations.ds_layout import zero_stage
 from megawsd.train import checkpoint as ckpt
 from megawsd.train import integrity
 from megawsd.train.config import RunConfig
 from megawsd.train.engine import build_engine, build_stream, set_lr
-from megawsd.train.guard import EventLog, StabilityGuard
+from megawsd.train.guard import EventLog, Outcome, StabilityGuard
 from megawsd.train.rundir import MetricsWriter, RunDir, atomic_write, tag_for
-from megawsd.train.stability import StabilityError
+from megawsd.train.stability import Event, StabilityError
 
 log = logging.getLogger("megawsd.train")
 
@@ -52,119 +61,315 @@ class StopSignal:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = False) -> int:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    run = RunDir(run_dir)
-    stream = build_stream(cfg)
-    # Token files changed since preparation are refused before anything is built.
-    integrity.rank0_check(lambda: integrity.verify_data(
-        integrity.stream_metas(stream), run.path, cfg.stability.verify_data), world)
-    gas = cfg.check_layout(world)
-    schedule = cfg.build_schedule()
-    peak_lr = cfg.optimizer.lr
-    total = cfg.total_steps
-    torch.manual_seed(cfg.seed)
-    engine, hf_config, _ = build_engine(cfg, stream, world)
-    device = engine.device
-    schedule_free = getattr(getattr(engine, "_megawsd", None), "schedule_free", False)
-
-    guard = StabilityGuard(cfg.stability, engine, rank=rank, world=world)
-    start = _restore(engine, cfg, run, stream, rank, world, require_checkpoint, guard)
-    if start >= total:
-        log.info("%s is already at step %d of %d: nothing to do", run.path, start, total)
+    """One rank's run: build, restore, step until the last step or a stop, record the end."""
+    t = Trainer.build(cfg, RunDir(run_dir))
+    t.step = t.restore(require_checkpoint)
+    if t.step >= cfg.total_steps:
+        log.info("%s is already at step %d of %d: nothing to do", t.run.path, t.step,
+                 cfg.total_steps)
         return 0
-    if rank == 0:
-        run.truncate_metrics(start)
-        run.update_run_json(status="running", step=start, total_steps=total,
-                            schedule=schedule.to_dict(), optimizer=cfg.optimizer.kind,
-                            tokens_per_step=cfg.tokens_per_step, world_size=world,
-                            model_type=hf_config.model_type)
-        # The architecture, for export and analysis (which never rebuild it from presets).
-        atomic_write(run.path / "model_config.json", hf_config.to_json_string())
-    metrics = MetricsWriter(run, cfg.logging.tensorboard) if rank == 0 else None
-    events = EventLog(run.path, metrics) if rank == 0 else None
-    if events is not None:
-        events.truncate(guard.monitor.seq)  # events after the checkpoint happen again
-    val = stream.val_batches(cfg.eval.batches, cfg.eval.batch_size or cfg.micro_batch_size * world,
-                             rank, world)
+    t.open_records()
     stop = StopSignal()
-    progress = _Progress(start, total, enabled=rank == 0 and cfg.logging.progress)
-    step, last_loss, last_val = start, None, None
+    progress = _Progress(t.step, cfg.total_steps, enabled=t.rank == 0 and cfg.logging.progress)
     try:
-        while step < total:
+        while t.step < cfg.total_steps:
             t0 = time.perf_counter()
-            lr = peak_lr * schedule.factor(step)
-            set_lr(engine, lr)
-            index = guard.batch_index(step)  # the batch stream minus skipped batches
-            guard.begin_step(step)
-            loss_sum = torch.zeros((), device=device)
-            for m in range(gas):
-                batch = stream.micro_batch(index, m, cfg.micro_batch_size, rank, world).to(device)
-                loss = guard.fault_loss(_lm_loss(engine, batch), index)
-                engine.backward(loss)
-                loss_sum += loss.detach().float()
-                if m == gas - 1:
-                    # One collective for the mean loss, the stop flag and max |act|: every
-                    # rank stops together and the stability gate decides the same everywhere.
-                    last_loss, stopping = guard.before_step(step, loss_sum / gas,
-                                                            stop.requested, lr)
-                t_opt = time.perf_counter()
-                engine.step()  # the optimizer update on the last micro-batch (the boundary)
-                opt_time = time.perf_counter() - t_opt
-            out = guard.after_step()
-            if out.action == "rollback":
-                try:
-                    step = _rollback(engine, cfg, run, stream, guard, step + 1, out.events,
-                                     rank, world)
-                finally:
-                    if events is not None:
-                        events.write(out.events)
-                continue
-            if events is not None:
-                events.write(out.events)
-            if not out.applied:
-                continue  # not applied: the schedule does not advance, the next batch is read
-            step += 1
+            lr = cfg.optimizer.lr * t.schedule.factor(t.step)
+            out, stopping, opt_time = t.attempt(lr, stop.requested)
+            if not t.settle(out):
+                continue  # rolled back, skipped or vetoed: the schedule does not advance
+            t.step += 1
             dt = time.perf_counter() - t0
-            if rank == 0 and (step % cfg.logging.interval == 0 or step == total or stopping):
-                record = _train_record(step, cfg, last_loss, lr, engine, dt, opt_time)
-                if out.grad_norm is not None:
-                    record["grad_norm"] = out.grad_norm
-                metrics.write({**record, **out.stats})
-            progress.update(step, last_loss, lr, cfg.tokens_per_step / dt)
-            if cfg.eval.batches and ((cfg.eval.interval and step % cfg.eval.interval == 0)
-                                     or step == total):
-                last_val = _evaluate(engine, val, device, schedule_free)
-                if rank == 0:
-                    metrics.write({"step": step, "tokens": step * cfg.tokens_per_step,
-                                   "val_loss": last_val, "val_ppl": _ppl(last_val),
-                                   "eval_mode": "x" if schedule_free else "params"})
-            if _checkpoint_due(cfg, step, total) or stopping:
-                _save(engine, cfg, run, stream, schedule, step, rank, world, guard, events)
+            t.log_step(out, lr, dt, opt_time, stopping)
+            progress.update(t.step, t.last_loss, lr, cfg.tokens_per_step / dt)
+            t.maybe_evaluate()
+            if t.checkpoint_due() or stopping:
+                t.save()
             if stopping:
                 break
     except BaseException as exc:
-        if rank == 0:
-            try:
-                run.mark_failed(step, exc)
-            except (OSError, CheckpointError) as err:  # e.g. a full disk: keep the first error
-                log.error("could not mark %s failed: %s", run.run_json, err)
+        t.mark_failed(exc)
         raise
     finally:
         progress.close()
-        if events is not None:
-            events.close()
-        if metrics is not None:
-            metrics.close()
-    if rank == 0:
+        t.close_records()
+    t.finish()
+    return 0
+
+
+@dataclass
+class Trainer:
+    """One rank's training state: what the parts of ``train`` share, built once."""
+
+    cfg: RunConfig
+    run: RunDir
+    stream: Stream
+    engine: Any  # a DeepSpeed engine made by megawsd.deepspeed.initialize
+    guard: StabilityGuard
+    schedule: Any  # megawsd.schedules: the LR of step s is peak * schedule.factor(s)
+    hf_config: Any  # the model's transformers config
+    rank: int
+    world: int
+    gas: int  # micro-batches per step on this rank (DeepSpeed's gradient accumulation)
+    schedule_free: bool  # evaluate at x (megawsd.deepspeed.eval_mode)
+    step: int = 0  # optimizer steps applied: the schedule's clock
+    last_loss: float | None = None
+    last_val: float | None = None
+    val: list[torch.Tensor] = field(default_factory=list)
+    metrics: MetricsWriter | None = None  # rank 0
+    events: EventLog | None = None  # rank 0
+
+    @classmethod
+    def build(cls, cfg: RunConfig, run: RunDir) -> Trainer:
+        """Data, model, optimizer, engine and guard; touches nothing in the run directory."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        stream = build_stream(cfg)
+        # Token files changed since preparation are refused before anything is built.
+        integrity.rank0_check(lambda: integrity.verify_data(
+            stream.metas, run.path, cfg.stability.verify_data), world)
+        gas = cfg.check_layout(world)
+        schedule = cfg.build_schedule()
+        torch.manual_seed(cfg.seed)
+        engine, hf_config, _ = build_engine(cfg, stream, world)
+        guard = StabilityGuard(cfg.stability, engine, rank=rank, world=world)
+        return cls(cfg=cfg, run=run, stream=stream, engine=engine, guard=guard,
+                   schedule=schedule, hf_config=hf_config, rank=rank, world=world, gas=gas,
+                   schedule_free=megawsd_state(engine).schedule_free)
+
+    # -- before the first step ------------------------------------------------------------
+    def restore(self, require_checkpoint: bool) -> int:
+        """Continue this run's own newest intact checkpoint, else start a branch from its
+        parent's, else start at step 0. Returns the number of steps already taken."""
+        cfg, run = self.cfg, self.run
+        own = integrity.choose_checkpoint(
+            run.ckpt_dir, run.saved_steps(), tag_for, latest=run.latest_step(),
+            level=cfg.stability.verify_checkpoints, rank=self.rank, world=self.world)
+        if own is not None:
+            state = ckpt.load(self.engine, run, own, rank=self.rank, world_size=self.world)
+            _check_data(self.stream, state, f"{run.path}/checkpoints (resume)")
+            self.guard.load_state_dict(state.get("stability"))
+            log.info("resumed %s at step %d", run.path, own)
+            return own
+        if require_checkpoint:
+            raise CheckpointError(f"--resume: {str(run.ckpt_dir)!r} has no complete checkpoint; "
+                                  "drop --resume to start the run")
+        if cfg.init_from is not None:
+            parent = RunDir((run.path / cfg.init_from.run).resolve())
+            state = ckpt.load(self.engine, parent, cfg.init_from.step, rank=self.rank,
+                              world_size=self.world)
+            # a branch with new data: the parent read the part before the switch
+            _check_data(self.stream.parent_part, state, f"parent {parent.path}")
+            self.guard.load_state_dict(state.get("stability"))  # the parent's skipped batches
+            log.info("branch %s from %s at step %d", run.path, parent.path, cfg.init_from.step)
+            return cfg.init_from.step
+        return 0
+
+    def open_records(self) -> None:
+        """Rank 0: run.json says running, the architecture is written, and metrics and
+        events after ``step`` are dropped (they happen again). Every rank: the val batches."""
+        cfg, run = self.cfg, self.run
+        if self.rank == 0:
+            run.truncate_metrics(self.step)
+            run.update_run_json(status="running", step=self.step, total_steps=cfg.total_steps,
+                                schedule=self.schedule.to_dict(), optimizer=cfg.optimizer.kind,
+                                tokens_per_step=cfg.tokens_per_step, world_size=self.world,
+                                model_type=self.hf_config.model_type)
+            # The architecture, for export and analysis (which never rebuild it from presets).
+            atomic_write(run.path / "model_config.json", self.hf_config.to_json_string())
+            self.metrics = MetricsWriter(run, cfg.logging.tensorboard)
+            self.events = EventLog(run.path, self.metrics)
+            self.events.truncate(self.guard.monitor.seq)  # events after the checkpoint
+        self.val = self.stream.val_batches(
+            cfg.eval.batches, cfg.eval.batch_size or cfg.micro_batch_size * self.world,
+            self.rank, self.world)
+
+    # -- one step ---------------------------------------------------------------------------
+    def attempt(self, lr: float, stop: bool) -> tuple[Outcome, bool, float]:
+        """Forward and backward over this rank's micro-batches of step ``self.step``, then
+        the gated update. Returns the guard's outcome, whether every rank stops after this
+        step, and the time of the update.
+
+        DeepSpeed wants ``engine.step()`` after every backward: off the accumulation boundary
+        it only advances its micro-step counter (the boundary is ``(micro_steps + 1) % gas
+        == 0``, which also tells ``backward`` when to reduce gradients); on the last
+        micro-batch it reduces, clips and runs the optimizer.
+        """
+        engine, guard, cfg = self.engine, self.guard, self.cfg
+        set_lr(engine, lr)
+        index = guard.batch_index(self.step)  # the batch stream minus skipped batches
+        guard.begin_step(self.step)
+        loss_sum = torch.zeros((), device=engine.device)
+        for m in range(self.gas):
+            batch = self.stream.micro_batch(index, m, cfg.micro_batch_size, self.rank, self.world)
+            loss = guard.fault_loss(_lm_loss(engine, batch.to(engine.device)), index)
+            engine.backward(loss)
+            loss_sum += loss.detach().float()
+            if m < self.gas - 1:
+                engine.step()  # not the boundary: DeepSpeed counts the micro-step
+        # One collective for the mean loss, the stop flag and max |act|: every rank stops
+        # together and the stability gate decides the same everywhere.
+        self.last_loss, stopping = guard.before_step(self.step, loss_sum / self.gas, stop, lr)
+        t_opt = time.perf_counter()
+        engine.step()  # the boundary: the optimizer update, gated by the guard
+        opt_time = time.perf_counter() - t_opt
+        return guard.after_step(), stopping, opt_time
+
+    def settle(self, out: Outcome) -> bool:
+        """Record the attempt's events and roll back if the guard says so. True when the
+        update was applied (the step advances); else the next attempt reads the next batch
+        (skip) or continues from the checkpoint it rolled back to."""
+        if out.action == "rollback":
+            try:
+                self.step = self._rollback(self.step + 1, out.events)
+            finally:
+                self._write_events(out.events)
+            return False
+        self._write_events(out.events)
+        return out.applied
+
+    def _rollback(self, attempted: int, events: list[Event]) -> int:
+        """Reload the newest intact checkpoint before step ``attempted`` (or the branch point),
+        skip the offending batches, and return the step to continue from. No checkpoint to go
+        back to: the step is skipped instead; too many rollbacks: StabilityError."""
+        cfg, run, guard = self.cfg, self.run, self.guard
+        steps = [s for s in run.saved_steps() if s < attempted]
+        source, target = run, None
+        if steps:
+            target = integrity.choose_checkpoint(run.ckpt_dir, steps, tag_for, latest=None,
+                                                 level=cfg.stability.verify_checkpoints,
+                                                 rank=self.rank, world=self.world)
+        elif cfg.init_from is not None and cfg.init_from.step < attempted:
+            source, target = RunDir((run.path / cfg.init_from.run).resolve()), cfg.init_from.step
+        rolling = [e for e in events if e.action == "rollback"]
+        if target is None:
+            for e in rolling:
+                e.action, e.detail["rollback"] = "skip", "no checkpoint before this step"
+            guard.skip_pending()
+            return attempted - 1
+        try:
+            guard.monitor.check_rollback_budget(attempted)
+        except StabilityError:
+            for e in rolling:
+                e.action = "stop"
+            raise
+        state = ckpt.load(self.engine, source, target, rank=self.rank, world_size=self.world)
+        _check_data(self.stream if source is run else self.stream.parent_part, state,
+                    f"rollback to {source.path} step {target}")
+        lo, hi = guard.rollback(attempted, target, state)
+        for e in rolling:
+            e.detail.update(rollback_to=target, skipped_batches=[lo, hi])
+        log.warning("rolled back from step %d to checkpoint step %d, skipping batches [%d, %d)",
+                    attempted, target, lo, hi)
+        return target
+
+    # -- after an applied step --------------------------------------------------------------
+    def log_step(self, out: Outcome, lr: float, dt: float, opt_time: float,
+                 stopping: bool) -> None:
+        """Rank 0: the train record every ``logging.interval`` steps, at the last and at a stop."""
+        step, cfg = self.step, self.cfg
+        if self.rank == 0 and (step % cfg.logging.interval == 0 or step == cfg.total_steps
+                               or stopping):
+            record = self._train_record(lr, dt, opt_time)
+            if out.grad_norm is not None:
+                record["grad_norm"] = out.grad_norm
+            self.metrics.write({**record, **out.stats})
+
+    def _train_record(self, lr: float, dt: float, opt_time: float) -> dict:
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = norm.item()
+        if torch.cuda.is_available():
+            mem = torch.cuda.max_memory_allocated() / 2**30
+        else:  # peak resident set of this rank (kilobytes on Linux)
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        tokens = self.cfg.tokens_per_step
+        return {"step": self.step, "tokens": self.step * tokens, "loss": self.last_loss,
+                "lr": lr, "grad_norm": None if norm is None else float(norm),
+                "tok_per_s": tokens / dt, "step_time": dt, "opt_time": opt_time,
+                "mem_gb": mem,
+                "time": time.time()}
+
+    def maybe_evaluate(self) -> None:
+        """The val loss every ``eval.interval`` steps and at the last step."""
+        e, step = self.cfg.eval, self.step
+        if not e.batches or not ((e.interval and step % e.interval == 0)
+                                 or step == self.cfg.total_steps):
+            return
+        self.last_val = _evaluate(self.engine, self.val, self.schedule_free)
+        if self.rank == 0:
+            self.metrics.write({"step": step, "tokens": step * self.cfg.tokens_per_step,
+                                "val_loss": self.last_val, "val_ppl": _ppl(self.last_val),
+                                "eval_mode": "x" if self.schedule_free else "params"})
+
+    def checkpoint_due(self) -> bool:
+        """Every ``checkpoint.interval`` steps, at the ``checkpoint.at`` steps, at the end."""
+        c, step = self.cfg.checkpoint, self.step
+        return (bool(c.interval) and step % c.interval == 0) or step in c.at or (
+            step == self.cfg.total_steps and c.save_final)
+
+    def save(self) -> None:
+        """A checkpoint of step ``self.step``; a failed save stops the run or, with
+        ``stability.on_save_error: warn``, is recorded as an event and training goes on."""
+        t0 = time.perf_counter()
+        s, step = self.cfg.stability, self.step
+        try:
+            ckpt.save(self.engine, self.run, step, self._checkpoint_state(), rank=self.rank,
+                      manifest="size" if s.verify_checkpoints == "size" else "sha256",
+                      inject=self.guard.faults.save_error(step) if self.guard.faults else None)
+        except integrity.CheckpointSaveError as err:
+            if s.on_save_error == "stop":
+                raise
+            log.warning("%s\ncontinuing without it (stability.on_save_error: warn)", err)
+            self._write_events([Event(step=step, type="save_error", action="warn", value=None,
+                                      seq=self.guard.monitor.seq, detail={"error": str(err)})])
+            return
+        if self.rank == 0:
+            c = self.cfg.checkpoint
+            ckpt.apply_retention(self.run, c.keep_last, c.keep_every, set(c.at))
+            self.run.update_run_json(step=step)
+            log.info("checkpoint step %d (%.1fs)", step, time.perf_counter() - t0)
+
+    def _checkpoint_state(self) -> dict:
+        cfg, step = self.cfg, self.step
+        return {"step": step, "tokens": step * cfg.tokens_per_step,
+                "schedule": self.schedule.to_dict(), "data": self.stream.state_dict(),
+                "world_size": self.world, "zero_stage": zero_stage(self.engine),
+                "seed": cfg.seed, "optimizer": cfg.optimizer.kind, "time": time.time(),
+                "stability": self.guard.state_dict()}
+
+    # -- the end ------------------------------------------------------------------------------
+    def _write_events(self, events: list[Event]) -> None:
+        if self.events is not None:
+            self.events.write(events)
+
+    def mark_failed(self, exc: BaseException) -> None:
+        if self.rank != 0:
+            return
+        try:
+            self.run.mark_failed(self.step, exc)
+        except (OSError, CheckpointError) as err:  # e.g. a full disk: keep the first error
+            log.error("could not mark %s failed: %s", self.run.run_json, err)
+
+    def close_records(self) -> None:
+        if self.events is not None:
+            self.events.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def finish(self) -> None:
+        """Rank 0: run.json says done (with the final losses) or stopped."""
+        if self.rank != 0:
+            return
+        step, total = self.step, self.cfg.total_steps
         done = step >= total
         fields = {"status": "done" if done else "stopped", "step": step}
         if done:
-            fields["final"] = {"train_loss": last_loss, "val_loss": last_val,
-                               "val_ppl": _ppl(last_val) if last_val is not None else None,
-                               "step": step, "tokens": step * cfg.tokens_per_step}
-        run.update_run_json(**fields)
-        log.info("%s at step %d/%d: %s", fields["status"], step, total, run.path)
-    return 0
+            fields["final"] = {"train_loss": self.last_loss, "val_loss": self.last_val,
+                               "val_ppl": _ppl(self.last_val) if self.last_val is not None
+                               else None,
+                               "step": step, "tokens": step * self.cfg.tokens_per_step}
+        self.run.update_run_json(**fields)
+        log.info("%s at step %d/%d: %s", fields["status"], step, total, self.run.path)
 
 
 # -- the pieces ------------------------------------------------------------------------------
@@ -176,17 +381,15 @@ def _lm_loss(engine, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _evaluate(engine, batches: list[torch.Tensor], device, schedule_free: bool) -> float:
+def _evaluate(engine, batches: list[torch.Tensor], schedule_free: bool) -> float:
     """Mean val loss over the fixed batches, at x for schedule-free (eval_mode)."""
-    from megawsd.integrations.deepspeed import eval_mode
-
     context = eval_mode(engine) if schedule_free else nullcontext()
     was_training = engine.module.training
     engine.module.eval()
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=engine.device)
     with context:
         for b in batches:
-            total += _lm_loss(engine, b.to(device)).float()
+            total += _lm_loss(engine, b.to(engine.device)).float()
     engine.module.train(was_training)
     total /= max(len(batches), 1)
     dist.all_reduce(total)
@@ -197,122 +400,7 @@ def _ppl(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
-def _train_record(step, cfg, loss, lr, engine, dt, opt_time) -> dict:
-    norm = engine.get_global_grad_norm()
-    if isinstance(norm, torch.Tensor):
-        norm = norm.item()
-    if torch.cuda.is_available():
-        mem = torch.cuda.max_memory_allocated() / 2**30
-    else:  # peak resident set of this rank (kilobytes on Linux)
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"step": step, "tokens": step * cfg.tokens_per_step, "loss": loss, "lr": lr,
-            "grad_norm": None if norm is None else float(norm),
-            "tok_per_s": cfg.tokens_per_step / dt, "step_time": dt, "opt_time": opt_time,
-            "mem_gb": mem,
-            "time": time.time()}
-
-
-def _checkpoint_due(cfg: RunConfig, step: int, total: int) -> bool:
-    c = cfg.checkpoint
-    return (bool(c.interval) and step % c.interval == 0) or step in c.at or (
-        step == total and c.save_final)
-
-
-def _state(engine, cfg, stream, schedule, step, world, guard) -> dict:
-    from megawsd.integrations.ds_layout import zero_stage
-
-    return {"step": step, "tokens": step * cfg.tokens_per_step, "schedule": schedule.to_dict(),
-            "data": stream.state_dict(), "world_size": world, "zero_stage": zero_stage(engine),
-            "seed": cfg.seed, "optimizer": cfg.optimizer.kind, "time": time.time(),
-            "stability": guard.state_dict()}
-
-
-def _save(engine, cfg, run, stream, schedule, step, rank, world, guard, events) -> None:
-    t0 = time.perf_counter()
-    s = cfg.stability
-    try:
-        ckpt.save(engine, run, step, _state(engine, cfg, stream, schedule, step, world, guard),
-                  rank=rank, manifest="size" if s.verify_checkpoints == "size" else "sha256",
-                  inject=guard.faults.save_error(step) if guard.faults else None)
-    except integrity.CheckpointSaveError as err:
-        if s.on_save_error == "stop":
-            raise
-        log.warning("%s\ncontinuing without it (stability.on_save_error: warn)", err)
-        if events is not None:
-            from megawsd.train.stability import Event
-
-            events.write([Event(step=step, type="save_error", action="warn", value=None,
-                                seq=guard.monitor.seq, detail={"error": str(err)})])
-        return
-    if rank == 0:
-        c = cfg.checkpoint
-        ckpt.apply_retention(run, c.keep_last, c.keep_every, set(c.at))
-        run.update_run_json(step=step)
-        log.info("checkpoint step %d (%.1fs)", step, time.perf_counter() - t0)
-
-
-def _restore(engine, cfg, run, stream, rank, world, require_checkpoint, guard) -> int:
-    """Continue this run's own newest intact checkpoint, else start a branch from its
-    parent's, else start at step 0. Returns the number of steps already taken."""
-    own = integrity.choose_checkpoint(
-        run.ckpt_dir, run.saved_steps(), tag_for, latest=run.latest_step(),
-        level=cfg.stability.verify_checkpoints, rank=rank, world=world)
-    if own is not None:
-        state = ckpt.load(engine, run, own, rank=rank, world_size=world)
-        _check_data(stream, state, f"{run.path}/checkpoints (resume)")
-        guard.load_state_dict(state.get("stability"))
-        log.info("resumed %s at step %d", run.path, own)
-        return own
-    if require_checkpoint:
-        raise CheckpointError(f"--resume: {str(run.ckpt_dir)!r} has no complete checkpoint; "
-                              "drop --resume to start the run")
-    if cfg.init_from is not None:
-        parent = RunDir((run.path / cfg.init_from.run).resolve())
-        state = ckpt.load(engine, parent, cfg.init_from.step, rank=rank, world_size=world)
-        before = getattr(stream, "before", stream)  # a branch with new data: the parent's part
-        _check_data(before, state, f"parent {parent.path}")
-        guard.load_state_dict(state.get("stability"))  # the parent's skipped batches
-        log.info("branch %s from %s at step %d", run.path, parent.path, cfg.init_from.step)
-        return cfg.init_from.step
-    return 0
-
-
-def _rollback(engine, cfg, run, stream, guard, attempted, events, rank, world) -> int:
-    """Reload the newest intact checkpoint before step ``attempted`` (or the branch point),
-    skip the offending batches, and return the step to continue from. No checkpoint to go
-    back to: the step is skipped instead; too many rollbacks: StabilityError."""
-    steps = [s for s in run.saved_steps() if s < attempted]
-    source, target = run, None
-    if steps:
-        target = integrity.choose_checkpoint(run.ckpt_dir, steps, tag_for, latest=None,
-                                             level=cfg.stability.verify_checkpoints,
-                                             rank=rank, world=world)
-    elif cfg.init_from is not None and cfg.init_from.step < attempted:
-        source, target = RunDir((run.path / cfg.init_from.run).resolve()), cfg.init_from.step
-    rolling = [e for e in events if e.action == "rollback"]
-    if target is None:
-        for e in rolling:
-            e.action, e.detail["rollback"] = "skip", "no checkpoint before this step"
-        guard.skip_pending()
-        return attempted - 1
-    try:
-        guard.monitor.check_rollback_budget(attempted)
-    except StabilityError:
-        for e in rolling:
-            e.action = "stop"
-        raise
-    state = ckpt.load(engine, source, target, rank=rank, world_size=world)
-    _check_data(getattr(stream, "before", stream) if source is not run else stream, state,
-                f"rollback to {source.path} step {target}")
-    lo, hi = guard.rollback(attempted, target, state)
-    for e in rolling:
-        e.detail.update(rollback_to=target, skipped_batches=[lo, hi])
-    log.warning("rolled back from step %d to checkpoint step %d, skipping batches [%d, %d)",
-                attempted, target, lo, hi)
-    return target
-
-
-def _check_data(stream, state: dict, where: str) -> None:
+def _check_data(stream: Stream, state: dict, where: str) -> None:
     try:
         stream.load_state_dict(state["data"])
     except ConfigError as err:
