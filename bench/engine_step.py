@@ -12,6 +12,8 @@ optimizer section:
 
 - ``schedule_free``: ``"optimizer": {"type": "ScheduleFreeAdamW"}`` through
   ``megawsd.deepspeed.initialize``;
+- ``schedule_free_unfused``: the same with ``MEGAWSD_FUSED_STEP=0``: DeepSpeed makes its own
+  unscale/clip pass and master -> working copy around the kernel (what the fused step saves);
 - ``adamw``: ``"optimizer": {"type": "AdamW"}``, built by DeepSpeed itself (on CPU torch's
   AdamW or DeepSpeed's CPU fused Adam; under offload ``DeepSpeedCPUAdam``; on GPU FusedAdam).
   The class actually built is recorded.
@@ -21,7 +23,8 @@ ratio per round, the spread). A contender that ``initialize`` refuses is reporte
 refusal message instead of a time. The model is a stack of square Linear layers (``--params``
 total), loss = mean(out^2): the step's cost depends on the parameter count, not the model.
 Prints one JSON object on stdout; each cell's ``time_over_baseline.schedule_free`` is
-schedule_free time / adamw time, round by round (<= 1.0 is the target).
+schedule_free time / adamw time, round by round (<= 1.0 is the target), and
+``time_over_baseline.schedule_free_unfused`` the same without the fused step.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ def _parse_size(s: str) -> int:
     return int(float(s.rstrip("KMG")) * mult)
 
 
+OFFLOAD = {"offload": 2, "offload3": 3}  # stage names with CPU optimizer offload
+
+
 def ds_config(stage: str, dtype: str, optimizer: str, world: int) -> dict:
-    """The DeepSpeed JSON for one cell; ``stage`` is 0-3 or 'offload' (ZeRO-2 + CPU offload)."""
-    zero: dict = {"stage": 2 if stage == "offload" else int(stage)}
-    if stage == "offload":
+    """The DeepSpeed JSON for one cell; ``stage`` is 0-3, 'offload' (ZeRO-2 + CPU optimizer
+    offload) or 'offload3' (ZeRO-3 + CPU optimizer offload)."""
+    zero: dict = {"stage": OFFLOAD.get(stage) or int(stage)}
+    if stage in OFFLOAD:
         zero["offload_optimizer"] = {"device": "cpu"}
     params = {"lr": LR, "betas": BETAS, "weight_decay": WD}
     cfg = {
@@ -84,17 +91,21 @@ def _engine(stage: str, dtype: str, name: str, args, world: int):
 
     import megawsd.deepspeed as mds
     from megawsd.errors import MegawsdError
+    from megawsd.integrations.deepspeed import megawsd_state
 
-    optimizer = "ScheduleFreeAdamW" if name == "schedule_free" else "AdamW"
-    cfg = ds_config(stage, dtype, optimizer, world)
+    sf = name.startswith("schedule_free")
+    cfg = ds_config(stage, dtype, "ScheduleFreeAdamW" if sf else "AdamW", world)
     model = _model(args["params"], args["width"])
-    init = mds.initialize if name == "schedule_free" else deepspeed.initialize
+    init = mds.initialize if sf else deepspeed.initialize
+    os.environ["MEGAWSD_FUSED_STEP"] = "0" if name == "schedule_free_unfused" else "1"
     try:
         engine, opt, _, _ = init(model=model, model_parameters=model.parameters(), config=cfg)
     except MegawsdError as err:
         return None, f"refused: {err}"
     inner = getattr(opt, "optimizer", opt)
-    return engine, type(inner).__name__
+    state = megawsd_state(engine)
+    fused = state.fused if state is not None else None
+    return engine, type(inner).__name__ + (f" (fused: {fused.path})" if fused else "")
 
 
 def worker(args: dict) -> None:
@@ -111,7 +122,7 @@ def worker(args: dict) -> None:
         for dtype in args["dtypes"]:
             cell: dict = {"stage": stage, "dtype": dtype}
             engines = {}
-            for name in ("schedule_free", "adamw"):
+            for name in ("schedule_free", "schedule_free_unfused", "adamw"):
                 engine, what = _engine(stage, dtype, name, args, world)
                 cell[f"{name}_optimizer"] = what
                 if engine is not None:
@@ -167,7 +178,8 @@ def launch(args: dict, nproc: int, cpu: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--stages", default="1,2,3,offload", help="comma list of 0,1,2,3,offload")
+    ap.add_argument("--stages", default="1,2,3,offload,offload3",
+                    help="comma list of 0,1,2,3,offload (ZeRO-2),offload3 (ZeRO-3)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--params", default="8M", help="total parameters of the model")
     ap.add_argument("--width", type=int, default=1024, help="Linear layer width")
