@@ -2,7 +2,7 @@
 
 - ``train()`` reads in one sitting (at most 50 lines) and no function of the loop, the guard,
   the engine builder or the loader runs past ~80 lines;
-- ``engine._megawsd`` is read only by its owner, megawsd/integrations/deepspeed.py (everyone
+- ``engine._megawsd`` is read only by its owner, megawsd/integrations/ds_state.py (everyone
   else asks ``megawsd_state(engine)``);
 - nothing probes a data stream's type with ``getattr``/``hasattr`` (``megawsd.data.Stream``
   says what every stream has).
@@ -47,7 +47,7 @@ def test_train_reads_in_one_sitting():
 
 
 def test_engine_state_is_read_by_its_owner_only():
-    owner = PKG / "integrations" / "deepspeed.py"
+    owner = PKG / "integrations" / "ds_state.py"
     readers = []
     for path in sorted(PKG.rglob("*.py")):
         if path == owner:

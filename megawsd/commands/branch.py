@@ -18,6 +18,12 @@ import logging
 import subprocess
 import sys
 
+from megawsd.commands.train import check_launch_args, launch_or_run
+from megawsd.errors import ConfigError
+from megawsd.train import branch as br
+from megawsd.train.config import from_dict
+from megawsd.train.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
 
@@ -43,11 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megawsd.commands.train import check_launch_args, launch_or_run
-    from megawsd.errors import ConfigError
-    from megawsd.train import branch as br
-    from megawsd.train.config import from_dict
-    from megawsd.train.rundir import RunDir
 
     check_launch_args(args)
     steps = br.parse_at(args.at)

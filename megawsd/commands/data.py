@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from megawsd.data.meta import check_vocab, load_meta
+
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(result.meta, result)
         return 0
     if args.data_command == "info":
-        from megawsd.data.meta import check_vocab, load_meta
 
         meta = load_meta(args.dir)
         check_vocab(meta)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from megawsd.analysis.export import export
 from megawsd.errors import field_error
 
 
@@ -51,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megawsd.analysis.export import export
 
     average = None
     if args.average is not None:

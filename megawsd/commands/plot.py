@@ -15,6 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from megawsd.analysis.plots import plot_tree
 from megawsd.analysis.runs_tree import load_run
 from megawsd.errors import field_error
 
@@ -43,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else tree.path / "plot.png"
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise field_error("--out", str(out), "give a file name ending in .png, .pdf or .svg")
-    from megawsd.analysis.plots import plot_tree
 
     path = plot_tree(tree, out, smooth=args.smooth, dpi=args.dpi)
     print(f"wrote {path}")

@@ -13,12 +13,14 @@ SPEC is another config file, or comma-separated `key=value` changes to the main 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from megawsd.errors import ConfigError, field_error
+from megawsd.schedules import build_schedule
 
 # flag / --compare key -> ScheduleConfig field
 _ALIASES = {
@@ -57,7 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megawsd.schedules import build_schedule
 
     base = _load_config(args.config) if args.config else {}
     for flag, fld in _ALIASES.items():
@@ -76,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
         schedules.append((_label(other, spec), other))
 
     if args.json:
-        import json
 
         print(json.dumps([s.to_dict() for _, s in schedules] if len(schedules) > 1
                          else main.to_dict(), indent=2))

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from megawsd.analysis import stability_report as sr
 from megawsd.analysis.runs_tree import load_run
 from megawsd.errors import field_error
 
@@ -29,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megawsd.analysis import stability_report as sr
 
     tree = load_run(args.run)
     out = Path(args.out) if args.out else tree.path / "stability.png"

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 
+from megawsd.errors import ConfigError
+from megawsd.study.report import write_report
+from megawsd.study.runner import run_study
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -35,13 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megawsd.errors import ConfigError
 
     if args.target == "report":
         if not args.study_dir:
             raise ConfigError("STUDY_DIR = None: give the study directory, e.g. "
                               "`megawsd study report studies/study-cpu`")
-        from megawsd.study.report import write_report
 
         path = write_report(args.study_dir)
         print(f"report: {path}")
@@ -49,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
     if args.study_dir:
         raise ConfigError(f"STUDY_DIR = {args.study_dir!r}: only `megawsd study report DIR` takes "
                           "a directory; to choose where a study goes, use --out")
-    from megawsd.study.runner import run_study
 
     out = run_study(args.target, out=args.out, nproc=args.nproc, resume=args.resume,
                     jobs=args.jobs, dry_run=args.dry_run, report=not args.no_report)

@@ -15,6 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megawsd.errors import ConfigError
+from megawsd.train import launcher
+from megawsd.train.__main__ import main
+from megawsd.train.config import load_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -38,7 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_launch_args(args: argparse.Namespace) -> None:
     """Numbers argparse accepts but that mean nothing (0 or -1 ranks, port 0): refused here,
     before DeepSpeed is handed ``--num_gpus -1`` or the batch layout divides by zero."""
-    from megawsd.errors import ConfigError
 
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc < 1:
@@ -55,7 +59,6 @@ def check_launch_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megawsd.train.config import load_config
     from megawsd.train.run import default_run_dir
 
     check_launch_args(args)
@@ -76,10 +79,8 @@ def launch_or_run(module_args: list[str], run_dir: Path, *, nproc=None, hostfile
                   master_port=None, master_addr=None, node_rank=None, no_ssh=False,
                   check_world=None) -> int:
     """Shared by `megawsd train` and `megawsd branch`."""
-    from megawsd.train import launcher
 
     if nproc is None and hostfile is None and (launcher.already_launched() or _devices() <= 1):
-        from megawsd.train.__main__ import main
 
         return main(module_args)
     if nproc is None and hostfile is None:

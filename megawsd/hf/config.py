@@ -31,6 +31,8 @@ import copy
 import dataclasses
 from typing import Any
 
+import torch
+
 from megawsd.errors import field_error
 from megawsd.integrations.deepspeed import build_optimizer, schedule_dict, split_config
 from megawsd.schedules import ScheduleConfig, build_schedule
@@ -57,7 +59,6 @@ def megawsd_sections(cfg: dict | None) -> tuple[dict | None, dict | None]:
 def check_sections(opt: dict | None, sched: dict | None) -> None:
     """Fail early (at Trainer construction) on what no ``"auto"`` can fix: unknown types and
     keys, with the messages of ``megawsd.deepspeed.initialize``."""
-    import torch
 
     if opt is not None:
         # "auto" stands in for a valid value here; unknown keys stay, to get the same error.

@@ -51,8 +51,22 @@ from typing import Any
 
 import torch
 
+from megawsd import schedules
 from megawsd.errors import ConfigError, OptimizerError, field_error
-from megawsd.integrations import ds_fused, ds_layout
+from megawsd.integrations import ds_checkpoint, ds_fused, ds_layout
+from megawsd.integrations.ds_checkpoint import (  # re-exported: checkpoint functions in one place
+    GROUP_NAMES_KEY,
+    consolidate_checkpoint,
+    read_full_checkpoint,
+)
+from megawsd.integrations.ds_state import (
+    EngineState,
+    megawsd_state,
+    require_state,
+    set_state,
+)
+from megawsd.kernels import write_x
+from megawsd.optim import ScheduleFreeAdamW
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +268,6 @@ def build_optimizer(spec: dict, params) -> torch.optim.Optimizer:
         )
     if "betas" in raw:
         raw["betas"] = tuple(raw["betas"])
-    from megawsd.optim import ScheduleFreeAdamW
 
     return ScheduleFreeAdamW(params, **raw)
 
@@ -262,7 +275,6 @@ def build_optimizer(spec: dict, params) -> torch.optim.Optimizer:
 def schedule_dict(spec: dict) -> dict:
     """The ``ScheduleConfig`` mapping of a megawsd ``scheduler`` section: its ``type`` (a
     megawsd family, case- and '_'-insensitive) as ``family``, plus its ``params``."""
-    from megawsd import schedules
 
     family = str(spec.get("type", "")).lower().replace("_", "-")
     family = {"inversesqrt": "inverse-sqrt", "multistep": "multi-step"}.get(family, family)
@@ -279,7 +291,6 @@ def schedule_dict(spec: dict) -> dict:
 
 def _scheduler_factory(spec: dict):
     """A callable optimizer -> DeepSpeed-protocol scheduler, for a megawsd schedule type."""
-    from megawsd import schedules
 
     schedule = schedules.build_schedule(schedule_dict(spec))
 
@@ -330,25 +341,6 @@ def split_config(
 
 # --------------------------------------------------------------------------------------------
 # initialize
-
-
-@dataclass
-class _EngineState:
-    """What megawsd keeps on an engine (``engine._megawsd``)."""
-
-    schedule_free: bool
-    group_of: dict[int, int] = field(default_factory=dict)  # id(model param) -> group index
-    group_names: list[list[str]] = field(default_factory=list)  # names per inner group
-    in_eval: bool = False
-    shards: list | None = None
-    fused: ds_fused.FusedStep | None = None  # DeepSpeed's passes folded into the kernel
-
-
-def megawsd_state(engine) -> _EngineState | None:
-    """What ``initialize`` recorded on ``engine`` (is it schedule-free, its groups), or None
-    for anything else (a plain DeepSpeed engine, a module, None). The one public way to ask:
-    ``engine._megawsd`` stays this module's."""
-    return getattr(engine, "_megawsd", None)
 
 
 def initialize(
@@ -447,9 +439,9 @@ def _adopt_engine(engine, groups: _GroupRecord) -> None:
             "optimizer: a schedule-free optimizer reached DeepSpeed without megawsd's checks; "
             "pass it as a config section, an optimizer object or a callable"
         )
-    engine._megawsd = _EngineState(
+    set_state(engine, EngineState(
         schedule_free=schedule_free, group_of=groups.group_of, group_names=groups.group_names
-    )
+    ))
     if schedule_free:
         _attach(engine)
 
@@ -484,7 +476,6 @@ def _prepare_client_optimizer(opt, cfg: dict, model, groups: _GroupRecord):
     state (it has no ``set_step_id``, so ZeRO-3's per-sub-group ``step()`` calls would advance
     every group once per sub-group); other schedule-free variants are refused.
     """
-    from megawsd.optim import ScheduleFreeAdamW
 
     if not looks_schedule_free(opt):
         return opt
@@ -513,7 +504,6 @@ def _adopt_stock(stock) -> torch.optim.Optimizer:
     """Our ScheduleFreeAdamW with a stock ``AdamWScheduleFree``'s groups, scalars and state."""
     import schedulefree
 
-    from megawsd.optim import ScheduleFreeAdamW
 
     if type(stock) is not schedulefree.AdamWScheduleFree:
         raise field_error(
@@ -609,7 +599,7 @@ def _attach(engine) -> None:
     orig_step = wrapped.step
 
     def step(*args, **kwargs):
-        st = engine._megawsd
+        st = require_state(engine)
         if st.in_eval:
             raise OptimizerError(
                 "engine.step() inside eval_mode: the model holds x; leave eval_mode "
@@ -626,7 +616,7 @@ def _attach(engine) -> None:
         return out
 
     wrapped.step = step
-    engine._megawsd.fused = ds_fused.install(engine)
+    require_state(engine).fused = ds_fused.install(engine)
 
     orig_load = engine.load_checkpoint
 
@@ -642,13 +632,12 @@ def _attach(engine) -> None:
     def save_checkpoint_hook(save_dir, tag=None, client_state=None, *args, **kwargs):
         # Parameter names per optimizer group: stage-0 checkpoints have no other record of
         # which state entry belongs to which parameter, and groups carry betas for x.
-        from megawsd.integrations.ds_checkpoint import GROUP_NAMES_KEY
 
         client_state = dict(client_state or {})
         client_state[GROUP_NAMES_KEY] = _group_names(engine)
         args = (save_dir, tag, client_state, *args)
         # The checkpoint holds y: leave eval mode around the save if needed.
-        if engine._megawsd.in_eval:
+        if require_state(engine).in_eval:
             engine_train(engine)
             try:
                 return orig_save(*args, **kwargs)
@@ -662,7 +651,7 @@ def _attach(engine) -> None:
 
 def _group_names(engine) -> list[list[str]]:
     """Trainable parameter names of each inner optimizer group, in the group's order."""
-    st = _state(engine)
+    st = require_state(engine)
     if st.group_names:
         return [list(n) for n in st.group_names]
     return [[n for n, p in engine.module.named_parameters() if p.requires_grad]]
@@ -674,25 +663,14 @@ def _group_names(engine) -> list[list[str]]:
 
 def _write_x(y: torch.Tensor, z: torch.Tensor, beta1: float, out: torch.Tensor) -> None:
     """x = (y - (1-β1) z)/β1 into ``out`` (any float dtype), y and z untouched."""
-    from megawsd.kernels import write_x
 
     write_x(y, z, beta1, out)
-
-
-def _state(engine) -> _EngineState:
-    st = getattr(engine, "_megawsd", None)
-    if st is None:
-        raise OptimizerError(
-            "engine: was not created by megawsd.deepspeed.initialize; create it there so the "
-            "schedule-free hooks are installed"
-        )
-    return st
 
 
 @torch.no_grad()
 def engine_eval(engine) -> None:
     """Put x into the model's working weights (all ranks must call; a no-op when already in)."""
-    st = _state(engine)
+    st = require_state(engine)
     if not st.schedule_free or st.in_eval:
         st.in_eval = st.schedule_free or st.in_eval
         return
@@ -717,7 +695,7 @@ def engine_eval(engine) -> None:
 @torch.no_grad()
 def engine_train(engine) -> None:
     """Put y back into the model's working weights, bit-exactly (all ranks must call)."""
-    st = _state(engine)
+    st = require_state(engine)
     if not st.in_eval:
         return
     if not st.schedule_free:
@@ -745,7 +723,7 @@ def eval_mode(engine) -> Iterator[None]:
     ``eval()`` (dropout off) and restores its previous mode.
     """
     was_training = engine.module.training
-    was_eval = _state(engine).in_eval
+    was_eval = require_state(engine).in_eval
     engine_eval(engine)
     engine.module.eval()
     try:
@@ -765,7 +743,7 @@ def _out_of_eval_for_load(engine) -> Iterator[None]:
     fp32) keep y in a stash that ``engine_train`` copies back: a load in between would be
     undone by it, and the rest of the block would evaluate the old weights.
     """
-    st = getattr(engine, "_megawsd", None)
+    st = megawsd_state(engine)
     was_eval = st is not None and st.in_eval
     if was_eval:
         engine_train(engine)
@@ -794,7 +772,7 @@ def _guard_load_in_eval(engine) -> None:
 
 def _stage0_full(engine, key: str | None) -> dict[int, torch.Tensor]:
     """id(model param) -> fp32 full tensor of y (key None) or state[key], stage 0 paths."""
-    st = _state(engine)
+    st = require_state(engine)
     inner = ds_layout.inner_optimizer(engine)
     out: dict[int, torch.Tensor] = {}
     if ds_layout.path_name(engine) == "stage0":  # fp32: the model's params are the masters
@@ -868,7 +846,7 @@ def full_param_tensors(engine, key: str | None = None) -> dict[str, torch.Tensor
 
 
 def _beta1_by_name(engine) -> dict[str, float]:
-    st = _state(engine)
+    st = require_state(engine)
     inner = ds_layout.inner_optimizer(engine)
     betas = [g["betas"][0] for g in inner.param_groups]
     out = {}
@@ -890,7 +868,7 @@ def consolidated_state_dict(engine, weights: str = "x") -> dict[str, torch.Tenso
     if weights not in ("x", "y"):
         raise field_error("weights", weights, 'use "x" (evaluation weights) or "y" (masters)')
     ys = full_param_tensors(engine, None)
-    st = _state(engine)
+    st = require_state(engine)
     if weights == "x" and st.schedule_free:
         zs = full_param_tensors(engine, "z")
         b1 = _beta1_by_name(engine)
@@ -906,14 +884,6 @@ def consolidated_state_dict(engine, weights: str = "x") -> dict[str, torch.Tenso
         result = dict(ys)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return result if rank == 0 else {}
-
-
-# Re-exported here so that train code imports checkpoint functions from one place.
-from megawsd.integrations import ds_checkpoint  # noqa: E402
-from megawsd.integrations.ds_checkpoint import (  # noqa: E402
-    consolidate_checkpoint,
-    read_full_checkpoint,
-)
 
 
 def load_checkpoint(engine, load_dir: str, tag: str | None = None, reshard: str = "auto", **kwargs):

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 
 from megawsd.errors import CheckpointError, field_error
+from megawsd.integrations import ds_layout
+from megawsd.integrations.ds_state import require_state
+from megawsd.kernels import write_x
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,6 @@ class FullCheckpoint:
             if kind == "y" or z is None:
                 out[name] = y
                 continue
-            from megawsd.kernels import write_x
 
             b1 = self.groups[self.group_of(name)]["betas"][0]
             out[name] = write_x(y, z, b1, torch.empty_like(y))  # same op order as eval_mode
@@ -274,7 +276,6 @@ def load_checkpoint(
     scheduler. Resharding covers trainable parameters (buffers and frozen parameters come from
     the model as constructed). All ranks must call it.
     """
-    from megawsd.integrations import ds_layout
 
     if reshard not in ("auto", "always", "never"):
         raise field_error("reshard", reshard, 'use "auto", "always" or "never"')
@@ -369,12 +370,13 @@ def load_full_state(engine, full: FullCheckpoint, optimizer: bool = True,
     ``lr_scheduler``: the scheduler; ``counters``: ``global_steps``, ``global_samples``,
     ``skipped_steps``.
     """
-    from megawsd.integrations import deepspeed as ds
-    from megawsd.integrations import ds_layout
-
-    st = ds._state(engine)
-    if st.in_eval:
-        ds.engine_train(engine)
+    if require_state(engine).in_eval:
+        # The stash engine_train restores would undo the load (megawsd.deepspeed's
+        # load_checkpoint leaves eval mode around it; this is the layer below).
+        raise CheckpointError(
+            "load inside eval_mode: load with megawsd.deepspeed.load_checkpoint, which leaves "
+            "eval mode around the load, or call engine_train(engine) first"
+        )
     inner = ds_layout.inner_optimizer(engine)
     named = _check_same_model(engine, full, inner)
     keys = _state_keys(full, named, inner) if optimizer else ()
@@ -461,7 +463,6 @@ def _write_params(engine, full: FullCheckpoint, inner, named: dict, keys: tuple[
     """Masters (and the optimizer state ``keys``, if any) of every trainable parameter."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from megawsd.integrations import ds_layout
 
     if ds_layout.zero_stage(engine) == 0:
         _load_stage0(engine, full, inner, keys)

@@ -32,6 +32,7 @@ bit-equal to the unfused step. ``MEGAWSD_FUSED_STEP=0`` turns fusion off (for co
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
@@ -103,7 +104,6 @@ def _undecorated(fn, name: str):
 def pinned_source_matches(path: str) -> list[str]:
     """What no longer matches in the installed DeepSpeed for ``path`` (empty: all pinned
     lines found, in order)."""
-    import importlib
 
     problems = []
     for module, cls, method, snippets in _PINNED[path]:

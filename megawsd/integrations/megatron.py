@@ -12,6 +12,7 @@ megatron-core when first used. See docs/megatron.md for the recipes.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from megawsd.integrations.megatron_args import (
@@ -41,7 +42,6 @@ def __getattr__(name: str) -> Any:  # PEP 562: import megatron-core only when ne
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
 
     return getattr(importlib.import_module(module), name)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from megawsd.errors import ConfigError, field_error
 from megawsd.schedules import Schedule, ScheduleConfig, build_schedule
+from megawsd.schedules.config import parse_length
 
 MEGATRON_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 MEGATRON_WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -292,7 +293,6 @@ def _num(x: float) -> str:
 
 
 def _length_kind(value: Any) -> str:
-    from megawsd.schedules.config import parse_length
 
     parsed = parse_length("warmup_steps", value)
     return "none" if parsed is None else parsed[0]

@@ -20,19 +20,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 import yaml
 
 from megawsd.analysis.export import build_model, load_model_config, strip_prefix
+from megawsd.deepspeed import consolidate_checkpoint
 from megawsd.errors import CheckpointError
 from megawsd.optim import EMA, SWA
 from megawsd.rundir import MODEL_CONFIG_FILE, checkpoint_dir, is_complete, read_metrics, tag_for
+from megawsd.train.config import from_dict
+from megawsd.train.engine import build_stream
 
 log = logging.getLogger(__name__)
 
 
 def _val_batches(run_dir: Path):
-    from megawsd.train.config import from_dict
-    from megawsd.train.engine import build_stream
 
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()),
                     source=str(run_dir / "config.yaml"))
@@ -45,7 +48,6 @@ def _val_batches(run_dir: Path):
 
 
 def _load_state(run_dir: Path, step: int) -> dict:
-    from megawsd.deepspeed import consolidate_checkpoint
 
     ckpts, tag = checkpoint_dir(run_dir), tag_for(step)
     if not is_complete(ckpts / tag):
@@ -57,7 +59,6 @@ def _load_state(run_dir: Path, step: int) -> dict:
     except CheckpointError as err:
         # Stage 0 without megawsd's parameter names (plain AdamW): the module state in the
         # model-states file is the full model; for an AdamW run it is what training evaluated.
-        import torch
 
         f = ckpts / tag / "mp_rank_00_model_states.pt"
         if not f.exists():
@@ -68,8 +69,6 @@ def _load_state(run_dir: Path, step: int) -> dict:
 
 
 def _loss(model, batches) -> float:
-    import torch
-    import torch.nn.functional as F
 
     total = 0.0
     with torch.no_grad():

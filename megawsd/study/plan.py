@@ -25,6 +25,7 @@ from typing import Any
 
 from megawsd.errors import ConfigError
 from megawsd.study.spec import StudySpec
+from megawsd.train.config import from_dict
 
 PLAN_SCHEMA = "megawsd.study.plan/1"
 
@@ -195,7 +196,6 @@ class _Planner:
     """One make_plan call: the study's axes, and the runs and cells the arms planned so far."""
 
     def __init__(self, spec: StudySpec) -> None:
-        from megawsd.train.config import from_dict
 
         probe = from_dict({**spec.base, "steps": 1})
         self.spec = spec

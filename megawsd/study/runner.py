@@ -14,6 +14,7 @@ parent's checkpoint at the branch step); the launch order stays the plan's.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -27,8 +28,12 @@ from typing import Any
 import yaml
 
 from megawsd.errors import ConfigError, MegawsdError
+from megawsd.rundir import atomic_write
 from megawsd.study.plan import Plan, PlannedRun, make_plan
+from megawsd.study.report import write_report
 from megawsd.study.spec import StudySpec, load_spec
+from megawsd.train.config import from_dict
+from megawsd.train.rundir import RunDir
 
 log = logging.getLogger("megawsd.study")
 
@@ -62,7 +67,6 @@ def check_done_run(study_dir: Path, r: PlannedRun) -> None:
     path = study_dir / r.path
     stored = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if r.kind == "train":
-        from megawsd.train.config import from_dict
 
         want = from_dict(r.config).resolved()
         diff = sorted(k for k in set(want) | set(stored)
@@ -112,7 +116,6 @@ def _command(study_dir: Path, r: PlannedRun, config_file: Path | None, nproc: in
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
     """Linux: the child gets SIGTERM (checkpoint, exit) if the study process dies."""
     try:
-        import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -137,7 +140,6 @@ def _ready(study_dir: Path, r: PlannedRun, done: set[str]) -> bool:
         return True
     if r.parent in done:
         return True
-    from megawsd.train.rundir import RunDir
 
     return r.at in RunDir(study_dir / r.parent).saved_steps()
 
@@ -278,7 +280,6 @@ class _Launcher:
 
 def compute_averages(plan: Plan, study_dir: Path) -> list[str]:
     """SWA/EMA cells: compute the ones whose result file is missing."""
-    from megawsd.rundir import atomic_write
     from megawsd.study.averaged import evaluate_average
 
     made = []
@@ -302,7 +303,6 @@ def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | Non
               resume: bool = False, jobs: int = 1, dry_run: bool = False,
               report: bool = True) -> Path:
     """`megawsd study STUDY.yaml`: plan, run what is missing, average, report."""
-    from megawsd.rundir import atomic_write
 
     spec = load_spec(spec_path)
     plan = make_plan(spec)
@@ -328,7 +328,6 @@ def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | Non
         return study_dir
     compute_averages(plan, study_dir)
     if report:
-        from megawsd.study.report import write_report
 
         path = write_report(study_dir)
         log.info("report: %s", path)

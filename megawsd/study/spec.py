@@ -32,6 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megawsd.errors import ConfigError
+from megawsd.schedules import DECAY_SHAPES
+from megawsd.train.config import from_dict, read_yaml_mapping
 
 KIND_ALIASES = {
     "cosine": "cosine", "linear": "linear", "wsd": "wsd", "constant": "constant",
@@ -88,7 +90,6 @@ def _fractions(v: list[float], allow_zero: bool) -> list[float]:
 
 
 def _shapes(v: list[str]) -> list[str]:
-    from megawsd.schedules import DECAY_SHAPES
 
     bad = [s for s in v if s not in DECAY_SHAPES]
     if not v or bad:
@@ -261,7 +262,6 @@ class StudySpec(_Strict):
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate STUDY.yaml; a base given as a path is read relative to the cwd or the
     study file. Raises ConfigError naming the field, the value and the fix."""
-    from megawsd.train.config import read_yaml_mapping
 
     p = Path(path)
     raw = copy.deepcopy(read_yaml_mapping(p, "study"))
@@ -294,7 +294,6 @@ def spec_from_dict(raw: dict[str, Any], source: str = "study") -> StudySpec:
 
 def _check_base(spec: StudySpec, source: str) -> None:
     """The base config, with a model of each size, must be a valid run config now."""
-    from megawsd.train.config import from_dict
 
     for model in spec.model_blocks():
         raw = {**spec.base, "model": model, "steps": max(spec.budgets or [1])}

@@ -16,6 +16,8 @@ import os
 import sys
 
 from megawsd.errors import MegawsdError
+from megawsd.train.config import load_config
+from megawsd.train.launcher import init_distributed, watch_parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +38,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _dist_timeout(args: argparse.Namespace) -> float | None:
     """stability.dist_timeout_s of the config (needed before the process group exists);
     a config error is reported after joining, like every other error."""
-    from megawsd.train.config import load_config
 
     try:
         return load_config(args.config, args.overrides).stability.dist_timeout_s
@@ -46,7 +47,6 @@ def _dist_timeout(args: argparse.Namespace) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megawsd.train.launcher import init_distributed, watch_parent
 
     watch_parent()  # ranks launched by `megawsd train` never outlive it
     rank = init_distributed(_dist_timeout(args))

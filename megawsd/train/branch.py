@@ -18,6 +18,7 @@ import yaml
 
 from megawsd.errors import CheckpointError, ConfigError
 from megawsd.train.config import from_dict
+from megawsd.train.integrity import explain
 from megawsd.train.rundir import RunDir
 
 
@@ -138,7 +139,6 @@ def check(p: BranchPlan, world_size: int | None) -> None:
 def create(p: BranchPlan, world_size: int | None = None) -> RunDir:
     """Write the branch's config.yaml and run.json (lineage); the parent is untouched.
     A parent on a read-only or full filesystem is a CheckpointError naming the cause."""
-    from megawsd.train.integrity import explain
 
     run = RunDir(p.path)
     try:

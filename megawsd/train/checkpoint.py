@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from megawsd.errors import CheckpointError, explain
+from megawsd.integrations.ds_checkpoint import load_checkpoint
+from megawsd.integrations.ds_layout import zero_stage
 from megawsd.rundir import (
     LATEST,
     RUN_JSON,
@@ -159,7 +161,6 @@ def load(engine, run: RunDir, step: int, *, rank: int, world_size: int,
             f"{world_size} ranks / stage {_stage(engine)} is supported for schedule_free_adamw "
             f"only. Use --nproc {saved_ws} and deepspeed.zero_stage {saved_stage}"
         )
-    from megawsd.integrations.ds_checkpoint import load_checkpoint
 
     # Same world size and stage: DeepSpeed's own loader (bit-exact). Otherwise megawsd's
     # resharding of y, z, exp_avg_sq and the group scalars (the deepspeed integration).
@@ -177,7 +178,6 @@ def load(engine, run: RunDir, step: int, *, rank: int, world_size: int,
 
 
 def _stage(engine) -> int:
-    from megawsd.integrations.ds_layout import zero_stage
 
     return int(zero_stage(engine))
 

@@ -16,6 +16,7 @@ import copy
 import difflib
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megawsd.errors import ConfigError
+from megawsd.schedules import build_schedule
+from megawsd.train.model import PRESETS
 from megawsd.train.stability import StabilityConfig
 
 OPTIMIZER_ALIASES = {
@@ -58,7 +61,6 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        from megawsd.train.model import PRESETS
 
         if (self.preset is None) == (self.config is None):
             raise ValueError("give exactly one of model.preset (a size name) or model.config "
@@ -212,7 +214,6 @@ class RunConfig(_Strict):
         return sched
 
     def build_schedule(self):
-        from megawsd.schedules import build_schedule
 
         return build_schedule(self.schedule_dict())
 
@@ -357,7 +358,6 @@ def _explain(err: ValidationError, source: str) -> str:
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the nested model at `loc` (for the "did you mean" hint)."""
-    import typing
 
     current: Any = model
     for part in loc:

@@ -14,6 +14,8 @@ import torch
 
 from megawsd.data.loader import Stream, SwitchedStream, TokenStream
 from megawsd.errors import ConfigError
+from megawsd.integrations.deepspeed import initialize
+from megawsd.optim import ScheduleFreeAdamW
 from megawsd.train.config import RunConfig
 from megawsd.train.model import build_model, count_params, model_config
 
@@ -52,7 +54,6 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module):
         except TypeError as err:
             raise ConfigError(f"optimizer.params = {o.params!r}: not accepted by torch AdamW ({err})") from None
     if o.kind == "schedule_free_adamw":
-        from megawsd.optim import ScheduleFreeAdamW
 
         try:
             return ScheduleFreeAdamW(groups, **common, **o.params)
@@ -128,7 +129,6 @@ def _set_precision(ds: dict[str, Any], precision: str) -> None:
 
 def build_engine(cfg: RunConfig, stream: Stream, world_size: int):
     """Model + optimizer wrapped by megawsd's drop-in deepspeed.initialize."""
-    from megawsd.integrations.deepspeed import initialize
 
     meta = stream.metas[0]  # the tokenizer's BOS/EOS (every source shares its vocabulary)
     hf_config = model_config(cfg.model, stream.vocab_size, cfg.seq_len, meta.bos_id, meta.eos_id)

@@ -28,15 +28,19 @@ all-reduced at that point.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megawsd.integrations import ds_layout
 from megawsd.train.faults import Faults
+from megawsd.train.integrity import atomic_write_text
 from megawsd.train.rundir import append_jsonl
 from megawsd.train.stability import (
     Event,
@@ -85,7 +89,6 @@ class StepGate:
     """
 
     def __init__(self, engine):
-        from megawsd.integrations import ds_layout
 
         self.engine = engine
         self.path = ds_layout.path_name(engine)
@@ -387,7 +390,6 @@ class EventLog:
     ``{"step": s, "stability_event": {...}}`` (no top-level ``loss``: not a train record)."""
 
     def __init__(self, run_path, metrics=None):
-        from pathlib import Path
 
         self.path = Path(run_path) / STABILITY_FILE
         self.metrics = metrics
@@ -418,9 +420,7 @@ class EventLog:
 
     def truncate(self, seq: int) -> None:
         """On resume: drop events of attempts after the checkpoint's (they happen again)."""
-        import json
 
-        from megawsd.train.integrity import atomic_write_text
 
         if not self.path.exists():
             return

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from megawsd.data.meta import check_vocab, load_meta
 from megawsd.errors import CheckpointError, DataError, MegawsdError, explain
 from megawsd.rundir import atomic_write, fsync_dir
 
@@ -393,7 +394,6 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
     Sizes are checked by ``load_meta``; hashes against meta.json's where it has them, else
     against the ones pinned at this run's first start. Returns the pinned table.
     """
-    from megawsd.data.meta import check_vocab, load_meta
 
     pin_path = Path(run_dir) / DATA_PIN
     try:

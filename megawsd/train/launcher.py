@@ -16,6 +16,8 @@ the step, checkpoint, exit, as for a preemption), then a hard exit after a grace
 from __future__ import annotations
 
 import ctypes
+import datetime
+import json
 import logging
 import os
 import select
@@ -72,7 +74,6 @@ def init_distributed(timeout_s: float | None = None) -> int:
     if not dist.is_initialized():
         kwargs = {}
         if timeout_s is not None:
-            import datetime
 
             kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         deepspeed.init_distributed(dist_backend="gloo" if cpu_only() else None, **kwargs)
@@ -149,7 +150,6 @@ def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None =
         for s, h in old.items():
             signal.signal(s, h)
     if signalled and status_file is not None and status_file.exists():
-        import json
 
         status = json.loads(status_file.read_text()).get("status")
         if status in ("stopped", "done"):

@@ -11,6 +11,7 @@ import yaml
 from megawsd.errors import ConfigError
 from megawsd.train.config import RunConfig, load_config
 from megawsd.train.integrity import check_writable, rank0_check
+from megawsd.train.loop import train
 from megawsd.train.rundir import RunDir
 from megawsd.train.runlock import RunLock
 
@@ -42,7 +43,6 @@ def check_same_run(run: RunDir, resolved: dict[str, Any]) -> None:
 
 
 def run_from_args(config: str, run_dir: str | None, overrides: list[str], resume: bool) -> int:
-    from megawsd.train.loop import train
 
     cfg = load_config(config, overrides)
     run = RunDir(run_dir or default_run_dir(cfg, config))
