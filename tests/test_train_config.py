@@ -131,6 +131,17 @@ def test_deepspeed_precision_sections_agree_with_the_run_config():
                          world_size=1)
 
 
+def test_fp16_at_zero_stage_0_is_refused_by_name():
+    """DeepSpeed's stage-0 fp16 optimizer reports wrong gradient norms (0.0 to the stability
+    gate, norm / loss scale as _global_grad_norm): a wrong number in metrics.jsonl, so the run
+    config refuses it; ZeRO 1-3 and bf16 at stage 0 stay allowed."""
+    with pytest.raises(ConfigError, match=r"^precision = 'fp16': needs deepspeed.zero_stage 1"):
+        deepspeed_config(cfg_of(precision="fp16"), world_size=1)
+    ds = deepspeed_config(cfg_of(precision="fp16", deepspeed={"zero_stage": 1}), world_size=1)
+    assert ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+    assert deepspeed_config(cfg_of(precision="bf16"), world_size=1)["bf16"]["enabled"]
+
+
 def test_shipped_configs_validate():
     from pathlib import Path
 

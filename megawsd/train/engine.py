@@ -92,6 +92,16 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     zero.setdefault("stage", 0)
     ds["zero_optimization"] = zero
     _set_precision(ds, cfg.precision)
+    if cfg.precision == "fp16" and int(zero["stage"]) == 0:
+        # DeepSpeed 0.19.8's stage-0 fp16 wrappers (FP16_Optimizer) drop the fp16 gradients
+        # before the inner step and report a gradient norm divided by the loss scale: the
+        # stability guard and metrics.jsonl would log wrong grad norms (measured: 0.0 and
+        # 1/256 of the true norm). ZeRO 1-3 scale and report correctly.
+        raise ConfigError(
+            "precision = 'fp16': needs deepspeed.zero_stage 1, 2 or 3 (DeepSpeed's stage-0 "
+            "fp16 optimizer reports wrong gradient norms); set deepspeed: {zero_stage: 1}, "
+            "or use precision: bf16"
+        )
     o = cfg.optimizer
     if o.kind == "deepspeed":
         ds["optimizer"] = {"type": o.type, "params": {
