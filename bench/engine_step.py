@@ -139,8 +139,11 @@ def worker(args: dict) -> None:
                     before[name]()
                     calls[name]()
             samples = interleaved_rounds(
-                calls, rounds=args["rounds"], calls_per_round=args["repeats"],
-                sync=lambda: (acc.synchronize(), dist.barrier()), before=before,
+                calls,
+                rounds=args["rounds"],
+                calls_per_round=args["repeats"],
+                sync=lambda: (acc.synchronize(), dist.barrier()),
+                before=before,
             )
             cell.update(summarize(samples, baseline="adamw"))
             results.append(cell)
@@ -160,9 +163,16 @@ def launch(args: dict, nproc: int, cpu: bool) -> list[dict]:
     """Run :func:`worker` on ``nproc`` ranks (one per GPU, or CPU ranks over gloo)."""
     port, procs = _free_port(), []
     for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        )
         if cpu:
             env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         cmd = [sys.executable, str(Path(__file__)), "--worker", json.dumps(args)]
@@ -178,8 +188,11 @@ def launch(args: dict, nproc: int, cpu: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--stages", default="1,2,3,offload,offload3",
-                    help="comma list of 0,1,2,3,offload (ZeRO-2),offload3 (ZeRO-3)")
+    ap.add_argument(
+        "--stages",
+        default="1,2,3,offload,offload3",
+        help="comma list of 0,1,2,3,offload (ZeRO-2),offload3 (ZeRO-3)",
+    )
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--params", default="8M", help="total parameters of the model")
     ap.add_argument("--width", type=int, default=1024, help="Linear layer width")
@@ -196,14 +209,27 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = a.cpu or not torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="megawsd-engine-step-") as tmp:
-        args = {"stages": a.stages.split(","), "dtypes": a.dtypes.split(","),
-                "params": _parse_size(a.params), "width": a.width, "rounds": a.rounds,
-                "repeats": a.repeats, "warmup": a.warmup, "out": os.path.join(tmp, "r.json")}
+        args = {
+            "stages": a.stages.split(","),
+            "dtypes": a.dtypes.split(","),
+            "params": _parse_size(a.params),
+            "width": a.width,
+            "rounds": a.rounds,
+            "repeats": a.repeats,
+            "warmup": a.warmup,
+            "out": os.path.join(tmp, "r.json"),
+        }
         load_start = load_average()
         cells = launch(args, a.nproc, cpu)
-    out = {"benchmark": "engine_step", "device": "cpu" if cpu else torch.cuda.get_device_name(),
-           "nproc": a.nproc, "config": {k: v for k, v in args.items() if k != "out"},
-           "load_average_start": load_start, "load_average_end": load_average(), "cells": cells}
+    out = {
+        "benchmark": "engine_step",
+        "device": "cpu" if cpu else torch.cuda.get_device_name(),
+        "nproc": a.nproc,
+        "config": {k: v for k, v in args.items() if k != "out"},
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "cells": cells,
+    }
     print(json.dumps(out, indent=1))
     return 0
 

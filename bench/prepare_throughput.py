@@ -39,16 +39,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="megawsd-bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        first = prepare_detailed([source], tmp / "tok", vocab_size=args.vocab_size,
-                                 num_proc=args.num_proc, progress=False)
+        first = prepare_detailed(
+            [source],
+            tmp / "tok",
+            vocab_size=args.vocab_size,
+            num_proc=args.num_proc,
+            progress=False,
+        )
         tokenizer_s = first.tokenizer_seconds
         model = first.meta.tokenizer_path
         runs = {}
         for n in (args.num_proc, 1):
             best = None
             for r in range(args.repeats):
-                res = prepare_detailed([source], tmp / f"p{n}-{r}", tokenizer=model,
-                                       num_proc=n, progress=False, force=True)
+                res = prepare_detailed(
+                    [source],
+                    tmp / f"p{n}-{r}",
+                    tokenizer=model,
+                    num_proc=n,
+                    progress=False,
+                    force=True,
+                )
                 if best is None or res.seconds < best.seconds:
                     best = res
             tokens = best.meta.train_tokens + best.meta.val_tokens
@@ -84,15 +95,20 @@ def main() -> None:
                 "tokens": tokens,
                 "bytes_per_token": round(first.input_bytes / tokens, 3),
             },
-            "tokenizer": {"type": meta.tokenizer_type, "vocab_size": meta.vocab_size,
-                          "train_seconds": round(tokenizer_s, 3)},
+            "tokenizer": {
+                "type": meta.tokenizer_type,
+                "vocab_size": meta.vocab_size,
+                "train_seconds": round(tokenizer_s, 3),
+            },
             "first_prepare_seconds_with_tokenizer_training": round(first.seconds, 3),
             "measured": measured,
             "peer": peer,
             "ratio_tokens_per_s_total": round(
-                measured["tokens_per_s_total"] / peer["tokens_per_s_total"], 3),
+                measured["tokens_per_s_total"] / peer["tokens_per_s_total"], 3
+            ),
             "ratio_tokens_per_s_tokenize_write": round(
-                measured["tokens_per_s_tokenize_write"] / peer["tokens_per_s_tokenize_write"], 3),
+                measured["tokens_per_s_tokenize_write"] / peer["tokens_per_s_tokenize_write"], 3
+            ),
             "wall_seconds": round(time.perf_counter() - t0, 3),
         }
     print(json.dumps(out, indent=2))

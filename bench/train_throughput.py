@@ -45,11 +45,28 @@ def ensure_data(path: str | None) -> Path:
 
 def bench_megawsd(data: Path, steps: int, warmup: int, nproc: int) -> dict:
     run = Path(tempfile.mkdtemp(prefix="megawsd-bench-")) / "run"
-    sets = [f"data={data}", f"steps={steps}", "optimizer.type=schedule_free_adamw",
-            "deepspeed.zero_stage=2", "eval.batches=0", "checkpoint.interval=0",
-            "checkpoint.at=[]", "checkpoint.save_final=false", "logging.tensorboard=false"]
-    cmd = [sys.executable, "-m", "megawsd.cli", "train", str(DEMO), "--nproc", str(nproc),
-           "--run-dir", str(run)]
+    sets = [
+        f"data={data}",
+        f"steps={steps}",
+        "optimizer.type=schedule_free_adamw",
+        "deepspeed.zero_stage=2",
+        "eval.batches=0",
+        "checkpoint.interval=0",
+        "checkpoint.at=[]",
+        "checkpoint.save_final=false",
+        "logging.tensorboard=false",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megawsd.cli",
+        "train",
+        str(DEMO),
+        "--nproc",
+        str(nproc),
+        "--run-dir",
+        str(run),
+    ]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, MEGAWSD_NO_BAR="1", PYTHONPATH=str(REPO))
@@ -62,18 +79,40 @@ def bench_megawsd(data: Path, steps: int, warmup: int, nproc: int) -> dict:
     recs = [r for r in recs if "loss" in r and r["step"] > warmup]
     step_time = statistics.median(r["step_time"] for r in recs)
     opt_time = statistics.median(r["opt_time"] for r in recs)
-    return {"ranks": nproc, "zero_stage": 2, "optimizer": "ScheduleFreeAdamW (backend auto)",
-            "tok_per_s": recs[0]["tokens"] / recs[0]["step"] / step_time,
-            "step_time_s": step_time, "optimizer_time_s": opt_time,
-            "optimizer_share": opt_time / step_time, "wall_s_including_startup": wall,
-            "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"]}
+    return {
+        "ranks": nproc,
+        "zero_stage": 2,
+        "optimizer": "ScheduleFreeAdamW (backend auto)",
+        "tok_per_s": recs[0]["tokens"] / recs[0]["step"] / step_time,
+        "step_time_s": step_time,
+        "optimizer_time_s": opt_time,
+        "optimizer_share": opt_time / step_time,
+        "wall_s_including_startup": wall,
+        "first_loss": recs[0]["loss"],
+        "last_loss": recs[-1]["loss"],
+    }
 
 
 def bench_plain_subprocess(data: Path, steps: int, warmup: int, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__, "--plain-only", "--threads", str(threads),
-                           "--data", str(data), "--steps", str(steps), "--warmup", str(warmup)],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--plain-only",
+            "--threads",
+            str(threads),
+            "--data",
+            str(data),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"plain loop failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -92,8 +131,9 @@ def bench_plain(data: Path, steps: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     stream = TokenStream(cfg.data.path, cfg.seq_len, cfg.global_batch_size, cfg.seed)
     model = build_model(model_config(cfg.model, stream.vocab_size, cfg.seq_len), cfg.seed)
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=cfg.optimizer.lr,
-                            betas=tuple(cfg.optimizer.betas))
+    opt = torch.optim.AdamW(
+        param_groups(model, 0.1), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas)
+    )
     mb = cfg.micro_batch_size
     gas = cfg.global_batch_size // mb
     times, opt_times, losses = [], [], []
@@ -102,8 +142,12 @@ def bench_plain(data: Path, steps: int, warmup: int, threads: int) -> dict:
         for m in range(gas):
             batch = stream.micro_batch(step, m, mb)
             logits = model(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                   batch[:, 1:].reshape(-1)) / gas
+            loss = (
+                F.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
+                )
+                / gas
+            )
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         t1 = time.perf_counter()
@@ -115,11 +159,19 @@ def bench_plain(data: Path, steps: int, warmup: int, threads: int) -> dict:
         losses.append(loss.item() * gas)
     step_time = statistics.median(times[warmup:])
     opt_time = statistics.median(opt_times[warmup:])
-    return {"ranks": 1, "threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW",
-            "tok_per_s": cfg.tokens_per_step / step_time, "step_time_s": step_time,
-            "optimizer_time_s": opt_time, "optimizer_share": opt_time / step_time,
-            "first_loss": losses[0], "last_loss": losses[-1],
-            "params": count_params(model), "vocab_size": stream.vocab_size}
+    return {
+        "ranks": 1,
+        "threads": torch.get_num_threads(),
+        "optimizer": "torch.optim.AdamW",
+        "tok_per_s": cfg.tokens_per_step / step_time,
+        "step_time_s": step_time,
+        "optimizer_time_s": opt_time,
+        "optimizer_share": opt_time / step_time,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "params": count_params(model),
+        "vocab_size": stream.vocab_size,
+    }
 
 
 def main() -> None:
@@ -150,22 +202,41 @@ def main() -> None:
 
     cfg = load_config(DEMO, [f"data={data}"])
     load = os.getloadavg()[0]
-    print(json.dumps({
-        "bench": "train_throughput",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "cuda": torch.cuda.is_available(), "torch": torch.__version__,
-                    "deepspeed": version("deepspeed"), "load_avg_1m_at_start": load_start,
-                    "load_avg_1m_at_end": load},
-        "sizes": {"model": "demo", "params": plain["params"], "vocab_size": plain["vocab_size"],
-                  "seq_len": cfg.seq_len, "global_batch_size": cfg.global_batch_size,
-                  "micro_batch_size": cfg.micro_batch_size, "tokens_per_step": cfg.tokens_per_step,
-                  "steps": args.steps, "warmup_steps_excluded": args.warmup},
-        "megawsd": mega,
-        "plain_torch_all_cores": plain_all,
-        "plain_torch_one_thread": plain_one,
-        "ratio_tok_per_s_megawsd_over_plain_all_cores": mega["tok_per_s"] / plain_all["tok_per_s"],
-        "ratio_tok_per_s_megawsd_over_plain_one_thread": mega["tok_per_s"] / plain_one["tok_per_s"],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "bench": "train_throughput",
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(),
+                    "cuda": torch.cuda.is_available(),
+                    "torch": torch.__version__,
+                    "deepspeed": version("deepspeed"),
+                    "load_avg_1m_at_start": load_start,
+                    "load_avg_1m_at_end": load,
+                },
+                "sizes": {
+                    "model": "demo",
+                    "params": plain["params"],
+                    "vocab_size": plain["vocab_size"],
+                    "seq_len": cfg.seq_len,
+                    "global_batch_size": cfg.global_batch_size,
+                    "micro_batch_size": cfg.micro_batch_size,
+                    "tokens_per_step": cfg.tokens_per_step,
+                    "steps": args.steps,
+                    "warmup_steps_excluded": args.warmup,
+                },
+                "megawsd": mega,
+                "plain_torch_all_cores": plain_all,
+                "plain_torch_one_thread": plain_one,
+                "ratio_tok_per_s_megawsd_over_plain_all_cores": mega["tok_per_s"]
+                / plain_all["tok_per_s"],
+                "ratio_tok_per_s_megawsd_over_plain_one_thread": mega["tok_per_s"]
+                / plain_one["tok_per_s"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ class OptimizerError(MegawsdError):
     """The optimizer was used in a way that would silently compute the wrong thing."""
 
 
-def field_error(field: str, value: object, fix: str, cls: type[MegawsdError] = ConfigError) -> MegawsdError:
+def field_error(
+    field: str, value: object, fix: str, cls: type[MegawsdError] = ConfigError
+) -> MegawsdError:
     """Build the standard message: ``<field> = <value!r>: <fix>``."""
     return cls(f"{field} = {value!r}: {fix}")
 
@@ -77,8 +79,10 @@ def write_cause(err: BaseException | None, directory: str | os.PathLike) -> str 
     if st is not None:
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         if code in (errno.ENOSPC, errno.EDQUOT) or free < _LOW_SPACE:
-            return (f"no space left on the filesystem of {str(d)!r} ({_human(free)} free of "
-                    f"{_human(total)})")
+            return (
+                f"no space left on the filesystem of {str(d)!r} ({_human(free)} free of "
+                f"{_human(total)})"
+            )
     elif code in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the filesystem of {str(d)!r}"
     if code in (errno.EACCES, errno.EPERM) or not os.access(d, os.W_OK):

@@ -206,7 +206,9 @@ def _numeric_step(rec: dict) -> float | None:
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
-def drop_superseded(records: list[dict], kind: Callable[[dict], str] = lambda rec: "") -> list[dict]:
+def drop_superseded(
+    records: list[dict], kind: Callable[[dict], str] = lambda rec: ""
+) -> list[dict]:
     """The superseded-record rule: keep only the newest history.
 
     A record starts a new history (a resume or a rollback to an earlier checkpoint) when an
@@ -226,7 +228,9 @@ def drop_superseded(records: list[dict], kind: Callable[[dict], str] = lambda re
             while not restart and i >= 0 and _numeric_step(out[i]) == step:
                 restart = kind(out[i]) == kind(rec)
                 i -= 1
-            while restart and out and _numeric_step(out[-1]) is not None and out[-1]["step"] >= step:
+            while (
+                restart and out and _numeric_step(out[-1]) is not None and out[-1]["step"] >= step
+            ):
                 out.pop()
         out.append(rec)
     return out
@@ -256,8 +260,10 @@ class Metrics:
         """Read a metrics file (``RUN/metrics.jsonl``)."""
         raw = read_jsonl(path)
         # one history for both kinds: an eval of a replaced history is dropped with it
-        kept = drop_superseded([r for r in raw.records if "step" in r and (
-            "loss" in r or "val_loss" in r)], kind=_record_kind)
+        kept = drop_superseded(
+            [r for r in raw.records if "step" in r and ("loss" in r or "val_loss" in r)],
+            kind=_record_kind,
+        )
         return cls(
             train=[r for r in kept if "loss" in r],
             eval=[r for r in kept if "val_loss" in r],
@@ -270,7 +276,9 @@ class Metrics:
         return int(max(steps)) if steps else None
 
     def last_tokens(self) -> int | None:
-        recs = [r for r in (self.train[-1:] + self.eval[-1:]) if _number(r.get("tokens")) is not None]
+        recs = [
+            r for r in (self.train[-1:] + self.eval[-1:]) if _number(r.get("tokens")) is not None
+        ]
         if not recs:
             return None
         return int(max(recs, key=lambda r: r["step"])["tokens"])
@@ -344,4 +352,3 @@ def lock_holder_alive(run_dir: str | os.PathLike) -> bool | None:
     if age is None:
         return None
     return False if age > STALE_LOCK_S else None
-

@@ -35,8 +35,7 @@ def _run(name: str, cmd: list[str], cap: float, deadline: float, log_dir: Path) 
         return {"skipped": f"out of time budget ({left:.0f} s left)"}
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              timeout=min(cap, left))
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=min(cap, left))
     except subprocess.TimeoutExpired as err:
         (log_dir / f"{name}.log").write_text(str(err.stdout or "") + str(err.stderr or ""))
         return {"timeout_s": round(min(cap, left)), "wall_s": round(time.monotonic() - t0, 1)}
@@ -63,18 +62,55 @@ def _n_params(preset: str, vocab: int) -> int:
 
 def _train_125m(out: Path, cap: float, deadline: float) -> dict:
     data = out / "data"
-    prep = _run("prepare", [sys.executable, "-m", "megawsd.cli", "data", "prepare", "--input",
-                            "builtin:python-stdlib?max_mb=20", "--out", str(data),
-                            "--vocab-size", "8192", "--num-proc", "8"], 150, deadline, out)
+    prep = _run(
+        "prepare",
+        [
+            sys.executable,
+            "-m",
+            "megawsd.cli",
+            "data",
+            "prepare",
+            "--input",
+            "builtin:python-stdlib?max_mb=20",
+            "--out",
+            str(data),
+            "--vocab-size",
+            "8192",
+            "--num-proc",
+            "8",
+        ],
+        150,
+        deadline,
+        out,
+    )
     if prep.get("exit") != 0:
         return {"prepare": prep}
     run = out / "run-125m"
-    sets = [f"data={data}", "steps=100", "seq_len=2048", "global_batch_size=32",
-            "micro_batch_size=16", "optimizer.type=schedule_free_adamw", "eval.batches=0",
-            "checkpoint.interval=0", "checkpoint.at=[]", "checkpoint.save_final=false",
-            "logging.interval=1", "logging.tensorboard=false"]
-    cmd = [sys.executable, "-m", "megawsd.cli", "train", str(REPO / "configs/llama-125m.yaml"),
-           "--nproc", "1", "--run-dir", str(run)]
+    sets = [
+        f"data={data}",
+        "steps=100",
+        "seq_len=2048",
+        "global_batch_size=32",
+        "micro_batch_size=16",
+        "optimizer.type=schedule_free_adamw",
+        "eval.batches=0",
+        "checkpoint.interval=0",
+        "checkpoint.at=[]",
+        "checkpoint.save_final=false",
+        "logging.interval=1",
+        "logging.tensorboard=false",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megawsd.cli",
+        "train",
+        str(REPO / "configs/llama-125m.yaml"),
+        "--nproc",
+        "1",
+        "--run-dir",
+        str(run),
+    ]
     for s in sets:
         cmd += ["--set", s]
     res = _run("train_125m", cmd, cap, deadline, out)
@@ -102,23 +138,72 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: torch sees no CUDA GPU (torch.cuda.is_available() is False)",
-              file=sys.stderr)
+        print(
+            "gpu_check: torch sees no CUDA GPU (torch.cuda.is_available() is False)",
+            file=sys.stderr,
+        )
         return 3
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
     py = sys.executable
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    report["kernel_tests"] = _run("kernel_tests", [
-        py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-        "tests/test_optim_schedule_free.py"], 120, deadline, out)
-    report["optimizer_step"] = _run("optimizer_step", [
-        py, "bench/optimizer_step.py", "--sizes", "128M,1G", "--tensors", "1,8",
-        "--dtypes", "fp32,bf16", "--rounds", "5", "--repeats", "5"], 150, deadline, out)
-    report["engine_step"] = _run("engine_step", [
-        py, "bench/engine_step.py", "--nproc", "1", "--stages", "1,2,3,offload",
-        "--dtypes", "bf16", "--params", "128M", "--width", "4096"], 120, deadline, out)
+    report["kernel_tests"] = _run(
+        "kernel_tests",
+        [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_kernels.py",
+            "tests/test_optim_schedule_free.py",
+        ],
+        120,
+        deadline,
+        out,
+    )
+    report["optimizer_step"] = _run(
+        "optimizer_step",
+        [
+            py,
+            "bench/optimizer_step.py",
+            "--sizes",
+            "128M,1G",
+            "--tensors",
+            "1,8",
+            "--dtypes",
+            "fp32,bf16",
+            "--rounds",
+            "5",
+            "--repeats",
+            "5",
+        ],
+        150,
+        deadline,
+        out,
+    )
+    report["engine_step"] = _run(
+        "engine_step",
+        [
+            py,
+            "bench/engine_step.py",
+            "--nproc",
+            "1",
+            "--stages",
+            "1,2,3,offload",
+            "--dtypes",
+            "bf16",
+            "--params",
+            "128M",
+            "--width",
+            "4096",
+        ],
+        120,
+        deadline,
+        out,
+    )
     report["train_125m"] = _train_125m(out, 150, deadline)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

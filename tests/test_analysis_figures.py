@@ -44,8 +44,11 @@ def lines(ax, **match):
             return to_rgba(got) == to_rgba(want)
         return got == want
 
-    return [ln for ln in ax.get_lines()
-            if all(equal(k, getattr(ln, f"get_{k}")(), v) for k, v in match.items())]
+    return [
+        ln
+        for ln in ax.get_lines()
+        if all(equal(k, getattr(ln, f"get_{k}")(), v) for k, v in match.items())
+    ]
 
 
 def xy(line):
@@ -55,7 +58,8 @@ def xy(line):
 def same(a, b):
     """Float lists equal, NaN equal to NaN."""
     return len(a) == len(b) and all(
-        (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-12) for x, y in zip(a, b))
+        (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-12) for x, y in zip(a, b)
+    )
 
 
 def test_plot_tree_curves_branch_points_and_finals(tmp_path, figures):
@@ -66,8 +70,12 @@ def test_plot_tree_curves_branch_points_and_finals(tmp_path, figures):
     assert fig._suptitle.get_text() == f"main: 3 branch(es)   ({root.path})"
     ax_loss, ax_lr, ax_final = fig.axes
     nodes = list(root.walk())
-    assert [n.name for n in nodes] == ["main", "cooldown-200-d100-1sqrt", "nested-250",
-                                       "cooldown-300-d100-linear"]
+    assert [n.name for n in nodes] == [
+        "main",
+        "cooldown-200-d100-1sqrt",
+        "nested-250",
+        "cooldown-300-d100-linear",
+    ]
     colors = {id(root): to_rgba("0.15")}
     colors.update({id(n): plt.get_cmap("tab10")(i) for i, n in enumerate(nodes[1:])})
     alpha = auto_alpha(len(root.metrics.train))
@@ -104,28 +112,33 @@ def test_plot_tree_curves_branch_points_and_finals(tmp_path, figures):
         assert same(xy(lrl)[0], lead_x + xs) and same(xy(lrl)[1], lead_lr + lr)
         # val loss: open circles at each eval
         (ev,) = lines(ax_loss, marker="o", markeredgecolor=c)
-        assert xy(ev) == ([float(r["tokens"]) for r in n.metrics.eval],
-                          [r["val_loss"] for r in n.metrics.eval])
+        assert xy(ev) == (
+            [float(r["tokens"]) for r in n.metrics.eval],
+            [r["val_loss"] for r in n.metrics.eval],
+        )
     assert [t.get_text() for t in ax_loss.get_legend().get_texts()] == labels + ["branch point"]
     # y range: 90th percentile of the smoothed curves and val points after their first 10%
     upper = [v for n in nodes for v in smooth[id(n)][1] + [r["val_loss"] for r in n.metrics.eval]]
     lo = min(upper + [r["loss"] for n in nodes for r in n.metrics.train])
-    tail = sorted(upper[len(upper) // 10:])
+    tail = sorted(upper[len(upper) // 10 :])
     hi = tail[int(0.9 * (len(tail) - 1))]
     assert ax_loss.get_ylim() == pytest.approx((lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo)))
     assert ax_lr.get_xlabel() == "tokens" and ax_lr.get_ylabel() == "learning rate"
 
     # right: the main run's val curve and each branch's final val loss at its token budget
     (mv,) = lines(ax_final, label="main val (no cooldown)")
-    assert xy(mv) == ([float(r["tokens"]) for r in root.metrics.eval],
-                      [r["val_loss"] for r in root.metrics.eval])
+    assert xy(mv) == (
+        [float(r["tokens"]) for r in root.metrics.eval],
+        [r["val_loss"] for r in root.metrics.eval],
+    )
     for n in nodes[1:]:
         done = n.status == "done"
         x = n.token_budget if done else n.tokens
         (pt,) = lines(ax_final, label=n.name + ("" if done else f" [{n.status}]"))
         assert xy(pt) == ([x], [n.val_loss]) and pt.get_marker() == ("o" if done else "x")
     assert sorted(a.get_text() for a in ax_final.texts) == sorted(
-        f"{n.val_loss:.3f}" for n in nodes[1:])
+        f"{n.val_loss:.3f}" for n in nodes[1:]
+    )
     assert ax_final.get_title() == "final val loss per branch vs its token budget"
 
 
@@ -140,8 +153,10 @@ def test_plot_report_lines_events_and_legend(tmp_path, figures):
     assert same(xy(loss)[0], [r["step"] for r in train])
     assert same(xy(loss)[1], [r["loss"] for r in train])
     (gn,) = lines(ax_g, linewidth=1.0, linestyle="-")
-    assert xy(gn) == ([r["step"] for r in train if math.isfinite(r["grad_norm"])],
-                      [r["grad_norm"] for r in train if math.isfinite(r["grad_norm"])])
+    assert xy(gn) == (
+        [r["step"] for r in train if math.isfinite(r["grad_norm"])],
+        [r["grad_norm"] for r in train if math.isfinite(r["grad_norm"])],
+    )
     assert ax_g.get_yscale() == "log"
     # the NaN loss at step 230: a red X on the bottom edge
     (bad,) = lines(ax_loss, marker="X")
@@ -152,12 +167,24 @@ def test_plot_report_lines_events_and_legend(tmp_path, figures):
             (v,) = [ln for ln in lines(ax, linestyle="--") if list(ln.get_xdata()) == [step, step]]
             assert to_rgba(v.get_color()) == to_rgba(c)
     assert [(a.get_text(), a.xy[0]) for a in ax_loss.texts] == [
-        ("loss_spike", 150), ("nan", 230), ("grad_spike", 260)]
+        ("loss_spike", 150),
+        ("nan", 230),
+        ("grad_spike", 260),
+    ]
     finite = sorted(r["loss"] for r in train if math.isfinite(r["loss"]))
     lo, hi = finite[0], finite[min(len(finite) - 1, int(0.98 * len(finite)))]
-    assert ax_loss.get_ylim() == pytest.approx((lo - 0.05 * (hi - lo + 1e-9),
-                                                hi + 0.25 * (hi - lo + 1e-9)))
+    assert ax_loss.get_ylim() == pytest.approx(
+        (lo - 0.05 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
+    )
     assert [t.get_text() for t in ax_loss.get_legend().get_texts()] == [
-        "unstable", "non-finite loss", "event: rollback", "event: skip", "event: log"]
+        "unstable",
+        "non-finite loss",
+        "event: rollback",
+        "event: skip",
+        "event: log",
+    ]
     assert (ax_loss.get_ylabel(), ax_g.get_ylabel(), ax_g.get_xlabel()) == (
-        "train loss", "grad norm", "step")
+        "train loss",
+        "grad norm",
+        "step",
+    )

@@ -353,9 +353,18 @@ def test_running_without_a_lock_died_and_created_branch(tree, capsys):
     # run.json left at "running" by a run that could not record its end (full disk), lock
     # released: it is not running; a branch made with --no-train is "created", not "unknown"
     (tree / ".lock").unlink()
-    write_run(tree / "branches" / "later", name="later", kind="branch", parent="../..",
-              branch_step=400, start=400, total_steps=500, upto=400, status="created",
-              final=False)
+    write_run(
+        tree / "branches" / "later",
+        name="later",
+        kind="branch",
+        parent="../..",
+        branch_step=400,
+        start=400,
+        total_steps=500,
+        upto=400,
+        status="created",
+        final=False,
+    )
     runs = _runs_json(capsys, tree)["runs"]
     main_run, created = runs[0], next(r for r in runs if r["name"] == "later")
     assert main_run["status"] == "running" and main_run["alive"] is False

@@ -27,7 +27,9 @@ def test_a_missing_command_module_is_an_error_not_a_hidden_command(monkeypatch):
 
 
 def test_building_the_parser_imports_no_heavy_dependency():
-    code = ("import sys; from megawsd.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from megawsd.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

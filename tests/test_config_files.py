@@ -17,5 +17,7 @@ def test_missing_invalid_and_non_mapping_files(tmp_path, load, field):
         load(bad)
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match=rf"{field} = '.*list.yaml': expected a mapping of keys, got list"):
+    with pytest.raises(
+        ConfigError, match=rf"{field} = '.*list.yaml': expected a mapping of keys, got list"
+    ):
         load(lst)

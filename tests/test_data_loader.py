@@ -32,9 +32,18 @@ def make_prepared(
     val.tofile(d / "val.bin")
     (d / "tokenizer.model").write_bytes(b"not a real model; the loader never opens it")
     Meta(
-        path=d, vocab_size=60000, dtype="uint16", train_tokens=n_train, val_tokens=n_val,
-        train_documents=1, val_documents=1, eos_id=2, bos_id=1, tokenizer="tokenizer.model",
-        tokenizer_sha256=tok_sha, tokenizer_type="bpe",
+        path=d,
+        vocab_size=60000,
+        dtype="uint16",
+        train_tokens=n_train,
+        val_tokens=n_val,
+        train_documents=1,
+        val_documents=1,
+        eos_id=2,
+        bos_id=1,
+        tokenizer="tokenizer.model",
+        tokenizer_sha256=tok_sha,
+        tokenizer_type="bpe",
         fingerprint=hashlib.sha256(name.encode()).hexdigest(),
     ).write()
     return d
@@ -128,7 +137,9 @@ def test_layout_errors(data_dir):
 
 def test_seq_len_longer_than_data(tmp_path):
     d = make_prepared(tmp_path, "tiny", 50, 10)
-    with pytest.raises(DataError, match=r"seq_len = 64: longer than the training data .* \(50 tokens"):
+    with pytest.raises(
+        DataError, match=r"seq_len = 64: longer than the training data .* \(50 tokens"
+    ):
         TokenStream(d, seq_len=64, global_batch_size=2)
     ts = TokenStream(d, seq_len=16, global_batch_size=2)
     with pytest.raises(DataError, match="seq_len = 16: longer than the validation data"):
@@ -155,7 +166,10 @@ def test_meta_validation(tmp_path):
     assert load_meta(d / "meta.json").val_tokens == 10
     with open(d / "train.bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(DataError, match=r"train token file = .*: size 202 bytes does not match meta.json \(100 tokens x 2 bytes = 200\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train token file = .*: size 202 bytes does not match meta.json \(100 tokens x 2 bytes = 200\)",
+    ):
         load_meta(d)
     (d / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match=r"meta.json = .*: unreadable"):
@@ -211,8 +225,9 @@ def test_switched_stream_and_state(tmp_path):
         assert torch.equal(sw.global_batch(s), before.global_batch(s))
     for s in range(4, 8):
         assert torch.equal(sw.global_batch(s), after.global_batch(s - 4))
-        assert torch.equal(torch.cat([sw.micro_batch(s, 0, 4, r, 2) for r in range(2)]),
-                           sw.global_batch(s))
+        assert torch.equal(
+            torch.cat([sw.micro_batch(s, 0, 4, r, 2) for r in range(2)]), sw.global_batch(s)
+        )
     rebuilt = stream_from_state(sw.state_dict())
     for s in (2, 6):
         assert torch.equal(rebuilt.global_batch(s), sw.global_batch(s))

@@ -67,8 +67,15 @@ def is_subsequence(sub: list, full: list) -> bool:
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     docs = write_corpus(root / "in")
-    meta = prepare([str(root / "in")], root / "out", vocab_size=VOCAB, val_fraction=0.3,
-                   num_proc=2, seed=0, progress=False)
+    meta = prepare(
+        [str(root / "in")],
+        root / "out",
+        vocab_size=VOCAB,
+        val_fraction=0.3,
+        num_proc=2,
+        seed=0,
+        progress=False,
+    )
     return root, docs, meta
 
 
@@ -81,21 +88,38 @@ def test_round_trip(corpus):
     assert meta.val_documents >= 1 and meta.train_documents >= 1
     assert meta.dtype == "uint16" and meta.vocab_size == VOCAB
     assert os.path.getsize(meta.train_path) == 2 * meta.train_tokens
-    assert len(meta.sources) == 6 and {s["kind"] for s in meta.sources} == {"text", "json", "parquet"}
+    assert len(meta.sources) == 6 and {s["kind"] for s in meta.sources} == {
+        "text",
+        "json",
+        "parquet",
+    }
     assert meta.tokenizer_path.exists() and not list(meta.path.glob(".cache*"))
 
 
 def test_num_proc_and_seed(corpus, tmp_path, monkeypatch):
     root, _, meta = corpus
     monkeypatch.setattr(prep_mod, "WRITE_BATCH_DOCS", 3)  # batches cut through the corpus
-    one = prepare([str(root / "in")], tmp_path / "one", vocab_size=VOCAB, val_fraction=0.3,
-                  num_proc=1, seed=0, progress=False)
+    one = prepare(
+        [str(root / "in")],
+        tmp_path / "one",
+        vocab_size=VOCAB,
+        val_fraction=0.3,
+        num_proc=1,
+        seed=0,
+        progress=False,
+    )
     assert one.fingerprint == meta.fingerprint  # num_proc is not part of the output
     assert one.train_path.read_bytes() == meta.train_path.read_bytes()
     assert one.val_path.read_bytes() == meta.val_path.read_bytes()
     # a given tokenizer skips training; another seed changes the document split
-    other = prepare([str(root / "in")], tmp_path / "seed1", tokenizer=meta.tokenizer_path,
-                    val_fraction=0.3, seed=1, progress=False)
+    other = prepare(
+        [str(root / "in")],
+        tmp_path / "seed1",
+        tokenizer=meta.tokenizer_path,
+        val_fraction=0.3,
+        seed=1,
+        progress=False,
+    )
     assert other.tokenizer_sha256 == meta.tokenizer_sha256
     assert other.tokenizer_type == "given"
     assert other.train_tokens + other.val_tokens == meta.train_tokens + meta.val_tokens
@@ -116,7 +140,9 @@ def test_idempotent_and_force(tmp_path):
     assert (out / "meta.json").stat().st_mtime_ns == mtime  # nothing rewritten
 
     (tmp_path / "in" / "b.md").write_text("changed text\n")
-    with pytest.raises(DataError, match=r"--out = .*: already prepared from different inputs.*--force"):
+    with pytest.raises(
+        DataError, match=r"--out = .*: already prepared from different inputs.*--force"
+    ):
         prepare([str(tmp_path / "in")], out, **kw)
     with pytest.raises(DataError, match="already prepared from different inputs"):
         prepare([str(tmp_path / "in")], out, **{**kw, "vocab_size": VOCAB + 10})
@@ -173,31 +199,38 @@ def test_error_not_text_skipped_or_strict(tmp_path, caplog):
     (tmp_path / "in" / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     meta = prepare([str(tmp_path / "in")], tmp_path / "out", vocab_size=VOCAB, progress=False)
     reasons = {Path(s["path"]).name: s["reason"] for s in meta.skipped_files}
-    assert reasons == {"blob.txt": "binary (contains NUL bytes)",
-                       "latin1.txt": "not valid UTF-8 (byte 3)"}
+    assert reasons == {
+        "blob.txt": "binary (contains NUL bytes)",
+        "latin1.txt": "not valid UTF-8 (byte 3)",
+    }
     assert "skipped 2 input file(s) that are not UTF-8 text" in caplog.text
     with pytest.raises(DataError, match=r"--input file = '.*blob.txt': binary .*--strict"):
         prepare([str(tmp_path / "in")], tmp_path / "strict", strict=True, progress=False)
     with pytest.raises(DataError, match=r"--input file = '.*latin1.txt': not valid UTF-8"):
-        prepare([str(tmp_path / "in" / "latin1.txt")], tmp_path / "s2", strict=True,
-                progress=False)
+        prepare([str(tmp_path / "in" / "latin1.txt")], tmp_path / "s2", strict=True, progress=False)
 
 
 def test_error_vocab_too_large(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "small.txt").write_text("a small text, far too small for a big vocab\n" * 3)
-    with pytest.raises(DataError, match=r"--vocab-size = 5000: too large for this data; .* at most \d+"):
+    with pytest.raises(
+        DataError, match=r"--vocab-size = 5000: too large for this data; .* at most \d+"
+    ):
         prepare([str(tmp_path / "in")], tmp_path / "out", vocab_size=5000, progress=False)
     assert not (tmp_path / "out").exists()
     (tmp_path / "in" / "chars.txt").write_text("".join(chr(0x4E00 + i) for i in range(300)))
-    with pytest.raises(DataError, match=r"--vocab-size = 300: too small for the distinct characters"):
+    with pytest.raises(
+        DataError, match=r"--vocab-size = 300: too small for the distinct characters"
+    ):
         prepare([str(tmp_path / "in")], tmp_path / "out", vocab_size=300, progress=False)
 
 
 def test_error_text_field(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "d.jsonl").write_text('{"content": "x"}\n')
-    with pytest.raises(DataError, match=r"--text-field = 'text': not a column of .*\(columns: content\)"):
+    with pytest.raises(
+        DataError, match=r"--text-field = 'text': not a column of .*\(columns: content\)"
+    ):
         prepare([str(tmp_path / "in")], tmp_path / "out", progress=False)
 
 
@@ -217,10 +250,27 @@ def test_records_without_text_field_counted_warned_or_strict(tmp_path, caplog, c
     src = _jsonl_corpus(tmp_path / "in" / "d.jsonl", missing_every=10)
     meta = prepare([str(src)], tmp_path / "out", vocab_size=VOCAB, progress=False)
     assert meta.train_documents + meta.val_documents == 180  # the 20 without text dropped
-    assert (f"--text-field = 'text': 20 of 200 records of {str(src)!r} have no such field "
-            "(the first: record 4); dropped (--strict makes this an error)") in caplog.text
-    assert main(["data", "prepare", "-i", str(src), "-o", str(tmp_path / "strict"),
-                 "--vocab-size", str(VOCAB), "--no-progress", "--strict"]) == 2
+    assert (
+        f"--text-field = 'text': 20 of 200 records of {str(src)!r} have no such field "
+        "(the first: record 4); dropped (--strict makes this an error)"
+    ) in caplog.text
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "-i",
+                str(src),
+                "-o",
+                str(tmp_path / "strict"),
+                "--vocab-size",
+                str(VOCAB),
+                "--no-progress",
+                "--strict",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "megawsd data: error: --text-field = 'text': 20 of 200 records" in err
     assert "run without --strict to drop them" in err
@@ -232,8 +282,9 @@ def test_malformed_jsonl_line_is_named(tmp_path, capsys):
     lines = src.read_text().splitlines()
     lines[41] = lines[41][:-5]  # a record cut short on line 42
     src.write_text("\n".join(lines) + "\n")
-    assert main(["data", "prepare", "-i", str(src), "-o", str(tmp_path / "out"),
-                 "--no-progress"]) == 2
+    assert (
+        main(["data", "prepare", "-i", str(src), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    )
     err = capsys.readouterr().err
     assert f"--input = {str(src)!r}: malformed JSON at {src}:42: Unterminated string" in err
     assert "fix or remove that line" in err
@@ -247,7 +298,9 @@ def test_error_damaged_output(corpus, tmp_path):
     shutil.copytree(meta.path, d)
     with open(d / "val.bin", "r+b") as f:
         f.truncate(10)
-    with pytest.raises(DataError, match=r"val token file = .*: size 10 bytes does not match meta.json"):
+    with pytest.raises(
+        DataError, match=r"val token file = .*: size 10 bytes does not match meta.json"
+    ):
         load_meta(d)
     (d / "meta.json").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(DataError, match=r"meta.json = .*: unreadable"):
@@ -274,8 +327,19 @@ def test_builtin_corpus_listing():
 
 def test_cli_builtin(tmp_path, capsys):
     out = tmp_path / "stdlib"
-    argv = ["data", "prepare", "--input", "builtin:python-stdlib?max_mb=0.4&tests=0",
-            "--out", str(out), "--vocab-size", str(VOCAB), "--num-proc", "2", "--no-progress"]
+    argv = [
+        "data",
+        "prepare",
+        "--input",
+        "builtin:python-stdlib?max_mb=0.4&tests=0",
+        "--out",
+        str(out),
+        "--vocab-size",
+        str(VOCAB),
+        "--num-proc",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "prepared data" in text and "tokens/s" in text
@@ -284,8 +348,12 @@ def test_cli_builtin(tmp_path, capsys):
     assert main(argv) == 0 and "up-to-date" in capsys.readouterr().out
     assert main(["data", "info", str(out)]) == 0
     # errors are printed cleanly with exit status 2
-    assert main(["data", "prepare", "--input", str(tmp_path / "missing"), "--out",
-                 str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            ["data", "prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "no such file or directory" in capsys.readouterr().err
 
 
@@ -298,20 +366,35 @@ def test_input_forms(tmp_path):
     (tmp_path / "in" / "notes.log").write_text("not a known extension\n")
     names = lambda res: [Path(s.path).name for s in res.sources]  # noqa: E731
     assert names(resolve_inputs([str(tmp_path / "in")])) == [
-        "a.txt", "b.md", "c.py", "c_empty.txt", "d.jsonl", "e.parquet", "deep.md"]
+        "a.txt",
+        "b.md",
+        "c.py",
+        "c_empty.txt",
+        "d.jsonl",
+        "e.parquet",
+        "deep.md",
+    ]
     assert names(resolve_inputs([str(tmp_path / "in")], include=["*.md"])) == ["b.md", "deep.md"]
     assert names(resolve_inputs([str(tmp_path / "in" / "**" / "*.md")])) == ["b.md", "deep.md"]
     assert names(resolve_inputs([str(tmp_path / "in" / "notes.log")])) == ["notes.log"]
     with pytest.raises(DataError, match="the pattern matches no files"):
         resolve_inputs([str(tmp_path / "in" / "*.xyz")])
-    with pytest.raises(DataError, match=r"--input = 'hf:nobody/none': could not be loaded from the hub"):
+    with pytest.raises(
+        DataError, match=r"--input = 'hf:nobody/none': could not be loaded from the hub"
+    ):
         prepare(["hf:nobody/none"], tmp_path / "hf", progress=False)  # tests run offline
     assert not (tmp_path / "hf").exists()
 
 
 def test_unigram_round_trip(tmp_path):
     docs = write_corpus(tmp_path / "in")
-    meta = prepare([str(tmp_path / "in")], tmp_path / "out", vocab_size=VOCAB,
-                   tokenizer_type="unigram", val_fraction=0.0, progress=False)
+    meta = prepare(
+        [str(tmp_path / "in")],
+        tmp_path / "out",
+        vocab_size=VOCAB,
+        tokenizer_type="unigram",
+        val_fraction=0.0,
+        progress=False,
+    )
     assert meta.tokenizer_type == "unigram" and meta.val_tokens == 0
     assert decode_split(meta, "train") == docs

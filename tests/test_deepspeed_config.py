@@ -67,7 +67,9 @@ def test_input_config_is_not_modified():
 )
 def test_nvme_offload_with_schedule_free_is_refused_clearly(zero, field):
     # CPU offload is supported (tests/test_deepspeed_offload.py); NVMe is refused.
-    with pytest.raises(ConfigError, match=f"zero_optimization.{field}.*NVMe offload is not supported"):
+    with pytest.raises(
+        ConfigError, match=f"zero_optimization.{field}.*NVMe offload is not supported"
+    ):
         split_config({"optimizer": SF, "zero_optimization": zero})
 
 
@@ -128,8 +130,10 @@ def _tiny_groups():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    return model, [{"params": decay, "weight_decay": 0.1},
-                   {"params": rest, "weight_decay": 0.0, "betas": (0.8, 0.99)}]
+    return model, [
+        {"params": decay, "weight_decay": 0.1},
+        {"params": rest, "weight_decay": 0.0, "betas": (0.8, 0.99)},
+    ]
 
 
 def _steps(model, opt, n, seed):
@@ -161,8 +165,11 @@ def test_stock_adamw_schedule_free_is_adopted_with_its_state():
     assert isinstance(ours, ScheduleFreeAdamW) and hasattr(ours, "set_step_id")
     assert [g["k"] for g in ours.param_groups] == [3, 3]
     assert [g["betas"][0] for g in ours.param_groups] == [0.9, 0.8]
-    assert all(p is q for g, h in zip(ours.param_groups, stock.param_groups)
-               for p, q in zip(g["params"], h["params"]))
+    assert all(
+        p is q
+        for g, h in zip(ours.param_groups, stock.param_groups)
+        for p, q in zip(g["params"], h["params"])
+    )
     _steps(model, ours, 3, seed=1)
     _steps(twin[0], twin[1], 3, seed=1)  # the stock optimizer continued: the oracle
     for p, q in zip(model.parameters(), twin[0].parameters()):
@@ -212,13 +219,15 @@ def test_optimizer_callable_keeps_deepspeeds_untested_optimizer_assertion(monkey
 
     model, groups = _tiny_groups()
     zero2 = {"zero_optimization": {"stage": 2}}
-    build = _wrap_optimizer_callable(lambda ps: Custom(ps, lr=0.1), dict(zero2), model,
-                                     _GroupRecord())
+    build = _wrap_optimizer_callable(
+        lambda ps: Custom(ps, lr=0.1), dict(zero2), model, _GroupRecord()
+    )
     with pytest.raises(AssertionError, match="zero_allow_untested_optimizer"):
         build(groups)
     # DeepSpeed-tested optimizers, and an explicit opt-in, pass as in DeepSpeed.
-    _wrap_optimizer_callable(lambda ps: torch.optim.AdamW(ps), dict(zero2), model,
-                             _GroupRecord())(groups)
+    _wrap_optimizer_callable(lambda ps: torch.optim.AdamW(ps), dict(zero2), model, _GroupRecord())(
+        groups
+    )
     allowed = {**zero2, "zero_allow_untested_optimizer": True}
     _wrap_optimizer_callable(lambda ps: Custom(ps, lr=0.1), allowed, model, _GroupRecord())(groups)
 

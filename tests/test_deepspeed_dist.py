@@ -49,20 +49,41 @@ def runs():
     ]
     jobs_a += [{"name": "s3sub", "stage": 3, "sub_group_size": 1200}]
     jobs_a += [{"kind": "reference", "name": "ref_im", "sf_params": INNER_M}]
-    jobs_a += [{"name": f"im_s{s}", "stage": s, "save_at": 3, "save_dir": f"{tmp}/ckim_s{s}",
-                "sf_params": INNER_M} for s in (1, 3)]
+    jobs_a += [
+        {
+            "name": f"im_s{s}",
+            "stage": s,
+            "save_at": 3,
+            "save_dir": f"{tmp}/ckim_s{s}",
+            "sf_params": INNER_M,
+        }
+        for s in (1, 3)
+    ]
     jobs_a += [{"name": f"nan_s{s}", "stage": s, "nan_at": 2} for s in (1, 3)]
     jobs_a += [
         {"name": f"bf16_{name}", "stage": s, "dtype": dtype, "eval_at": 3}
-        for name, s, dtype in (("s1", 1, "bf16"), ("s1acc", 1, "bf16_fp32acc"), ("s2", 2, "bf16"),
-                               ("s3", 3, "bf16"))
+        for name, s, dtype in (
+            ("s1", 1, "bf16"),
+            ("s1acc", 1, "bf16_fp32acc"),
+            ("s2", 2, "bf16"),
+            ("s3", 3, "bf16"),
+        )
     ]
     a = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs_a}, timeout=600)
     jobs_b = [{"name": f"r21_s{s}", "stage": s, "load": [ck[s], "step3"]} for s in (1, 3)]
-    jobs_b += [{"name": f"im_r21_s{s}", "stage": s, "load": [f"{tmp}/ckim_s{s}", "step3"],
-                "sf_params": INNER_M} for s in (1, 3)]
-    jobs_b += [{"name": f"one_s{s}", "stage": s, "steps": 3, "save_at": 3, "save_dir": ck1[s]}
-               for s in (1, 3)]
+    jobs_b += [
+        {
+            "name": f"im_r21_s{s}",
+            "stage": s,
+            "load": [f"{tmp}/ckim_s{s}", "step3"],
+            "sf_params": INNER_M,
+        }
+        for s in (1, 3)
+    ]
+    jobs_b += [
+        {"name": f"one_s{s}", "stage": s, "steps": 3, "save_at": 3, "save_dir": ck1[s]}
+        for s in (1, 3)
+    ]
     b = run_ranks(WORKER, 1, {"tmp": tmp, "jobs": jobs_b}, timeout=600)
     jobs_c = [{"name": f"reload_s{s}", "stage": s, "load": [ck[s], "step3"]} for s in STAGES]
     jobs_c += [{"name": f"r12_s{s}", "stage": s, "load": [ck1[s], "step3"]} for s in (1, 3)]

@@ -53,8 +53,11 @@ def run_cells(selected, timeout=1800):
     """
     selected = sorted(selected, key=lambda c: (c.model == "pipeline", expected(c) != EXACT))
     with tempfile.TemporaryDirectory(prefix="megawsd-ds-matrix-") as tmp:
-        args = {"tmp": tmp, "references": sorted({c.clip for c in selected}),
-                "cells": [{"stage": c.stage, "rows": list(c.rows)} for c in selected]}
+        args = {
+            "tmp": tmp,
+            "references": sorted({c.clip for c in selected}),
+            "cells": [{"stage": c.stage, "rows": list(c.rows)} for c in selected],
+        }
         res = run_ranks(WORKER, 2, args, timeout=timeout)
     return res[0], res[0]["reference"]
 
@@ -83,29 +86,44 @@ def check_cell(cell, got, refs):
 
     off = got["offload"]
     offloads_opt = "offload_opt" in cell.rows or "offload_auto" in cell.rows
-    want_true(off["optimizer"] == offloads_opt
-              and off["param"] == ("offload_param" in cell.rows),
-              f"DeepSpeed's offload flags {off} for rows {cell.rows}")
+    want_true(
+        off["optimizer"] == offloads_opt and off["param"] == ("offload_param" in cell.rows),
+        f"DeepSpeed's offload flags {off} for rows {cell.rows}",
+    )
     if offloads_opt:  # the offloaded step: CPU masters, the compiled CPU kernel
-        want_true(off["master_devices"] == ["cpu"] and off["auto_backends"] == ["compiled"],
-                  f"offloaded masters {off}")
+        want_true(
+            off["master_devices"] == ["cpu"] and off["auto_backends"] == ["compiled"],
+            f"offloaded masters {off}",
+        )
     # What the step really ran: "auto" on CPU tensors is the compiled kernel (no fallback).
     ran = {"auto": "compiled"}.get(cell.backend, cell.backend)
-    want_true(got["ran_backends"] == [ran],
-              f"ScheduleFreeAdamW ran {got['ran_backends']}, expected {ran!r} ({cell.backend!r})")
-    want_true(close(got["losses"], ref["losses"], rel),
-              f"losses {got['losses']} != reference {ref['losses']}")
+    want_true(
+        got["ran_backends"] == [ran],
+        f"ScheduleFreeAdamW ran {got['ran_backends']}, expected {ran!r} ({cell.backend!r})",
+    )
+    want_true(
+        close(got["losses"], ref["losses"], rel),
+        f"losses {got['losses']} != reference {ref['losses']}",
+    )
     want_true(got["k"] == ref["k"] == [6, 6], f"k {got['k']} != reference {ref['k']}")
-    want_true(got["lr_step"] == 6 and got["skipped"] == 0,
-              f"lr_step {got['lr_step']}, skipped {got['skipped']}")
+    want_true(
+        got["lr_step"] == 6 and got["skipped"] == 0,
+        f"lr_step {got['lr_step']}, skipped {got['skipped']}",
+    )
     outer, inner, outer_after = got["eval"]
-    want_true(math.isclose(outer, ref["eval_loss"], rel_tol=rel),
-              f"eval loss at x {outer} != reference {ref['eval_loss']}")
-    want_true(inner == outer == outer_after,
-              f"nested eval_mode: outer {outer}, inner {inner}, outer after inner {outer_after}")
+    want_true(
+        math.isclose(outer, ref["eval_loss"], rel_tol=rel),
+        f"eval loss at x {outer} != reference {ref['eval_loss']}",
+    )
+    want_true(
+        inner == outer == outer_after,
+        f"nested eval_mode: outer {outer}, inner {inner}, outer after inner {outer_after}",
+    )
     before, after = got["train_around_eval"]
-    want_true(before == after and outer != before and got["restored_exact"],
-              f"y around eval_mode: {before} -> {after}, restored {got['restored_exact']}")
+    want_true(
+        before == after and outer != before and got["restored_exact"],
+        f"y around eval_mode: {before} -> {after}, restored {got['restored_exact']}",
+    )
     want_true("x_error" not in got, f"exported x: {got.get('x_error')}")
     want_true(got.get("x_names_ok"), "exported x: parameter names differ")
     if cell.dtype == "fp32":
@@ -115,21 +133,33 @@ def check_cell(cell, got, refs):
     if cell.ckpt:
         want_true(got["ckpt_loaded_step"] == 3, f"loaded step {got['ckpt_loaded_step']}")
         # The loaded x, not y, not the reverted stash; then the same trajectory, bit for bit.
-        want_true(got["ckpt_eval_loss"] == outer,
-                  f"eval after load in eval_mode {got['ckpt_eval_loss']} != {outer}")
-        want_true(got["ckpt_losses"] == got["losses"][3:],
-                  f"continued {got['ckpt_losses']} != straight {got['losses'][3:]}")
+        want_true(
+            got["ckpt_eval_loss"] == outer,
+            f"eval after load in eval_mode {got['ckpt_eval_loss']} != {outer}",
+        )
+        want_true(
+            got["ckpt_losses"] == got["losses"][3:],
+            f"continued {got['ckpt_losses']} != straight {got['losses'][3:]}",
+        )
         want_true(got["ckpt_k"] == got["k"], f"k after reload {got['ckpt_k']}")
-        want_true(got.get("ckpt_offline_x_equal"),
-                  f"consolidate_checkpoint(x) != live export {got.get('ckpt_offline_error', '')}")
+        want_true(
+            got.get("ckpt_offline_x_equal"),
+            f"consolidate_checkpoint(x) != live export {got.get('ckpt_offline_error', '')}",
+        )
     if cell.ckpt and any(r.startswith("offload") for r in cell.rows):
         # The same checkpoint through megawsd's resharding path: the same x and trajectory.
-        want_true(got["reshard_loaded_step"] == 3 and got["reshard_k"] == got["k"],
-                  f"resharded load: step {got['reshard_loaded_step']}, k {got['reshard_k']}")
-        want_true(got["reshard_eval_loss"] == outer,
-                  f"eval after resharded load {got['reshard_eval_loss']} != {outer}")
-        want_true(got["reshard_losses"] == got["losses"][3:],
-                  f"continued after resharded load {got['reshard_losses']} != {got['losses'][3:]}")
+        want_true(
+            got["reshard_loaded_step"] == 3 and got["reshard_k"] == got["k"],
+            f"resharded load: step {got['reshard_loaded_step']}, k {got['reshard_k']}",
+        )
+        want_true(
+            got["reshard_eval_loss"] == outer,
+            f"eval after resharded load {got['reshard_eval_loss']} != {outer}",
+        )
+        want_true(
+            got["reshard_losses"] == got["losses"][3:],
+            f"continued after resharded load {got['reshard_losses']} != {got['losses'][3:]}",
+        )
     assert not bad, f"{cell.name}:\n  " + "\n  ".join(bad)
 
 
@@ -162,8 +192,12 @@ def test_every_row_and_stage_is_covered_by_the_full_matrix():
     for row in ROWS:
         for s in STAGES:
             if row.outcome.get(s) is not None:
-                hit = [c for c in full if c.stage == s
-                       and (row.key in c.rows or (row.key == "fp32" and c.dtype == "fp32"))]
+                hit = [
+                    c
+                    for c in full
+                    if c.stage == s
+                    and (row.key in c.rows or (row.key == "fp32" and c.dtype == "fp32"))
+                ]
                 assert hit, (row.key, s)
 
 

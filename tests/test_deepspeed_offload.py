@@ -29,8 +29,10 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
 
 
-@pytest.mark.parametrize("stage, zero", [(1, CPU_OPT), (2, CPU_OPT), (3, CPU_OPT),
-                                         (3, {"offload_param": {"device": "cpu"}})])
+@pytest.mark.parametrize(
+    "stage, zero",
+    [(1, CPU_OPT), (2, CPU_OPT), (3, CPU_OPT), (3, {"offload_param": {"device": "cpu"}})],
+)
 def test_cpu_offload_lifts_deepspeeds_cpu_adam_requirement(stage, zero):
     out, spec, _ = split_config({"optimizer": SF, "zero_optimization": {"stage": stage, **zero}})
     assert spec is not None and "optimizer" not in out
@@ -47,26 +49,36 @@ def test_client_optimizer_object_gets_the_flag_too():
 
 def test_users_explicit_false_is_kept_and_true_is_refused_by_name():
     zero = {"stage": 2, **CPU_OPT}
-    out, _, _ = split_config({"optimizer": SF, "zero_optimization": zero,
-                              "zero_force_ds_cpu_optimizer": False})
+    out, _, _ = split_config(
+        {"optimizer": SF, "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False}
+    )
     assert out["zero_force_ds_cpu_optimizer"] is False
     with pytest.raises(ConfigError, match="^zero_force_ds_cpu_optimizer = True: .*CPU Adam"):
-        split_config({"optimizer": SF, "zero_optimization": zero,
-                      "zero_force_ds_cpu_optimizer": True})
+        split_config(
+            {"optimizer": SF, "zero_optimization": zero, "zero_force_ds_cpu_optimizer": True}
+        )
     # Without offload the flag does nothing in DeepSpeed: the user's value stays.
-    out, _, _ = split_config({"optimizer": SF, "zero_optimization": {"stage": 2},
-                              "zero_force_ds_cpu_optimizer": True})
+    out, _, _ = split_config(
+        {"optimizer": SF, "zero_optimization": {"stage": 2}, "zero_force_ds_cpu_optimizer": True}
+    )
     assert out["zero_force_ds_cpu_optimizer"] is True
 
 
-@pytest.mark.parametrize("zero, field", [
-    ({"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}},
-     "zero_optimization.offload_optimizer.ratio"),
-    ({"stage": 2, "cpu_offload": True}, "zero_optimization.cpu_offload"),
-    ({"stage": 3, "cpu_offload_param": True}, "zero_optimization.cpu_offload_param"),
-    ({"stage": 1, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}},
-     "zero_optimization.offload_optimizer.device"),
-])
+@pytest.mark.parametrize(
+    "zero, field",
+    [
+        (
+            {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}},
+            "zero_optimization.offload_optimizer.ratio",
+        ),
+        ({"stage": 2, "cpu_offload": True}, "zero_optimization.cpu_offload"),
+        ({"stage": 3, "cpu_offload_param": True}, "zero_optimization.cpu_offload_param"),
+        (
+            {"stage": 1, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}},
+            "zero_optimization.offload_optimizer.device",
+        ),
+    ],
+)
 def test_untested_offload_forms_are_refused_by_name(zero, field):
     with pytest.raises(ConfigError, match=f"^{field} = "):
         split_config({"optimizer": SF, "zero_optimization": zero})
@@ -178,22 +190,44 @@ def test_offloaded_checkpoint_reshards_2_to_1_like_deepspeeds_same_size_load():
     )
 
     with tempfile.TemporaryDirectory(prefix="megawsd-ds-offload-") as tmp:
+
         def job(kind, name, case, **extra):
             stage, zero = OFFLOAD_CASES[case]
-            return {"kind": kind, "name": name, "stage": stage, "dtype": "fp32", "zero": zero,
-                    **extra}
+            return {
+                "kind": kind,
+                "name": name,
+                "stage": stage,
+                "dtype": "fp32",
+                "zero": zero,
+                **extra,
+            }
 
         ck = {c: f"{tmp}/ck_{c}" for c in OFFLOAD_CASES}
         load = {"tag": f"step{SAVE_STEPS}", "options": {}}
-        two = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": [
-            *(job("save", f"save2_{c}", c, steps=SAVE_STEPS, save_dir=ck[c]) for c in ck),
-            *(job("load", f"same2_{c}_default", c, load_dir=ck[c], **load) for c in ck)]},
-            timeout=900)[0]
-        one = run_ranks(WORKER, 1, {"tmp": tmp, "jobs": [
-            job("load", f"r21_{c}_default", c, load_dir=ck[c], **load) for c in ck]},
-            timeout=900)[0]
+        two = run_ranks(
+            WORKER,
+            2,
+            {
+                "tmp": tmp,
+                "jobs": [
+                    *(job("save", f"save2_{c}", c, steps=SAVE_STEPS, save_dir=ck[c]) for c in ck),
+                    *(job("load", f"same2_{c}_default", c, load_dir=ck[c], **load) for c in ck),
+                ],
+            },
+            timeout=900,
+        )[0]
+        one = run_ranks(
+            WORKER,
+            1,
+            {
+                "tmp": tmp,
+                "jobs": [job("load", f"r21_{c}_default", c, load_dir=ck[c], **load) for c in ck],
+            },
+            timeout=900,
+        )[0]
         for c in ck:
             case = f"{c}_default"
             assert_loaded_what_was_saved(tmp, f"r21_{case}", f"save2_{c}", case)
-            assert_same_load(tmp, two[f"same2_{case}"], one[f"r21_{case}"],
-                             f"same2_{case}", f"r21_{case}")
+            assert_same_load(
+                tmp, two[f"same2_{case}"], one[f"r21_{case}"], f"same2_{case}", f"r21_{case}"
+            )

@@ -41,18 +41,37 @@ SAVE_STEPS = 3
 
 
 def _jobs(prefix: str, ck: dict, cases, tag: int = SAVE_STEPS, **extra):
-    return [{"kind": "load", "name": f"{prefix}_{c}_{o}", "stage": s, "dtype": d,
-             "load_dir": ck[c], "tag": f"step{tag}", "options": OPTIONS[o], **extra}
-            for c, s, d, o in cases]
+    return [
+        {
+            "kind": "load",
+            "name": f"{prefix}_{c}_{o}",
+            "stage": s,
+            "dtype": d,
+            "load_dir": ck[c],
+            "tag": f"step{tag}",
+            "options": OPTIONS[o],
+            **extra,
+        }
+        for c, s, d, o in cases
+    ]
 
 
 def _saves(prefix: str, ck: dict, cases):
     seen = {}
     for c, s, d, _ in cases:
-        seen.setdefault(c, {"kind": "save", "name": f"{prefix}_{c}", "stage": s, "dtype": d,
-                            "steps": SAVE_STEPS, "save_dir": ck[c],
-                            # ZeRO-3 also at step 2: a tag that is not "latest".
-                            "save_at": [2, SAVE_STEPS] if s == 3 else [SAVE_STEPS]})
+        seen.setdefault(
+            c,
+            {
+                "kind": "save",
+                "name": f"{prefix}_{c}",
+                "stage": s,
+                "dtype": d,
+                "steps": SAVE_STEPS,
+                "save_dir": ck[c],
+                # ZeRO-3 also at step 2: a tag that is not "latest".
+                "save_at": [2, SAVE_STEPS] if s == 3 else [SAVE_STEPS],
+            },
+        )
     return list(seen.values())
 
 
@@ -71,20 +90,40 @@ def runs():
     extra += _jobs("ds2", ck2, s3, direct=True)
     s3 = [("s3", 3, "fp32", "no_optim")]
     extra += _jobs("ds2tag2", ck2, s3, tag=2, direct=True) + _jobs("same2tag2", ck2, s3, tag=2)
-    a = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": _saves("save2", ck2, CASES)
-                              + _jobs("same2", ck2, CASES) + extra}, timeout=600)
-    b = run_ranks(WORKER, 1, {"tmp": tmp, "jobs": _saves("save1", ck1, CASES)
-                              + _jobs("same1", ck1, CASES) + _jobs("r21", ck2, CASES)
-                              + _jobs("fn21", ck2, CASES[:1], custom_load_fn=True)}, timeout=600)
+    a = run_ranks(
+        WORKER,
+        2,
+        {"tmp": tmp, "jobs": _saves("save2", ck2, CASES) + _jobs("same2", ck2, CASES) + extra},
+        timeout=600,
+    )
+    b = run_ranks(
+        WORKER,
+        1,
+        {
+            "tmp": tmp,
+            "jobs": _saves("save1", ck1, CASES)
+            + _jobs("same1", ck1, CASES)
+            + _jobs("r21", ck2, CASES)
+            + _jobs("fn21", ck2, CASES[:1], custom_load_fn=True),
+        },
+        timeout=600,
+    )
     c = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": _jobs("r12", ck1, CASES)}, timeout=600)
-    yield {"tmp": tmp, "ck1": ck1, "ck2": ck2, **{f"w2_{k}": v for k, v in a[0].items()},
-           **{f"w1_{k}": v for k, v in b[0].items()}, **{f"w2b_{k}": v for k, v in c[0].items()}}
+    yield {
+        "tmp": tmp,
+        "ck1": ck1,
+        "ck2": ck2,
+        **{f"w2_{k}": v for k, v in a[0].items()},
+        **{f"w1_{k}": v for k, v in b[0].items()},
+        **{f"w2b_{k}": v for k, v in c[0].items()},
+    }
     tmp_dir.cleanup()
 
 
 def close(a, b, rel=REL):
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel, abs_tol=1e-12)
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        math.isclose(x, y, rel_tol=rel, abs_tol=1e-12) for x, y in zip(a, b)
+    )
 
 
 def assert_loaded_what_was_saved(tmp: str, name: str, saved_name: str, case: str):
@@ -97,7 +136,9 @@ def assert_loaded_what_was_saved(tmp: str, name: str, saved_name: str, case: str
     tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-3, "atol": 1e-3}  # fp16 masters
     assert got["y"].keys() == saved["y"].keys()
     for n in saved["y"]:
-        torch.testing.assert_close(got["y"][n], saved["y"][n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            got["y"][n], saved["y"][n], **tol, msg=lambda m, n=n: f"{n}: {m}"
+        )
     if with_opt:
         for n in saved["z"]:
             torch.testing.assert_close(got["z"][n], saved["z"][n], rtol=0, atol=0)
@@ -105,20 +146,19 @@ def assert_loaded_what_was_saved(tmp: str, name: str, saved_name: str, case: str
         assert got["z"] == {}
 
 
-def assert_same_load(tmp: str, same: dict, other: dict, same_name: str, other_name: str,
-                     continuation: bool = True):
+def assert_same_load(
+    tmp: str, same: dict, other: dict, same_name: str, other_name: str, continuation: bool = True
+):
     """A resharded load restored and continued exactly like DeepSpeed's same-size load.
 
     ``continuation=False`` (fp16 across world sizes): whether a step overflows at the restored
     scale depends on how the gradient is summed (1 rank accumulates micro-batches in fp16, 2
     ranks all-reduce), so only what the load restored is compared.
     """
-    exact = ("global_steps", "global_samples", "skipped_steps", "lr_step", "k", "has_z",
-             "scaler")
+    exact = ("global_steps", "global_samples", "skipped_steps", "lr_step", "k", "has_z", "scaler")
     for when in ("after_load", "after_cont") if continuation else ("after_load",):
         for key in exact:
-            assert other[when].get(key) == same[when].get(key), (when, key, other[when],
-                                                                  same[when])
+            assert other[when].get(key) == same[when].get(key), (when, key, other[when], same[when])
         assert close(other[when]["weight_sum"], same[when]["weight_sum"], 1e-12)
         assert close(other[when]["lr"], same[when]["lr"], 1e-12)
     assert other["client_keys"] == same["client_keys"]
@@ -133,8 +173,10 @@ def assert_same_load(tmp: str, same: dict, other: dict, same_name: str, other_na
 
 
 # (saved on, same-size load, resharded load, the two loads' spawns) for 2 -> 1 and 1 -> 2.
-DIRECTIONS = {"2_to_1": ("save2", "same2", "r21", "w2", "w1"),
-              "1_to_2": ("save1", "same1", "r12", "w1", "w2b")}
+DIRECTIONS = {
+    "2_to_1": ("save2", "same2", "r21", "w2", "w1"),
+    "1_to_2": ("save1", "same1", "r12", "w1", "w2b"),
+}
 
 
 @pytest.mark.dist
@@ -145,9 +187,14 @@ def test_reshard_honours_load_option(runs, case, direction):
     saved = f"{save}_{case.split('_')[0]}"
     assert_loaded_what_was_saved(runs["tmp"], f"{same}_{case}", saved, case)
     assert_loaded_what_was_saved(runs["tmp"], f"{resharded}_{case}", saved, case)
-    assert_same_load(runs["tmp"], runs[f"{same_spawn}_{same}_{case}"],
-                     runs[f"{reshard_spawn}_{resharded}_{case}"], f"{same}_{case}",
-                     f"{resharded}_{case}", continuation=not case.startswith("fp16"))
+    assert_same_load(
+        runs["tmp"],
+        runs[f"{same_spawn}_{same}_{case}"],
+        runs[f"{reshard_spawn}_{resharded}_{case}"],
+        f"{same}_{case}",
+        f"{resharded}_{case}",
+        continuation=not case.startswith("fp16"),
+    )
 
 
 @pytest.mark.dist
@@ -174,8 +221,13 @@ def test_fp16_reshard_restores_dynamic_loss_scale(runs):
     # megawsd's loader forced on the same world size continues exactly like DeepSpeed's
     # (skipped steps included): the restored scaler is the whole fp16 state.
     for o in ("default", "no_optim"):
-        assert_same_load(runs["tmp"], runs[f"w2_same2_fp16s1_{o}"], runs[f"w2_alw2_fp16s1_{o}"],
-                         f"same2_fp16s1_{o}", f"alw2_fp16s1_{o}")
+        assert_same_load(
+            runs["tmp"],
+            runs[f"w2_same2_fp16s1_{o}"],
+            runs[f"w2_alw2_fp16s1_{o}"],
+            f"same2_fp16s1_{o}",
+            f"alw2_fp16s1_{o}",
+        )
 
 
 @pytest.mark.dist
@@ -206,10 +258,24 @@ def test_zero3_same_size_loads_deepspeed_gets_wrong_are_rerouted(runs):
 @pytest.fixture(scope="module")
 def runs_more(runs):
     """MORE_CASES on the checkpoints of ``runs``: same-size and resharded loads."""
-    a = run_ranks(WORKER, 2, {"tmp": runs["tmp"], "jobs": _jobs("same2", runs["ck2"], MORE_CASES)
-                              + _jobs("r12", runs["ck1"], MORE_CASES)}, timeout=900)
-    b = run_ranks(WORKER, 1, {"tmp": runs["tmp"], "jobs": _jobs("same1", runs["ck1"], MORE_CASES)
-                              + _jobs("r21", runs["ck2"], MORE_CASES)}, timeout=900)
+    a = run_ranks(
+        WORKER,
+        2,
+        {
+            "tmp": runs["tmp"],
+            "jobs": _jobs("same2", runs["ck2"], MORE_CASES) + _jobs("r12", runs["ck1"], MORE_CASES),
+        },
+        timeout=900,
+    )
+    b = run_ranks(
+        WORKER,
+        1,
+        {
+            "tmp": runs["tmp"],
+            "jobs": _jobs("same1", runs["ck1"], MORE_CASES) + _jobs("r21", runs["ck2"], MORE_CASES),
+        },
+        timeout=900,
+    )
     return {**{f"w2_{k}": v for k, v in a[0].items()}, **{f"w1_{k}": v for k, v in b[0].items()}}
 
 
@@ -221,10 +287,12 @@ def test_reshard_more_load_options(runs, runs_more, case):
     for same, other, save in (("same2", "r21", "save2"), ("same1", "r12", "save1")):
         assert_loaded_what_was_saved(tmp, f"{same}_{case}", f"{save}_s3", case)
         assert_loaded_what_was_saved(tmp, f"{other}_{case}", f"{save}_s3", case)
-    assert_same_load(tmp, more[f"w2_same2_{case}"], more[f"w1_r21_{case}"], f"same2_{case}",
-                     f"r21_{case}")
-    assert_same_load(tmp, more[f"w1_same1_{case}"], more[f"w2_r12_{case}"], f"same1_{case}",
-                     f"r12_{case}")
+    assert_same_load(
+        tmp, more[f"w2_same2_{case}"], more[f"w1_r21_{case}"], f"same2_{case}", f"r21_{case}"
+    )
+    assert_same_load(
+        tmp, more[f"w1_same1_{case}"], more[f"w2_r12_{case}"], f"same1_{case}", f"r12_{case}"
+    )
 
 
 @pytest.mark.dist
@@ -232,14 +300,20 @@ def test_reshard_more_load_options(runs, runs_more, case):
 def test_reshard_2_to_4_honours_load_options(runs, runs_more):
     """4 ranks (micro-batch 1 instead of 2: the same global batch, summed differently)."""
     cases = [(f"s{s}", s, "fp32", o) for s in (1, 3) for o in OPTIONS]
-    got = run_ranks(WORKER, 4, {"tmp": runs["tmp"], "jobs": _jobs("r24", runs["ck2"], cases)},
-                    timeout=900)[0]
+    got = run_ranks(
+        WORKER, 4, {"tmp": runs["tmp"], "jobs": _jobs("r24", runs["ck2"], cases)}, timeout=900
+    )[0]
     same = {**runs, **runs_more}
     for c, _, _, o in cases:
         case = f"{c}_{o}"
         assert_loaded_what_was_saved(runs["tmp"], f"r24_{case}", f"save2_{c}", case)
-        assert_same_load(runs["tmp"], same[f"w2_same2_{case}"], got[f"r24_{case}"],
-                         f"same2_{case}", f"r24_{case}")
+        assert_same_load(
+            runs["tmp"],
+            same[f"w2_same2_{case}"],
+            got[f"r24_{case}"],
+            f"same2_{case}",
+            f"r24_{case}",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,9 +323,15 @@ def test_reshard_2_to_4_honours_load_options(runs, runs_more):
 @pytest.mark.dist
 def test_full_tensors_before_first_step_no_hang():
     """None entries for z / exp_avg_sq, x == y (z starts as y), the same on both ranks."""
-    jobs = [{"kind": "prestep", "name": n, "stage": s, "dtype": d}
-            for n, s, d in (("s0", 0, "fp32"), ("s1", 1, "fp32"), ("s3", 3, "fp32"),
-                            ("bf16acc", 1, "bf16_fp32acc"))]
+    jobs = [
+        {"kind": "prestep", "name": n, "stage": s, "dtype": d}
+        for n, s, d in (
+            ("s0", 0, "fp32"),
+            ("s1", 1, "fp32"),
+            ("s3", 3, "fp32"),
+            ("bf16acc", 1, "bf16_fp32acc"),
+        )
+    ]
     with tempfile.TemporaryDirectory(prefix="megawsd-ds-prestep-") as tmp:
         res = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=240)
     for name in ("s0", "s1", "s3", "bf16acc"):
@@ -279,30 +359,58 @@ def test_deepspeed_internals_pinned():
     from megawsd.integrations import ds_checkpoint as dc
 
     # Checkpoint file keys read by read_full_checkpoint.
-    assert (C.OPTIMIZER_STATE_DICT, C.FP32_FLAT_GROUPS, C.BASE_OPTIMIZER_STATE,
-            C.SINGLE_PARTITION_OF_FP32_GROUPS, C.GROUP_PADDINGS, C.ZERO_STAGE, C.LOSS_SCALER,
-            C.CLIP_GRAD) == ("optimizer_state_dict", "fp32_flat_groups", "base_optimizer_state",
-                             "single_partition_of_fp32_groups", "group_paddings", "zero_stage",
-                             "loss_scaler", "clip_grad")
+    assert (
+        C.OPTIMIZER_STATE_DICT,
+        C.FP32_FLAT_GROUPS,
+        C.BASE_OPTIMIZER_STATE,
+        C.SINGLE_PARTITION_OF_FP32_GROUPS,
+        C.GROUP_PADDINGS,
+        C.ZERO_STAGE,
+        C.LOSS_SCALER,
+        C.CLIP_GRAD,
+    ) == (
+        "optimizer_state_dict",
+        "fp32_flat_groups",
+        "base_optimizer_state",
+        "single_partition_of_fp32_groups",
+        "group_paddings",
+        "zero_stage",
+        "loss_scaler",
+        "clip_grad",
+    )
     # The loss scaler's state, and the wrapper attributes DeepSpeed's loaders restore.
-    s = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1.0, delayed_shift=2,
-                          consecutive_hysteresis=False)
+    s = DynamicLossScaler(
+        init_scale=2.0**16,
+        scale_window=1000,
+        min_scale=1.0,
+        delayed_shift=2,
+        consecutive_hysteresis=False,
+    )
     for attr in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "dynamic"):
         assert hasattr(s, attr), attr
-    for cls, loader in ((DeepSpeedZeroOptimizer, "_load_global_state"),
-                        (DeepSpeedZeroOptimizer_Stage3, "_rigid_load_state_dict"),
-                        (BF16_Optimizer, "_load_legacy_checkpoint")):
+    for cls, loader in (
+        (DeepSpeedZeroOptimizer, "_load_global_state"),
+        (DeepSpeedZeroOptimizer_Stage3, "_rigid_load_state_dict"),
+        (BF16_Optimizer, "_load_legacy_checkpoint"),
+    ):
         src = inspect.getsource(getattr(cls, loader))
         for attr in dc.WRAPPER_STATE[cls.__name__]:
             assert f"self.{attr} =" in src, (cls.__name__, attr)
     # The load options and the engine states DeepSpeed leaves out of client_state.
     params = inspect.signature(DeepSpeedEngine.load_checkpoint).parameters
-    for opt in ("load_module_strict", "load_optimizer_states", "load_lr_scheduler_states",
-                "load_module_only", "custom_load_fn"):
+    for opt in (
+        "load_module_strict",
+        "load_optimizer_states",
+        "load_lr_scheduler_states",
+        "load_module_only",
+        "custom_load_fn",
+    ):
         assert opt in params, opt
     src = inspect.getsource(DeepSpeedEngine._load_checkpoint)
     assert "deepspeed_states = ['module']" in src
-    assert ("'module', 'skipped_steps', 'global_steps', 'dp_world_size', 'mp_world_size', "
-            "'data_sampler',\n                'random_ltd'") in src
+    assert (
+        "'module', 'skipped_steps', 'global_steps', 'dp_world_size', 'mp_world_size', "
+        "'data_sampler',\n                'random_ltd'"
+    ) in src
     # ZeRO-3 without optimizer states reads the fp32 weights of the *latest* tag.
     assert "get_fp32_state_dict_from_zero_checkpoint(load_dir)" in src

@@ -33,8 +33,10 @@ SMALL_FS = "2500k"
 def _mount(*args: str) -> None:
     r = subprocess.run(["mount", *args], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount ({' '.join(args)}): {r.stderr.strip() or r.returncode}; "
-                    "these tests need root or CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount ({' '.join(args)}): {r.stderr.strip() or r.returncode}; "
+            "these tests need root or CAP_SYS_ADMIN"
+        )
 
 
 @pytest.fixture
@@ -59,14 +61,22 @@ def data(tmp_path_factory):
 
 
 def _train(cfg: Path, run: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--run-dir",
-                           str(run), *extra], env=cli_env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--run-dir", str(run), *extra],
+        env=cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _ckpt_entries(run: Path) -> list[str]:
-    return sorted(p.name for p in (run / "checkpoints").iterdir()
-                  if p.name.startswith(("step_", ".tmp_", ".old_")))
+    return sorted(
+        p.name
+        for p in (run / "checkpoints").iterdir()
+        if p.name.startswith(("step_", ".tmp_", ".old_"))
+    )
 
 
 def _run_json(run: Path) -> dict:
@@ -75,8 +85,14 @@ def _run_json(run: Path) -> dict:
 
 def _runs(run: Path) -> list[dict]:
     """`megawsd runs RUN --json` records (what a user sees of the run afterwards)."""
-    r = subprocess.run([sys.executable, "-m", "megawsd.cli", "runs", str(run), "--json"],
-                       env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "megawsd.cli", "runs", str(run), "--json"],
+        env=cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["runs"]
 
@@ -101,7 +117,8 @@ def test_full_disk_during_save_stops_cleanly_or_warns(tmp_path, data, mounts):
     assert "no space left" in info["error"]
     (row,) = _runs(run)
     assert row["status"] == "failed" and row["warnings"][0].startswith(
-        "failed after step 4: CheckpointSaveError: checkpoint step 4")
+        "failed after step 4: CheckpointSaveError: checkpoint step 4"
+    )
     assert row["warnings"][0].endswith("a rerun resumes from checkpoint step 2")
 
     # stability.on_save_error: warn: the same full disk, training goes on without the saves
@@ -112,7 +129,9 @@ def test_full_disk_during_save_stops_cleanly_or_warns(tmp_path, data, mounts):
     assert info["status"] == "done" and info["step"] == 6 and "error" not in info
     events = [json.loads(x) for x in (run / "stability.jsonl").read_text().splitlines()]
     assert [(e["step"], e["type"], e["action"]) for e in events] == [
-        (4, "save_error", "warn"), (6, "save_error", "warn")]
+        (4, "save_error", "warn"),
+        (6, "save_error", "warn"),
+    ]
     assert _ckpt_entries(run) == ["step_00000002"]
 
 
@@ -139,9 +158,14 @@ def test_checkpoints_dir_turning_read_only_mid_run(tmp_path, data, mounts):
     cfg = write_config(tmp_path / "cfg.yaml", data, steps=12, checkpoint__interval=4)
     run = tmp_path / "run"
     ckpts = mounts(run / "checkpoints", "-t", "tmpfs", "-o", "size=64m", "tmpfs")
-    proc = subprocess.Popen([sys.executable, "-m", "megawsd.cli", "train", str(cfg),
-                             "--run-dir", str(run)], env=cli_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--run-dir", str(run)],
+        env=cli_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_step(run, 5, proc, timeout=240)  # step 4 is saved
         proc.send_signal(signal.SIGSTOP)
@@ -199,8 +223,22 @@ def test_data_prepare_onto_a_read_only_or_full_fs(tmp_path, mounts, capsys, fs):
     opts = "ro,size=1m" if fs == "read-only" else "size=300k"  # the tokens need ~600 kB
     target = mounts(tmp_path / fs, "-t", "tmpfs", "-o", opts, "tmpfs")
     out = target / "data"
-    assert main(["data", "prepare", "-i", "builtin:python-stdlib?max_mb=0.3&tests=0", "-o",
-                 str(out), "--vocab-size", "320", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "-i",
+                "builtin:python-stdlib?max_mb=0.3&tests=0",
+                "-o",
+                str(out),
+                "--vocab-size",
+                "320",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"megawsd data: error: --out = {str(out)!r}: cannot write the prepared data (" in err
     cause = "Read-only file system" if fs == "read-only" else "No space left on device"
@@ -231,12 +269,15 @@ def test_metrics_on_a_full_disk_is_a_clear_error(tmp_path, mounts):
             writer.write({"step": step, "loss": 1.0, "note": "x" * 200})
     writer.close()
     msg = str(err.value)
-    assert f"metrics = {str(fs / 'run' / 'metrics.jsonl')!r}: cannot append (no space left " \
+    assert (
+        f"metrics = {str(fs / 'run' / 'metrics.jsonl')!r}: cannot append (no space left "
         f"on the filesystem of {str(fs / 'run')!r}" in msg
+    )
     assert "rerun the same command to resume" in msg
 
 
 # -- bad command lines and run files (no mount needed) ------------------------------------------
+
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])
 def test_nproc_below_one_is_refused(tmp_path, data, capsys, nproc):
@@ -245,8 +286,10 @@ def test_nproc_below_one_is_refused(tmp_path, data, capsys, nproc):
     cfg = write_config(tmp_path / "cfg.yaml", data)
     assert main(["train", str(cfg), "--nproc", nproc, "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert f"megawsd train: error: --nproc = {nproc}: give the number of ranks per node, " \
+    assert (
+        f"megawsd train: error: --nproc = {nproc}: give the number of ranks per node, "
         "at least 1" in err
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -273,14 +316,24 @@ def test_branch_checks_data_and_ranks_before_creating_anything(tmp_path, data, c
     from megawsd.data import prepare
 
     parent = _fake_parent(tmp_path, data)
-    other = prepare(["builtin:python-stdlib?max_mb=0.3&tests=0"], tmp_path / "other-vocab",
-                    vocab_size=400, progress=False).path
+    other = prepare(
+        ["builtin:python-stdlib?max_mb=0.3&tests=0"],
+        tmp_path / "other-vocab",
+        vocab_size=400,
+        progress=False,
+    ).path
     # new data with another vocabulary: the branch could never load the parent's weights
-    assert main(["branch", str(parent), "--at", "4", "--decay", "2", "--data", str(other),
-                 "--no-train"]) == 2
+    assert (
+        main(
+            ["branch", str(parent), "--at", "4", "--decay", "2", "--data", str(other), "--no-train"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "megawsd branch: error: vocab_size = 400: the new data mix was tokenized with a " \
+    assert (
+        "megawsd branch: error: vocab_size = 400: the new data mix was tokenized with a "
         "different vocabulary than the parent's (320)" in err
+    )
     assert not (parent / "branches").exists()
     # 3 ranks cannot split a global batch of 8 rows of micro-batches of 2
     assert main(["branch", str(parent), "--at", "4", "--decay", "2", "--nproc", "3"]) == 2
@@ -329,5 +382,6 @@ def test_stability_log_on_a_full_disk_is_a_clear_error(tmp_path, mounts):
         for _ in range(100_000):
             events.write([event])
     events.close()
-    assert f"stability = {str(fs / 'stability.jsonl')!r}: cannot append (no space left" \
-        in str(err.value)
+    assert f"stability = {str(fs / 'stability.jsonl')!r}: cannot append (no space left" in str(
+        err.value
+    )

@@ -30,8 +30,10 @@ def _source(cls, name: str) -> str:
     for node in ast.parse(textwrap.dedent(src)).body[0].body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
             return ast.get_source_segment(textwrap.dedent(src), node)
-    raise AssertionError(f"DeepSpeed {cls.__name__}.{name} is gone: megawsd.train.guard or "
-                         "the loop relies on it (see tests/test_guard_internals.py)")
+    raise AssertionError(
+        f"DeepSpeed {cls.__name__}.{name} is gone: megawsd.train.guard or "
+        "the loop relies on it (see tests/test_guard_internals.py)"
+    )
 
 
 def _in_order(cls, method: str, first: str, then: str) -> None:
@@ -45,8 +47,9 @@ def _in_order(cls, method: str, first: str, then: str) -> None:
 
 
 def _contains(cls, method: str, text: str) -> None:
-    assert text in _source(cls, method), \
+    assert text in _source(cls, method), (
         f"DeepSpeed {cls.__name__}.{method} no longer contains {text!r}"
+    )
 
 
 def test_optimizer_wrappers_pinned():
@@ -56,8 +59,12 @@ def test_optimizer_wrappers_pinned():
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     norm, overflow = f"self.{DS_GRAD_NORM} =", f"self.{DS_OVERFLOW} ="
-    for cls in (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer,
-                FP16_Optimizer):
+    for cls in (
+        DeepSpeedZeroOptimizer,
+        DeepSpeedZeroOptimizer_Stage3,
+        BF16_Optimizer,
+        FP16_Optimizer,
+    ):
         # ds_layout names the paths by class name; the gate wraps the client optimizer,
         # which every wrapper keeps as self.optimizer
         assert ds_layout._is_wrapper(_engine_with(cls).optimizer), cls.__name__
@@ -70,8 +77,9 @@ def test_optimizer_wrappers_pinned():
     # ZeRO 3: the same, one inner step per sub-group (the gate decides on the first)
     _in_order(DeepSpeedZeroOptimizer_Stage3, "step", norm, "self._optimizer_step(")
     _contains(DeepSpeedZeroOptimizer_Stage3, "_optimizer_step", "optimizer.step()")
-    _contains(DeepSpeedZeroOptimizer_Stage3, "_optimizer_step",
-              "step_with_gradscaler(self.optimizer)")
+    _contains(
+        DeepSpeedZeroOptimizer_Stage3, "_optimizer_step", "step_with_gradscaler(self.optimizer)"
+    )
     assert ds_layout.path_name(_engine_with(DeepSpeedZeroOptimizer_Stage3)) == "zero3"
     # BF16_Optimizer: the norm, then the inner step; NaN/Inf: overflow and return
     _in_order(BF16_Optimizer, "step", norm, "self.optimizer.step()")
@@ -89,9 +97,11 @@ def test_engine_pinned():
     # before the optimizer's step, and only then (ZeRO and bf16/fp16 clip inside the wrapper)
     assert list(inspect.signature(getattr(DeepSpeedEngine, DS_CLIP)).parameters) == ["self"]
     _in_order(DeepSpeedEngine, "_take_model_step", f"self.{DS_CLIP}()", "self.optimizer.step()")
-    _contains(DeepSpeedEngine, "_take_model_step",
-              "if not (self.fp16_enabled() or self.bfloat16_enabled() "
-              "or self.zero_optimization()):")
+    _contains(
+        DeepSpeedEngine,
+        "_take_model_step",
+        "if not (self.fp16_enabled() or self.bfloat16_enabled() or self.zero_optimization()):",
+    )
     # the overflow flag makes DeepSpeed count a skipped step; a vetoed step is added by the
     # guard (engine.skipped_steps), and global_steps counts attempts either way
     _contains(DeepSpeedEngine, "_take_model_step", f"overflow = self.optimizer.{DS_OVERFLOW}")
@@ -100,10 +110,17 @@ def test_engine_pinned():
     # the loop calls engine.step() after every backward: off the boundary it counts the
     # micro-step, which decides the next boundary (and when backward reduces)
     _contains(DeepSpeedEngine, "step", "self.micro_steps += 1")
-    _in_order(DeepSpeedEngine, "step", "if self.is_gradient_accumulation_boundary():",
-              "self._take_model_step(")
-    _contains(DeepSpeedEngine, "is_gradient_accumulation_boundary",
-              "(self.micro_steps + 1) % self.gradient_accumulation_steps() == 0")
+    _in_order(
+        DeepSpeedEngine,
+        "step",
+        "if self.is_gradient_accumulation_boundary():",
+        "self._take_model_step(",
+    )
+    _contains(
+        DeepSpeedEngine,
+        "is_gradient_accumulation_boundary",
+        "(self.micro_steps + 1) % self.gradient_accumulation_steps() == 0",
+    )
 
 
 def _engine_with(cls) -> SimpleNamespace:
@@ -117,8 +134,9 @@ def one_rank(tmp_path_factory):
 
     data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
     tmp = tmp_path_factory.mktemp("guard-order")
-    return run_ranks("tests/workers/guard_order.py", 1, {"tmp": str(tmp), "data": str(data)},
-                     timeout=300)[0]
+    return run_ranks(
+        "tests/workers/guard_order.py", 1, {"tmp": str(tmp), "data": str(data)}, timeout=300
+    )[0]
 
 
 @pytest.mark.dist

@@ -18,9 +18,17 @@ from megawsd.hf.config import resolve_optimizer, resolve_scheduler
 def _args(**kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir="unused", learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95,
-                adam_epsilon=1e-7, weight_decay=0.05, warmup_steps=0.1, report_to=[],
-                use_cpu=True)
+    base = dict(
+        output_dir="unused",
+        learning_rate=3e-4,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-7,
+        weight_decay=0.05,
+        warmup_steps=0.1,
+        report_to=[],
+        use_cpu=True,
+    )
     return TrainingArguments(**{**base, **kw})
 
 
@@ -30,22 +38,46 @@ def test_auto_resolution_matches_trainer_for_native_types():
 
     args = _args()
     native = {
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                  "weight_decay": "auto"}},
-        "scheduler": {"type": "WarmupDecayLR",
-                      "params": {"total_num_steps": "auto", "warmup_num_steps": "auto",
-                                 "warmup_max_lr": "auto"}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": "auto",
+                "warmup_num_steps": "auto",
+                "warmup_max_lr": "auto",
+            },
+        },
     }
     hf = HfTrainerDeepSpeedConfig(native)
     hf.trainer_config_process(args)
     hf.trainer_config_finalize(args, None, num_training_steps=200)
     want_opt, want_sched = hf.config["optimizer"]["params"], hf.config["scheduler"]["params"]
 
-    opt = resolve_optimizer({"type": "ScheduleFreeAdamW", "params": {
-        "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto",
-        "warmup_steps": "auto"}}, args, 200)["params"]
-    sched = resolve_scheduler({"type": "WSD", "params": {
-        "total_steps": "auto", "warmup_steps": "auto", "peak_lr": "auto"}}, args, 200)["params"]
+    opt = resolve_optimizer(
+        {
+            "type": "ScheduleFreeAdamW",
+            "params": {
+                "lr": "auto",
+                "betas": "auto",
+                "eps": "auto",
+                "weight_decay": "auto",
+                "warmup_steps": "auto",
+            },
+        },
+        args,
+        200,
+    )["params"]
+    sched = resolve_scheduler(
+        {
+            "type": "WSD",
+            "params": {"total_steps": "auto", "warmup_steps": "auto", "peak_lr": "auto"},
+        },
+        args,
+        200,
+    )["params"]
     assert {k: opt[k] for k in want_opt} == want_opt
     assert opt["warmup_steps"] == want_sched["warmup_num_steps"] == 20
     assert sched["total_steps"] == want_sched["total_num_steps"] == 200
@@ -108,7 +140,8 @@ def test_torch_eval_weights_x_inside_y_exact_after(kind):
     y = [p.detach().clone() for p in model.parameters()]
     # Oracle: schedulefree's own eval() on a copy (a different rounding: close, not equal).
     twin = schedulefree.AdamWScheduleFree(
-        [torch.nn.Parameter(t.clone()) for t in y], lr=1e-2, betas=(0.9, 0.999))
+        [torch.nn.Parameter(t.clone()) for t in y], lr=1e-2, betas=(0.9, 0.999)
+    )
     twin.load_state_dict(opt.state_dict())
     twin.eval()
     with torch_eval_weights(opt):
@@ -128,11 +161,20 @@ def _plain_trainer(tmp_path, out, max_steps, cooldown):
     from megawsd.hf import Trainer
     from tests.workers.hf_trainer import Rows, make_model, samples
 
-    args = TrainingArguments(output_dir=str(out), max_steps=max_steps, report_to=[],
-                             use_cpu=True, optim="schedule_free_adamw")
-    return Trainer(model=make_model(), args=args, train_dataset=Rows(samples(8)),
-                   schedule={"family": "wsd", "total_steps": "auto", "decay_steps": 2},
-                   cooldown=cooldown)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        report_to=[],
+        use_cpu=True,
+        optim="schedule_free_adamw",
+    )
+    return Trainer(
+        model=make_model(),
+        args=args,
+        train_dataset=Rows(samples(8)),
+        schedule={"family": "wsd", "total_steps": "auto", "decay_steps": 2},
+        cooldown=cooldown,
+    )
 
 
 def test_cooldown_refuses_the_parent_dir_and_a_wrong_length(tmp_path):
@@ -166,6 +208,13 @@ def test_schedule_next_to_a_client_scheduler_is_refused(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, report_to=[], use_cpu=True)
-    with pytest.raises(ConfigError, match=r"schedule = .*already gives an LR scheduler \(LambdaLR\)"):
-        Trainer(model=model, args=args, train_dataset=Rows(samples(8)), optimizers=(opt, sched),
-                schedule={"family": "constant"})
+    with pytest.raises(
+        ConfigError, match=r"schedule = .*already gives an LR scheduler \(LambdaLR\)"
+    ):
+        Trainer(
+            model=model,
+            args=args,
+            train_dataset=Rows(samples(8)),
+            optimizers=(opt, sched),
+            schedule={"family": "constant"},
+        )

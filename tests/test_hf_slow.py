@@ -25,19 +25,26 @@ def close(a, b, rel=REL):
 
 def _plain(world):
     with tempfile.TemporaryDirectory(prefix="megawsd-hf-plain-") as tmp:
-        jobs = [{"kind": "reference", "name": "ref", "eval_at": 3},
-                {"name": "plain", "eval_at": 3},
-                {"name": "plain_resume", "resume": f"{tmp}/plain/checkpoint-3"},
-                {"name": "plain_cooldown", "resume": f"{tmp}/plain/checkpoint-3", "max_steps": 5,
-                 "cooldown": {"decay_steps": 2, "shape": "linear"}}]
+        jobs = [
+            {"kind": "reference", "name": "ref", "eval_at": 3},
+            {"name": "plain", "eval_at": 3},
+            {"name": "plain_resume", "resume": f"{tmp}/plain/checkpoint-3"},
+            {
+                "name": "plain_cooldown",
+                "resume": f"{tmp}/plain/checkpoint-3",
+                "max_steps": 5,
+                "cooldown": {"decay_steps": 2, "shape": "linear"},
+            },
+        ]
         r = run_ranks(WORKER, world, {"tmp": tmp, "jobs": jobs}, timeout=900)
         x = torch.load(f"{tmp}/plain_x.pt")
         x_resumed = torch.load(f"{tmp}/plain_resume_x.pt")
         x_ref = torch.load(f"{tmp}/reference_x.pt")
         from transformers import AutoModelForCausalLM
 
-        saved = dict(AutoModelForCausalLM.from_pretrained(r[0]["plain"]["final_dir"])
-                     .named_parameters())
+        saved = dict(
+            AutoModelForCausalLM.from_pretrained(r[0]["plain"]["final_dir"]).named_parameters()
+        )
     return r, x, x_resumed, x_ref, saved
 
 
@@ -61,8 +68,16 @@ def test_trainer_without_deepspeed(world):
 
     cool = r[0]["plain_cooldown"]
     assert cool["parent_unchanged"] and cool["parent_files"] > 5
-    branch = build_schedule({"family": "wsd", "total_steps": 6, "warmup_steps": 0, "decay_steps": 3,
-                             "decay_shape": "1-sqrt", "min_ratio": 0.1}).branch(3, 2, "linear")
+    branch = build_schedule(
+        {
+            "family": "wsd",
+            "total_steps": 6,
+            "warmup_steps": 0,
+            "decay_steps": 3,
+            "decay_shape": "1-sqrt",
+            "min_ratio": 0.1,
+        }
+    ).branch(3, 2, "linear")
     # The Trainer logs the LR of update k (factor(k - 1)) without DeepSpeed.
     assert cool["lrs"][3:] == pytest.approx([LR * branch.factor(k) for k in (3, 4)], rel=1e-12)
     assert cool["losses"][:3] == got["losses"][:3] and len(cool["losses"]) == 5
@@ -74,14 +89,18 @@ def test_trainer_without_deepspeed(world):
 @pytest.mark.parametrize("stage", [1, 3])
 def test_accelerate_prepare_deepspeed(stage):
     with tempfile.TemporaryDirectory(prefix="megawsd-hf-acc-") as tmp:
-        jobs = [{"kind": "reference", "name": "ref", "eval_at": 3},
-                {"kind": "accelerate", "name": "acc", "stage": stage, "eval_at": 3}]
+        jobs = [
+            {"kind": "reference", "name": "ref", "eval_at": 3},
+            {"kind": "accelerate", "name": "acc", "stage": stage, "eval_at": 3},
+        ]
         r = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
         x = torch.load(f"{tmp}/acc_x.pt")
         x_ref = torch.load(f"{tmp}/reference_x.pt")
     ref, got = r[0]["ref"], r[0]["acc"]
     assert close(got["losses"], ref["losses"]), (got["losses"], ref["losses"])
-    assert abs(got["eval_loss"] - ref["eval_loss"]) < 0.05 * abs(ref["eval_loss"] - ref["eval_loss_y"])
+    assert abs(got["eval_loss"] - ref["eval_loss"]) < 0.05 * abs(
+        ref["eval_loss"] - ref["eval_loss_y"]
+    )
     assert "lm_head.weight" in x and x.keys() >= x_ref.keys()
     for n, t in x_ref.items():
         torch.testing.assert_close(x[n], t, rtol=1e-4, atol=1e-6)
@@ -91,21 +110,24 @@ def test_trainer_deepspeed_other_stages_and_sources():
     """ZeRO 0 and 2 from the JSON; ZeRO 1 with optim="schedule_free_adamw" and schedule=
     instead of JSON sections; ZeRO 3 with evaluate() before train() (an inference engine)."""
     with tempfile.TemporaryDirectory(prefix="megawsd-hf-stages-") as tmp:
-        jobs = [{"kind": "reference", "name": "ref", "eval_at": 3},
-                {"name": "z0", "stage": 0, "eval_at": 3},
-                {"name": "z2", "stage": 2, "eval_at": 3},
-                {"name": "z1_args", "stage": 1, "eval_at": 3, "from_args": True},
-                {"name": "z3_eval_first", "stage": 3, "eval_first": True},
-                {"name": "z2_bf16", "stage": 2, "eval_at": 3, "args": {"bf16": True}},
-                {"name": "z3_tied", "stage": 3, "tied": True},
-                {"name": "z1_native_wsd", "stage": 1, "native_optimizer": True}]
+        jobs = [
+            {"kind": "reference", "name": "ref", "eval_at": 3},
+            {"name": "z0", "stage": 0, "eval_at": 3},
+            {"name": "z2", "stage": 2, "eval_at": 3},
+            {"name": "z1_args", "stage": 1, "eval_at": 3, "from_args": True},
+            {"name": "z3_eval_first", "stage": 3, "eval_first": True},
+            {"name": "z2_bf16", "stage": 2, "eval_at": 3, "args": {"bf16": True}},
+            {"name": "z3_tied", "stage": 3, "tied": True},
+            {"name": "z1_native_wsd", "stage": 1, "native_optimizer": True},
+        ]
         r = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
         x_ref = torch.load(f"{tmp}/reference_x.pt")
         xs = {j["name"]: torch.load(f"{tmp}/{j['name']}_x.pt") for j in jobs[1:]}
         from transformers import AutoModelForCausalLM
 
-        saved_bf16 = dict(AutoModelForCausalLM.from_pretrained(r[0]["z2_bf16"]["final_dir"])
-                          .named_parameters())
+        saved_bf16 = dict(
+            AutoModelForCausalLM.from_pretrained(r[0]["z2_bf16"]["final_dir"]).named_parameters()
+        )
         tied = AutoModelForCausalLM.from_pretrained(r[0]["z3_tied"]["final_dir"])
     # DeepSpeed's own AdamW with a megawsd WSD section: the engine steps megawsd's schedule.
     from megawsd.schedules import build_schedule
@@ -113,8 +135,16 @@ def test_trainer_deepspeed_other_stages_and_sources():
 
     native = r[0]["z1_native_wsd"]
     xs.pop("z1_native_wsd")
-    wsd = build_schedule({"family": "wsd", "total_steps": 6, "warmup_steps": 0, "decay_steps": 3,
-                          "decay_shape": "1-sqrt", "min_ratio": 0.1})
+    wsd = build_schedule(
+        {
+            "family": "wsd",
+            "total_steps": 6,
+            "warmup_steps": 0,
+            "decay_steps": 3,
+            "decay_shape": "1-sqrt",
+            "min_ratio": 0.1,
+        }
+    )
     assert native["engine_lr_step"] == 6
     # Under DeepSpeed the engine steps the schedule inside backward, before the Trainer logs.
     assert native["lrs"] == pytest.approx([LR * wsd.factor(k) for k in range(1, 7)], rel=1e-12)
@@ -122,7 +152,8 @@ def test_trainer_deepspeed_other_stages_and_sources():
     # Tied embeddings at ZeRO-3: the saved model is x, its lm_head the embedding's x.
     x_tied = xs.pop("z3_tied")
     assert tied.lm_head.weight is tied.model.embed_tokens.weight or torch.equal(
-        tied.lm_head.weight, tied.model.embed_tokens.weight)
+        tied.lm_head.weight, tied.model.embed_tokens.weight
+    )
     assert x_tied.keys() == dict(tied.named_parameters()).keys()
     for n, t in tied.named_parameters():
         assert torch.equal(t.detach(), x_tied[n]), n
@@ -134,7 +165,9 @@ def test_trainer_deepspeed_other_stages_and_sources():
     assert bf16["y_restored_exact"]
     x_bf16 = xs.pop("z2_bf16")
     for n, t in saved_bf16.items():
-        assert t.dtype == torch.bfloat16 and torch.equal(t.detach(), x_bf16[n].to(torch.bfloat16)), n
+        assert t.dtype == torch.bfloat16 and torch.equal(
+            t.detach(), x_bf16[n].to(torch.bfloat16)
+        ), n
     ref = r[0]["ref"]
     gap = abs(ref["eval_loss"] - ref["eval_loss_y"])
     for name, x in xs.items():

@@ -25,12 +25,16 @@ from tests.dist_helpers import run_ranks
 WORKER = "tests/workers/hf_trainer.py"
 REL = 1e-5  # fp32, 1 process vs 2 gloo ranks (reduction order)
 STAGES = (1, 3)
-TYPOS = {"typo_opt": {"opt_params": {"wieght_decay": 0.1}},
-         "typo_sched": {"sched_params": {"decay_stpes": 2}}}
-REFUSED = {"two_schedules": {"schedule": {"family": "constant"}},
-           "auto_elsewhere": {"sched_params": {"min_ratio": "auto"}},
-           "client_optimizer": {"client_optimizer": True},
-           "double_warmup": {"opt_params": {"warmup_steps": "auto"}, "args": {"warmup_steps": 2}}}
+TYPOS = {
+    "typo_opt": {"opt_params": {"wieght_decay": 0.1}},
+    "typo_sched": {"sched_params": {"decay_stpes": 2}},
+}
+REFUSED = {
+    "two_schedules": {"schedule": {"family": "constant"}},
+    "auto_elsewhere": {"sched_params": {"min_ratio": "auto"}},
+    "client_optimizer": {"client_optimizer": True},
+    "double_warmup": {"opt_params": {"warmup_steps": "auto"}, "args": {"warmup_steps": 2}},
+}
 
 
 def close(a, b, rel=REL):
@@ -45,8 +49,15 @@ def ds_runs():
     for s in STAGES:
         jobs.append({"name": f"z{s}", "stage": s, "eval_at": 3})
         jobs.append({"name": f"z{s}_resume", "stage": s, "resume": f"{tmp}/z{s}/checkpoint-3"})
-    jobs.append({"name": "z1_cooldown", "stage": 1, "resume": f"{tmp}/z1/checkpoint-3",
-                 "cooldown": {"decay_steps": 2, "shape": "linear"}, "max_steps": 5})
+    jobs.append(
+        {
+            "name": "z1_cooldown",
+            "stage": 1,
+            "resume": f"{tmp}/z1/checkpoint-3",
+            "cooldown": {"decay_steps": 2, "shape": "linear"},
+            "max_steps": 5,
+        }
+    )
     for name, patch in {**TYPOS, **REFUSED}.items():
         jobs.append({"name": name, "stage": 1, "expect_error": True, **patch})
     results = run_ranks(WORKER, 2, {"tmp": tmp, "jobs": jobs}, timeout=900)
@@ -114,8 +125,16 @@ def test_trainer_cooldown_branch_leaves_parent_untouched(ds_runs):
 
     got = ds_runs["r"][0]["z1_cooldown"]
     assert got["parent_unchanged"] and got["parent_files"] > 5
-    parent = build_schedule({"family": "wsd", "total_steps": 6, "warmup_steps": 0,
-                             "decay_steps": 3, "decay_shape": "1-sqrt", "min_ratio": 0.1})
+    parent = build_schedule(
+        {
+            "family": "wsd",
+            "total_steps": 6,
+            "warmup_steps": 0,
+            "decay_steps": 3,
+            "decay_shape": "1-sqrt",
+            "min_ratio": 0.1,
+        }
+    )
     assert got["schedule"] == parent.branch(3, 2, "linear").to_dict()
     # Steps 1-3 are the parent's (from its checkpoint), 4-5 the branch's.
     assert got["losses"][:3] == ds_runs["r"][0]["z1"]["losses"][:3]
@@ -133,8 +152,9 @@ def test_trainer_typo_same_error_as_engine_path(ds_runs, name):
     patch = TYPOS[name]
     auto = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1}
     cfg["optimizer"]["params"].update({**auto, **patch.get("opt_params", {})})
-    cfg["scheduler"]["params"].update({"total_steps": 6, "warmup_steps": 0,
-                                       **patch.get("sched_params", {})})
+    cfg["scheduler"]["params"].update(
+        {"total_steps": 6, "warmup_steps": 0, **patch.get("sched_params", {})}
+    )
     with pytest.raises(Exception) as info:
         mds.initialize(model=make_model(), config=cfg)
     expected = f"{type(info.value).__name__}: {info.value}"
@@ -146,10 +166,14 @@ def test_trainer_refusals(ds_runs):
     for rank in (0, 1):
         r = ds_runs["r"][rank]
         assert r["two_schedules"]["error"].startswith(
-            "ConfigError: schedule = {'family': 'constant'}: the DeepSpeed config already has")
+            "ConfigError: schedule = {'family': 'constant'}: the DeepSpeed config already has"
+        )
         assert r["auto_elsewhere"]["error"].startswith(
-            "ConfigError: scheduler.params.min_ratio = 'auto': megawsd resolves 'auto' only for")
+            "ConfigError: scheduler.params.min_ratio = 'auto': megawsd resolves 'auto' only for"
+        )
         assert r["client_optimizer"]["error"].startswith(
-            "ConfigError: optimizers = 'AdamW': the DeepSpeed config has a optimizer section")
+            "ConfigError: optimizers = 'AdamW': the DeepSpeed config has a optimizer section"
+        )
         assert r["double_warmup"]["error"].startswith(
-            "ConfigError: optimizer.params.warmup_steps = 'auto': and the schedule's warmup_steps")
+            "ConfigError: optimizer.params.warmup_steps = 'auto': and the schedule's warmup_steps"
+        )

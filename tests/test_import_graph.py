@@ -36,12 +36,24 @@ LAYERS = [
     ["kernels", "schedules", "data"],
     ["rundir", "errors", "megawsd"],
 ]
-HEAVY = {"torch", "deepspeed", "transformers", "matplotlib", "datasets", "megatron",
-         "accelerate", "triton", "schedulefree", "sentencepiece", "pyarrow", "tokenizers"}
+HEAVY = {
+    "torch",
+    "deepspeed",
+    "transformers",
+    "matplotlib",
+    "datasets",
+    "megatron",
+    "accelerate",
+    "triton",
+    "schedulefree",
+    "sentencepiece",
+    "pyarrow",
+    "tokenizers",
+}
 LAZY_THIRD_PARTY = {
     "torch": "only from modules that stay torch-free (rule 4 checks that)",
     "deepspeed": "seconds to import, and it picks its accelerator on import: only the code "
-                 "that runs an engine imports it",
+    "that runs an engine imports it",
     "transformers": "seconds to import; only model building and tokenizers need it",
     "accelerate": "optional, for the HF Trainer path only",
     "matplotlib": "only the plotting functions need it; the CLI starts without it",
@@ -92,15 +104,19 @@ def _imports():
             while scope in parents:
                 scope = parents[scope]
                 in_function |= isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef))
-                type_only |= isinstance(scope, ast.If) and "TYPE_CHECKING" in ast.unparse(scope.test)
+                type_only |= isinstance(scope, ast.If) and "TYPE_CHECKING" in ast.unparse(
+                    scope.test
+                )
             if type_only:
                 continue
             if isinstance(node, ast.Import):
                 pairs = [(a.name, None) for a in node.names]
             else:
                 base = node.module or ""
-                pairs = [(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base, a.name)
-                         for a in node.names]
+                pairs = [
+                    (f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base, a.name)
+                    for a in node.names
+                ]
             for target, name in pairs:
                 if target.split(".")[0] == "megawsd":
                     target = _resolve(target)
@@ -158,7 +174,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -171,10 +187,15 @@ def test_no_import_cycles():
 
 
 def test_no_private_names_across_packages():
-    bad = [f"{importer}:{line} imports {name} from {target}"
-           for importer, target, name, _, line in IMPORTS
-           if target.startswith("megawsd") and name and name.startswith("_")
-           and not name.endswith("__") and _package(importer) != _package(target)]
+    bad = [
+        f"{importer}:{line} imports {name} from {target}"
+        for importer, target, name, _, line in IMPORTS
+        if target.startswith("megawsd")
+        and name
+        and name.startswith("_")
+        and not name.endswith("__")
+        and _package(importer) != _package(target)
+    ]
     assert not bad, "private names imported across packages:\n" + "\n".join(bad)
 
 
@@ -188,8 +209,9 @@ def test_function_level_imports_only_keep_heavy_things_lazy():
             if target in TRITON_MODULES:
                 continue
             if _heavy(importer):
-                bad.append(f"{where}: {importer} already imports heavy packages; import it at "
-                           "the top")
+                bad.append(
+                    f"{where}: {importer} already imports heavy packages; import it at the top"
+                )
             elif not _heavy(target):
                 bad.append(f"{where}: {target} is light; import it at the top")
         elif target == "torch" and _heavy(importer):
@@ -200,6 +222,12 @@ def test_function_level_imports_only_keep_heavy_things_lazy():
 
 
 def test_the_cli_and_schedule_tools_stay_free_of_torch():
-    for module in ("megawsd.cli", "megawsd.schedules", "megawsd.rundir", "megawsd.errors",
-                   "megawsd.analysis.runs_tree", "megawsd.study.spec"):
+    for module in (
+        "megawsd.cli",
+        "megawsd.schedules",
+        "megawsd.rundir",
+        "megawsd.errors",
+        "megawsd.analysis.runs_tree",
+        "megawsd.study.spec",
+    ):
         assert not _heavy(module), (module, sorted(_top_level_closure(module) & HEAVY))

@@ -36,8 +36,11 @@ def _fake_checkpoint(ckpt: Path, step: int) -> Path:
 def test_manifest_and_verification(tmp_path):
     d = _fake_checkpoint(tmp_path, 4)
     m = json.loads((d / "manifest.json").read_text())
-    assert sorted(m["files"]) == ["megawsd_state.json", "mp_rank_00_model_states.pt",
-                                  "sub/zero_pp_rank_1_optim_states.pt"]
+    assert sorted(m["files"]) == [
+        "megawsd_state.json",
+        "mp_rank_00_model_states.pt",
+        "sub/zero_pp_rank_1_optim_states.pt",
+    ]
     assert m["files"]["sub/zero_pp_rank_1_optim_states.pt"]["size"] == 5000
     assert integrity.verify_checkpoint(d) == []
     # one flipped byte: same size, sha256 differs
@@ -47,13 +50,16 @@ def test_manifest_and_verification(tmp_path):
     f.write_bytes(bytes(b))
     assert integrity.verify_checkpoint(d, level="size") == []
     assert integrity.verify_checkpoint(d) == [
-        "sub/zero_pp_rank_1_optim_states.pt: sha256 differs from the manifest (corrupted)"]
+        "sub/zero_pp_rank_1_optim_states.pt: sha256 differs from the manifest (corrupted)"
+    ]
     # truncated and missing files
     (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
     (d / "megawsd_state.json").unlink()
     probs = integrity.verify_checkpoint(d, level="size")
-    assert probs == ["megawsd_state.json: missing",
-                     "mp_rank_00_model_states.pt: size 10 bytes, manifest says 3000"]
+    assert probs == [
+        "megawsd_state.json: missing",
+        "mp_rank_00_model_states.pt: size 10 bytes, manifest says 3000",
+    ]
     assert integrity.verify_checkpoint(d, level="off") == []
 
 
@@ -115,8 +121,9 @@ def test_write_guard_captures_first_error_and_skips_the_rest():
     with integrity.WriteGuard(eng, inject=OSError(errno.ENOSPC, "injected")) as g2:
         eng.checkpoint_engine.save({}, "c")
     assert "c" not in eng.checkpoint_engine.written and g2.error is not None
-    err = integrity.save_error(8, Path("/r/checkpoints/step_00000008"),
-                               integrity.agree(g2.error, 1), previous=6)
+    err = integrity.save_error(
+        8, Path("/r/checkpoints/step_00000008"), integrity.agree(g2.error, 1), previous=6
+    )
     assert "previous checkpoints are intact (latest: step 6)" in str(err)
     assert "on_save_error: warn" in str(err)
 
@@ -167,11 +174,15 @@ def test_write_guard_catches_torch_write_runtime_errors(tmp_path):
 def test_write_cause_in_words(tmp_path, monkeypatch):
     enospc = OSError(errno.ENOSPC, "No space left on device")
     assert errors.write_cause(enospc, tmp_path).startswith(
-        f"no space left on the filesystem of {str(tmp_path)!r} (")
+        f"no space left on the filesystem of {str(tmp_path)!r} ("
+    )
     assert "read-only filesystem" in errors.write_cause(
-        OSError(errno.EROFS, "Read-only file system"), tmp_path / "not" / "made")
-    assert errors.write_cause(PermissionError(errno.EACCES, "denied"), tmp_path) == \
-        f"no write permission on {str(tmp_path)!r}"
+        OSError(errno.EROFS, "Read-only file system"), tmp_path / "not" / "made"
+    )
+    assert (
+        errors.write_cause(PermissionError(errno.EACCES, "denied"), tmp_path)
+        == f"no write permission on {str(tmp_path)!r}"
+    )
     # torch's full-disk RuntimeError carries no errno: the filesystem tells
     full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 380992")
     assert integrity.is_write_error(full)
@@ -180,7 +191,8 @@ def test_write_cause_in_words(tmp_path, monkeypatch):
     monkeypatch.setattr(errors.os, "statvfs", lambda d: free)
     assert errors.explain(full, tmp_path) == (
         f"no space left on the filesystem of {str(tmp_path)!r} (12.0 kB free of 2.3 MB) "
-        "(RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 380992)")
+        "(RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 380992)"
+    )
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
@@ -216,10 +228,21 @@ def _fake_data(d: Path, vocab_size: int = _VOCAB) -> Path:
     (np.arange(1000) % _VOCAB).astype(np.uint16).tofile(d / "train.bin")
     np.arange(100, dtype=np.uint16).tofile(d / "val.bin")
     (d / "tokenizer.model").write_bytes(_tokenizer())
-    Meta(path=d, vocab_size=vocab_size, dtype="uint16", train_tokens=1000, val_tokens=100,
-         train_documents=1, val_documents=1, eos_id=1, bos_id=2, tokenizer="tokenizer.model",
-         tokenizer_sha256=integrity.sha256_file(d / "tokenizer.model"), tokenizer_type="bpe",
-         fingerprint="f").write()
+    Meta(
+        path=d,
+        vocab_size=vocab_size,
+        dtype="uint16",
+        train_tokens=1000,
+        val_tokens=100,
+        train_documents=1,
+        val_documents=1,
+        eos_id=1,
+        bos_id=2,
+        tokenizer="tokenizer.model",
+        tokenizer_sha256=integrity.sha256_file(d / "tokenizer.model"),
+        tokenizer_type="bpe",
+        fingerprint="f",
+    ).write()
     return d
 
 
@@ -286,8 +309,11 @@ time.sleep(60)
 def test_run_lock_refuses_second_process_and_takes_over_stale(tmp_path, caplog):
     run = tmp_path / "run"
     repo = str(Path(__file__).resolve().parent.parent)
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER.format(repo=repo, run=str(run))],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER.format(repo=repo, run=str(run))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=f"already in use by pid {p.pid} on "):
@@ -304,8 +330,11 @@ def test_run_lock_refuses_second_process_and_takes_over_stale(tmp_path, caplog):
     assert f"taking over a stale lock of pid {p.pid}" in caplog.text
     assert not (run / ".lock").exists()  # released on exit
     # another host: refused while its heartbeat is fresh, taken over when it is old
-    (run / ".lock").write_text(json.dumps({"pid": 1, "host": "node-b" + socket.gethostname(),
-                                           "started": "x", "command": "y"}))
+    (run / ".lock").write_text(
+        json.dumps(
+            {"pid": 1, "host": "node-b" + socket.gethostname(), "started": "x", "command": "y"}
+        )
+    )
     with pytest.raises(RunLockedError, match="pid 1 on node-b"):
         RunLock(run).acquire()
     old = time.time() - 7200
@@ -332,19 +361,39 @@ def test_rank_stops_when_its_launching_process_dies(tmp_path):
 
     repo = str(Path(__file__).resolve().parent.parent)
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
-    env = dict(os.environ, **{launcher.PARENT_PID_ENV: str(parent.pid),
-                              launcher.PARENT_HOST_ENV: socket.gethostname(),
-                              launcher.ORPHAN_GRACE_ENV: "1"})
+    env = dict(
+        os.environ,
+        **{
+            launcher.PARENT_PID_ENV: str(parent.pid),
+            launcher.PARENT_HOST_ENV: socket.gethostname(),
+            launcher.ORPHAN_GRACE_ENV: "1",
+        },
+    )
     t0 = time.time()
-    rank = subprocess.run([sys.executable, "-c", _ORPHAN.format(repo=repo)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    rank = subprocess.run(
+        [sys.executable, "-c", _ORPHAN.format(repo=repo)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     parent.wait()
     assert rank.stdout.split() == ["watching", "sigterm"], rank.stderr
     assert rank.returncode == 1 and time.time() - t0 < 30
     assert "the megawsd process that launched this rank" in rank.stderr
     # another host's pid means nothing here: not watched
     env[launcher.PARENT_HOST_ENV] = "elsewhere-" + socket.gethostname()
-    other = subprocess.run([sys.executable, "-c", _ORPHAN.replace("time.sleep(60)", "")
-                            .replace("is not None", "is None").format(repo=repo)],
-                           env=env, capture_output=True, text=True, timeout=60)
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _ORPHAN.replace("time.sleep(60)", "")
+            .replace("is not None", "is None")
+            .format(repo=repo),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert other.returncode == 0 and "sigterm" not in other.stdout, other.stderr

@@ -30,21 +30,30 @@ from megawsd.schedules import build_schedule  # noqa: E402
 class _Opt:
     def __init__(self) -> None:
         # a default group, a group with Megatron's per-group overrides, an empty stub group
-        self.param_groups = [{"lr": 0.0}, {"lr": 0.0, "max_lr": 1e-3, "min_lr": 2e-5, "wd_mult": 0.0},
-                             {"lr": 0.0, "params": []}]
+        self.param_groups = [
+            {"lr": 0.0},
+            {"lr": 0.0, "max_lr": 1e-3, "min_lr": 2e-5, "wd_mult": 0.0},
+            {"lr": 0.0, "params": []},
+        ]
 
 
 def _pair(argv, **extra):
     kw = megatron_scheduler_kwargs(argv)
     units = kw.pop("units_per_step")
-    return OptimizerParamScheduler(_Opt(), **kw), MegawsdParamScheduler(_Opt(), **kw, units_per_step=units, **extra), units
+    return (
+        OptimizerParamScheduler(_Opt(), **kw),
+        MegawsdParamScheduler(_Opt(), **kw, units_per_step=units, **extra),
+        units,
+    )
 
 
 def _assert_same_run(ref, ours, units, n):
     for k in range(n):
         for ga, gb in zip(ref.optimizer.param_groups, ours.optimizer.param_groups):
             assert math.isclose(ga["lr"], gb["lr"], rel_tol=1e-12, abs_tol=1e-20), (k, ga, gb)
-            assert math.isclose(ga["weight_decay"], gb["weight_decay"], rel_tol=1e-12, abs_tol=1e-20), k
+            assert math.isclose(
+                ga["weight_decay"], gb["weight_decay"], rel_tol=1e-12, abs_tol=1e-20
+            ), k
         ref.step(units)
         ours.step(units)
 
@@ -55,11 +64,16 @@ STYLES = [
     "--lr-decay-style linear",
     "--lr-decay-style cosine --lr-decay-iters 80",
     "--lr-decay-style inverse-square-root",
-    *[f"--lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style {s}"
-      for s in ("exponential", "linear", "cosine", "minus_sqrt")],
+    *[
+        f"--lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style {s}"
+        for s in ("exponential", "linear", "cosine", "minus_sqrt")
+    ],
 ]
-WD = ["", "--weight-decay-incr-style linear --start-weight-decay 0.0 --end-weight-decay 0.1",
-      "--weight-decay-incr-style cosine --start-weight-decay 0.01 --end-weight-decay 0.1"]
+WD = [
+    "",
+    "--weight-decay-incr-style linear --start-weight-decay 0.0 --end-weight-decay 0.1",
+    "--weight-decay-incr-style cosine --start-weight-decay 0.01 --end-weight-decay 0.1",
+]
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -70,15 +84,18 @@ def test_param_scheduler_equals_megatron(style, wd):
     _assert_same_run(ref, ours, units, 115)
 
 
-@pytest.mark.parametrize("argv", [
-    # sample-based: lengths not multiples of the global batch size (96)
-    "--lr 1e-3 --min-lr 1e-4 --train-samples 20000 --global-batch-size 96 --lr-warmup-samples 1000 "
-    "--lr-decay-style WSD --lr-wsd-decay-samples 4100 --lr-wsd-decay-style minus_sqrt",
-    "--lr 1e-3 --train-samples 20000 --lr-decay-samples 15000 --global-batch-size 96 "
-    "--lr-warmup-fraction 0.013 --lr-decay-style cosine",
-    # iteration-based with a warmup fraction (unrounded in Megatron)
-    "--lr 1e-3 --train-iters 150 --global-batch-size 16 --lr-warmup-fraction 0.07 --lr-decay-style linear",
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # sample-based: lengths not multiples of the global batch size (96)
+        "--lr 1e-3 --min-lr 1e-4 --train-samples 20000 --global-batch-size 96 --lr-warmup-samples 1000 "
+        "--lr-decay-style WSD --lr-wsd-decay-samples 4100 --lr-wsd-decay-style minus_sqrt",
+        "--lr 1e-3 --train-samples 20000 --lr-decay-samples 15000 --global-batch-size 96 "
+        "--lr-warmup-fraction 0.013 --lr-decay-style cosine",
+        # iteration-based with a warmup fraction (unrounded in Megatron)
+        "--lr 1e-3 --train-iters 150 --global-batch-size 16 --lr-warmup-fraction 0.07 --lr-decay-style linear",
+    ],
+)
 def test_parse_megatron_args_matches_megatron_at_every_iteration(argv):
     argv = argv.split()
     kw = megatron_scheduler_kwargs(argv)
@@ -90,7 +107,9 @@ def test_parse_megatron_args_matches_megatron_at_every_iteration(argv):
         assert math.isclose(sched.lr_at(k), ref.optimizer.param_groups[0]["lr"], rel_tol=1e-12), k
         ref.step(gbs)
     if "--train-samples" in argv:
-        assert sched.config.units_per_step == 96 and sched.total_steps == math.ceil(kw["lr_decay_steps"] / 96)
+        assert sched.config.units_per_step == 96 and sched.total_steps == math.ceil(
+            kw["lr_decay_steps"] / 96
+        )
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -104,15 +123,28 @@ def test_argument_round_trip(style):
 
 
 def test_reverse_translation_of_megawsd_schedules_and_errors():
-    s = build_schedule(dict(family="wsd", total_steps=1000, warmup_steps=0.02, decay_steps=0.2,
-                            decay_shape="1-sqrt", min_ratio=0.1, peak_lr=6e-4))
+    s = build_schedule(
+        dict(
+            family="wsd",
+            total_steps=1000,
+            warmup_steps=0.02,
+            decay_steps=0.2,
+            decay_shape="1-sqrt",
+            min_ratio=0.1,
+            peak_lr=6e-4,
+        )
+    )
     flags = to_megatron_args(s)
     assert "--lr-wsd-decay-style=minus_sqrt" in flags and "--lr-wsd-decay-iters=200" in flags
     assert "--lr-warmup-fraction=0.02" in flags
     back = parse_megatron_args(flags)
-    assert all(math.isclose(back.factor(k), s.factor(k), rel_tol=1e-12, abs_tol=1e-15) for k in range(1010))
+    assert all(
+        math.isclose(back.factor(k), s.factor(k), rel_tol=1e-12, abs_tol=1e-15) for k in range(1010)
+    )
     # samples
-    s = build_schedule(dict(family="cosine", total_steps=20000, warmup_steps=1000, units_per_step=96, peak_lr=1e-3))
+    s = build_schedule(
+        dict(family="cosine", total_steps=20000, warmup_steps=1000, units_per_step=96, peak_lr=1e-3)
+    )
     flags = to_megatron_args(s)
     assert "--train-samples=20000" in flags and "--global-batch-size=96" in flags
     assert parse_megatron_args(flags).to_dict() == s.to_dict()
@@ -120,27 +152,69 @@ def test_reverse_translation_of_megawsd_schedules_and_errors():
     main = build_schedule(dict(family="constant", warmup_steps=50, peak_lr=1e-3))
     branch = main.branch(700, 300, "cosine", min_ratio=0.0)
     back = parse_megatron_args(to_megatron_args(branch))
-    assert [back.factor(k) for k in range(1010)] == pytest.approx([branch.factor(k) for k in range(1010)], abs=1e-15)
-    with pytest.raises(ConfigError, match=r"schedule\.decay_shape = 'half-life': Megatron's --lr-wsd-decay-style has only"):
-        to_megatron_args(build_schedule(dict(family="wsd", total_steps=100, decay_shape="half-life",
-                                             half_life=5, peak_lr=1e-3)))
-    with pytest.raises(ConfigError, match=r"schedule\.warmup_shape = 'cosine': Megatron warms up linearly"):
-        to_megatron_args(build_schedule(dict(family="cosine", total_steps=100, warmup_steps=5,
-                                             warmup_shape="cosine", peak_lr=1e-3)))
-    with pytest.raises(ConfigError, match=r"schedule\.family = 'multi-step': Megatron has no such decay style"):
+    assert [back.factor(k) for k in range(1010)] == pytest.approx(
+        [branch.factor(k) for k in range(1010)], abs=1e-15
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"schedule\.decay_shape = 'half-life': Megatron's --lr-wsd-decay-style has only",
+    ):
+        to_megatron_args(
+            build_schedule(
+                dict(
+                    family="wsd",
+                    total_steps=100,
+                    decay_shape="half-life",
+                    half_life=5,
+                    peak_lr=1e-3,
+                )
+            )
+        )
+    with pytest.raises(
+        ConfigError, match=r"schedule\.warmup_shape = 'cosine': Megatron warms up linearly"
+    ):
+        to_megatron_args(
+            build_schedule(
+                dict(
+                    family="cosine",
+                    total_steps=100,
+                    warmup_steps=5,
+                    warmup_shape="cosine",
+                    peak_lr=1e-3,
+                )
+            )
+        )
+    with pytest.raises(
+        ConfigError, match=r"schedule\.family = 'multi-step': Megatron has no such decay style"
+    ):
         to_megatron_args(build_schedule(dict(family="multi-step", total_steps=100, peak_lr=1e-3)))
     with pytest.raises(ConfigError, match=r"schedule\.peak_lr = None"):
         to_megatron_args(build_schedule(dict(family="cosine", total_steps=100)))
 
 
-@pytest.mark.parametrize("argv,message", [
-    ("--lr 1e-3 --train-iters 10 --lr-decay-style WSD", "--lr-wsd-decay-iters = None: --lr-decay-style WSD needs"),
-    ("--lr 1e-3 --train-samples 100", "--global-batch-size = None: sample-based runs need"),
-    ("--lr 1e-3 --train-iters 10 --lr-warmup-samples 5", "--lr-warmup-samples = 5: iteration-based run"),
-    ("--lr 1e-3 --train-iters 10 --rampup-batch-size 16 16 100", "--rampup-batch-size = ['16', '16', '100']"),
-    ("--train-iters 10", "--lr = None: Megatron's peak LR is required"),
-    ("--lr 1e-3 --train-iters 10 --lr-decay-style sqrt", "invalid Megatron-LM schedule arguments"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            "--lr 1e-3 --train-iters 10 --lr-decay-style WSD",
+            "--lr-wsd-decay-iters = None: --lr-decay-style WSD needs",
+        ),
+        ("--lr 1e-3 --train-samples 100", "--global-batch-size = None: sample-based runs need"),
+        (
+            "--lr 1e-3 --train-iters 10 --lr-warmup-samples 5",
+            "--lr-warmup-samples = 5: iteration-based run",
+        ),
+        (
+            "--lr 1e-3 --train-iters 10 --rampup-batch-size 16 16 100",
+            "--rampup-batch-size = ['16', '16', '100']",
+        ),
+        ("--train-iters 10", "--lr = None: Megatron's peak LR is required"),
+        (
+            "--lr 1e-3 --train-iters 10 --lr-decay-style sqrt",
+            "invalid Megatron-LM schedule arguments",
+        ),
+    ],
+)
 def test_argument_errors(argv, message):
     with pytest.raises(ConfigError) as err:
         parse_megatron_args(argv.split())
@@ -151,9 +225,15 @@ def test_megawsd_shapes_in_param_scheduler():
     argv = (f"{BASE} --lr-warmup-iters 10 --lr-decay-style WSD --lr-wsd-decay-iters 30").split()
     kw = megatron_scheduler_kwargs(argv)
     units = kw.pop("units_per_step")
-    for shape, extra in (("1-sqrt", {}), ("half-life", {"decay_half_life": 5 * units}),
-                         ("mirror-cosine", {}), ("power", {"decay_power": 2.0})):
-        ours = MegawsdParamScheduler(_Opt(), **{**kw, "lr_wsd_decay_style": shape}, units_per_step=units, **extra)
+    for shape, extra in (
+        ("1-sqrt", {}),
+        ("half-life", {"decay_half_life": 5 * units}),
+        ("mirror-cosine", {}),
+        ("power", {"decay_power": 2.0}),
+    ):
+        ours = MegawsdParamScheduler(
+            _Opt(), **{**kw, "lr_wsd_decay_style": shape}, units_per_step=units, **extra
+        )
         sched = ours.schedule()
         for k in range(110):
             assert ours.optimizer.param_groups[0]["lr"] == pytest.approx(sched.lr_at(k), rel=1e-15)
@@ -184,20 +264,30 @@ def test_state_dict_round_trip_and_cross_loading():
     ref = _after(OptimizerParamScheduler, 8 * 75, **_kw())
     sd = ours.state_dict()
     assert sd["wsd_decay_steps"] == 240 and sd["lr_wsd_decay_style"] == "exponential"
-    for loader_cls, state in ((MegawsdParamScheduler, sd), (MegawsdParamScheduler, ref.state_dict()),
-                              (OptimizerParamScheduler, copy.deepcopy(sd))):
-        fresh = loader_cls(_Opt(), **_kw(), **({"units_per_step": 8} if loader_cls is MegawsdParamScheduler else {}))
+    for loader_cls, state in (
+        (MegawsdParamScheduler, sd),
+        (MegawsdParamScheduler, ref.state_dict()),
+        (OptimizerParamScheduler, copy.deepcopy(sd)),
+    ):
+        fresh = loader_cls(
+            _Opt(),
+            **_kw(),
+            **({"units_per_step": 8} if loader_cls is MegawsdParamScheduler else {}),
+        )
         fresh.load_state_dict(state)
         assert fresh.num_steps == 600
         assert [g["lr"] for g in fresh.optimizer.param_groups] == pytest.approx(
-            [g["lr"] for g in ref.optimizer.param_groups], rel=1e-12)
+            [g["lr"] for g in ref.optimizer.param_groups], rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("mode", ["neither", "use_checkpoint", "override"])
 def test_override_semantics_match_megatron(mode):
     saved = _after(OptimizerParamScheduler, 8 * 50, **_kw()).state_dict()
-    flags = dict(use_checkpoint_opt_param_scheduler=mode == "use_checkpoint",
-                 override_opt_param_scheduler=mode == "override")
+    flags = dict(
+        use_checkpoint_opt_param_scheduler=mode == "use_checkpoint",
+        override_opt_param_scheduler=mode == "override",
+    )
     changed = _kw(max_lr=6e-4, lr_decay_steps=8 * 120, **flags)
     ref = OptimizerParamScheduler(_Opt(), **changed)
     ours = MegawsdParamScheduler(_Opt(), **changed, units_per_step=8)
@@ -216,16 +306,29 @@ def test_override_semantics_match_megatron(mode):
 def test_branch_from_megatron_checkpoint():
     """A constant main run saved at iteration 60, branched with a 1-sqrt cooldown of 30
     iterations via --override-opt-param-scheduler: the LRs of a WSD run with that decay."""
-    main_kw = _kw(lr_decay_style="constant", min_lr=0.0, wsd_decay_steps=None, lr_wsd_decay_style=None)
+    main_kw = _kw(
+        lr_decay_style="constant", min_lr=0.0, wsd_decay_steps=None, lr_wsd_decay_style=None
+    )
     main = _after(MegawsdParamScheduler, 8 * 60, **main_kw)
     sd = main.state_dict()
     parent = schedule_from_state_dict(sd)  # in samples (units_per_step 8)
     branch = parent.branch(60, 30, "1-sqrt", min_ratio=0.1)
-    cooldown = MegawsdParamScheduler.from_schedule(_Opt(), branch, start_wd=0.01, units_per_step=8,
-                                                   override_opt_param_scheduler=True)
+    cooldown = MegawsdParamScheduler.from_schedule(
+        _Opt(), branch, start_wd=0.01, units_per_step=8, override_opt_param_scheduler=True
+    )
     cooldown.load_state_dict(sd)
-    wsd = build_schedule(dict(family="wsd", total_steps=90, warmup_steps=10, warmup_init=1e-6 / 3e-4,
-                              decay_steps=30, decay_shape="1-sqrt", min_ratio=0.1, peak_lr=3e-4))
+    wsd = build_schedule(
+        dict(
+            family="wsd",
+            total_steps=90,
+            warmup_steps=10,
+            warmup_init=1e-6 / 3e-4,
+            decay_steps=30,
+            decay_shape="1-sqrt",
+            min_ratio=0.1,
+            peak_lr=3e-4,
+        )
+    )
     for k in range(60, 100):
         assert cooldown.optimizer.param_groups[0]["lr"] == pytest.approx(wsd.lr_at(k), rel=1e-12), k
         cooldown.step(8)
@@ -234,10 +337,12 @@ def test_branch_from_megatron_checkpoint():
     plain = _after(OptimizerParamScheduler, 80, **_kw()).state_dict()
     with pytest.raises(ConfigError, match="wsd_decay_steps = None: Megatron does not save"):
         schedule_from_state_dict(plain)
-    rebuilt = schedule_from_state_dict(plain, wsd_decay_steps=240, lr_wsd_decay_style="exponential",
-                                       init_lr=1e-6)
+    rebuilt = schedule_from_state_dict(
+        plain, wsd_decay_steps=240, lr_wsd_decay_style="exponential", init_lr=1e-6
+    )
     assert rebuilt.factor_units(700) * 3e-4 == pytest.approx(
-        _after(OptimizerParamScheduler, 700, **_kw()).optimizer.param_groups[0]["lr"], rel=1e-12)
+        _after(OptimizerParamScheduler, 700, **_kw()).optimizer.param_groups[0]["lr"], rel=1e-12
+    )
 
 
 # -- schedule-free AdamW in megatron-core's wrappers --------------------------------------------
@@ -273,13 +378,17 @@ def cpu_wrappers(monkeypatch):
 def _config(**kw):
     from megatron.core.optimizer import OptimizerConfig
 
-    return OptimizerConfig(lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99, clip_grad=0.0, **kw)
+    return OptimizerConfig(
+        lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99, clip_grad=0.0, **kw
+    )
 
 
 def _plain(params, **kw):
     from megawsd.optim import ScheduleFreeAdamW
 
-    opt = ScheduleFreeAdamW(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, backend="reference", **kw)
+    opt = ScheduleFreeAdamW(
+        params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, backend="reference", **kw
+    )
     opt.train()
     return opt
 
@@ -297,8 +406,12 @@ def test_fp32_wrapper_steps_equal_plain_optimizer_and_eval_swap(cpu_wrappers):
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     # Megatron tells groups apart by wd_mult/lr_mult (its checkpoint loader matches on them).
-    wrapped = get_megatron_schedule_free_optimizer([{"params": [ps[0]]}, {"params": [ps[1]], "weight_decay": 0.0, "wd_mult": 0.0}],
-                                                   _config(), backend="reference", warmup_steps=2)
+    wrapped = get_megatron_schedule_free_optimizer(
+        [{"params": [ps[0]]}, {"params": [ps[1]], "weight_decay": 0.0, "wd_mult": 0.0}],
+        _config(),
+        backend="reference",
+        warmup_steps=2,
+    )
     plain = _plain([{"params": [qs[0]]}, {"params": [qs[1]], "weight_decay": 0.0}], warmup_steps=2)
     assert type(wrapped).__name__ == "FP32Optimizer"
     for _ in range(4):
@@ -312,7 +425,9 @@ def test_fp32_wrapper_steps_equal_plain_optimizer_and_eval_swap(cpu_wrappers):
     y = [p.detach().clone() for p in ps]
     megatron_eval(wrapped)
     plain.eval()
-    assert all(torch.equal(p, q) for p, q in zip(ps, qs))  # x, the same lerp as the optimizer's eval
+    assert all(
+        torch.equal(p, q) for p, q in zip(ps, qs)
+    )  # x, the same lerp as the optimizer's eval
     with pytest.raises(OptimizerError, match="eval mode"):
         wrapped.step()
     megatron_train(wrapped)
@@ -320,10 +435,17 @@ def test_fp32_wrapper_steps_equal_plain_optimizer_and_eval_swap(cpu_wrappers):
     # Checkpoint through the wrapper: init_state_fn allocates, load fills, steps continue equal.
     sd = copy.deepcopy(wrapped.state_dict())
     rs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    other = get_megatron_schedule_free_optimizer([{"params": [rs[0]]}, {"params": [rs[1]], "weight_decay": 0.0, "wd_mult": 0.0}],
-                                                 _config(), backend="reference", warmup_steps=2)
+    other = get_megatron_schedule_free_optimizer(
+        [{"params": [rs[0]]}, {"params": [rs[1]], "weight_decay": 0.0, "wd_mult": 0.0}],
+        _config(),
+        backend="reference",
+        warmup_steps=2,
+    )
     schedule_free_init_state_fn(other.optimizer)
-    assert torch.equal(other.optimizer.state[rs[0]]["z"], rs[0]) and not other.optimizer.state[rs[0]]["exp_avg_sq"].any()
+    assert (
+        torch.equal(other.optimizer.state[rs[0]]["z"], rs[0])
+        and not other.optimizer.state[rs[0]]["exp_avg_sq"].any()
+    )
     other.load_state_dict(sd)
     g = [torch.randn(s) for s in shapes]
     for p, r, gg in zip(ps, rs, g):
@@ -346,8 +468,9 @@ def test_bf16_wrapper_keeps_fp32_masters_equal_to_plain_optimizer(cpu_wrappers):
     fp32_p = cpu_wrappers(torch.randn(3))  # an fp32 param (e.g. a norm) in the same wrapper
     ref_p = torch.nn.Parameter(w.float())
     ref_q = torch.nn.Parameter(fp32_p.detach().clone())
-    wrapped = get_megatron_schedule_free_optimizer([{"params": [model_p, fp32_p]}], _config(bf16=True),
-                                                   backend="reference")
+    wrapped = get_megatron_schedule_free_optimizer(
+        [{"params": [model_p, fp32_p]}], _config(bf16=True), backend="reference"
+    )
     plain = _plain([{"params": [ref_p, ref_q]}])
     assert type(wrapped).__name__ == "Float16OptimizerWithFloat16Params"
     master = wrapped.fp32_from_float16_groups[0][0]
@@ -357,7 +480,11 @@ def test_bf16_wrapper_keeps_fp32_masters_equal_to_plain_optimizer(cpu_wrappers):
         fp32_p.main_grad, ref_q.grad = h.clone(), h.clone()  # Megatron's DDP fills main_grad
         wrapped.step()
         plain.step()
-    assert torch.equal(master, ref_p) and torch.equal(model_p, ref_p.bfloat16()) and torch.equal(fp32_p, ref_q)
+    assert (
+        torch.equal(master, ref_p)
+        and torch.equal(model_p, ref_p.bfloat16())
+        and torch.equal(fp32_p, ref_q)
+    )
     megatron_eval(wrapped)
     assert torch.equal(master, ref_p)  # the fp32 master still holds y
     plain.eval()
@@ -379,7 +506,9 @@ def test_distributed_optimizer_state_key_mapping_and_config_errors():
     assert slots.keys() == {"param", "exp_avg", "exp_avg_sq"} and slots["exp_avg"] is z
     assert adam_slots_to_sf(slots) == {"param": p, "z": z, "exp_avg_sq": v}
     with pytest.raises(ConfigError, match="decoupled_weight_decay = False"):
-        schedule_free_adamw_from_config([torch.nn.Parameter(torch.zeros(1))], _config(decoupled_weight_decay=False))
+        schedule_free_adamw_from_config(
+            [torch.nn.Parameter(torch.zeros(1))], _config(decoupled_weight_decay=False)
+        )
 
 
 def test_distributed_optimizer_refuses_inner_momentum():

@@ -29,9 +29,9 @@ from megawsd.optim import ScheduleFreeAdamW
 
 BACKENDS = ["reference", "foreach", "compiled", "triton"]
 UPSTREAM = dict(lr=0.3, warmup_steps=5, weight_decay=0.5)  # schedulefree's own test settings
-SF_HAS_INNER_MOMENTUM = "inner_momentum" in inspect.signature(
-    schedulefree.AdamWScheduleFree
-).parameters
+SF_HAS_INNER_MOMENTUM = (
+    "inner_momentum" in inspect.signature(schedulefree.AdamWScheduleFree).parameters
+)
 
 
 def _skip_if_no_triton(backend: str) -> None:
@@ -73,8 +73,19 @@ def _train(opt, params, grads, *, closure: bool = False) -> None:
 # ---------------------------------------------------------------------------- the oracle
 
 
-def oracle(weights, grads, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-           warmup_steps=0, r=0.0, weight_lr_power=2.0, inner_momentum=0.0):
+def oracle(
+    weights,
+    grads,
+    *,
+    lr,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    warmup_steps=0,
+    r=0.0,
+    weight_lr_power=2.0,
+    inner_momentum=0.0,
+):
     """Schedule-free AdamW (schedulefree after 1.4.1, ``inner_momentum`` included) in float64.
 
     Per step t = k + 1 of the group, and per element of every parameter::
@@ -215,9 +226,11 @@ def test_schedulefree_suite_adam(backend):
         for opt in (ours, sf, ref):
             opt.train()
         z_clo = clo.state[clo_p[0]]["z"]
-        for want, z_want in ((sf_p[0], sf.state[sf_p[0]]["z"]),
-                             (ref_p[0], ref.state[ref_p[0]]["z"]),
-                             (clo_p[0].lerp(z_clo, 1 - 0.9), z_clo)):
+        for want, z_want in (
+            (sf_p[0], sf.state[sf_p[0]]["z"]),
+            (ref_p[0], ref.state[ref_p[0]]["z"]),
+            (clo_p[0].lerp(z_clo, 1 - 0.9), z_clo),
+        ):
             check(want, z_want)  # y
 
 
@@ -321,14 +334,16 @@ def test_inner_momentum_matches_schedulefree_wrapper_around_torch_adamw(backend)
     ws = _weights(((3, 2),))
     gs = _grads(ws, 100)
     ours_p, wrap_p = _params(ws), _params(ws)
-    ours = ScheduleFreeAdamW(ours_p, lr=0.3, betas=(beta1, beta2), inner_momentum=mu,
-                             backend=backend)
+    ours = ScheduleFreeAdamW(
+        ours_p, lr=0.3, betas=(beta1, beta2), inner_momentum=mu, backend=backend
+    )
     adamw = torch.optim.AdamW(wrap_p, lr=0.3, betas=(mu, beta2), eps=1e-8, weight_decay=0.0)
     wrap = schedulefree.ScheduleFreeWrapperReference(adamw, momentum=beta1)
     # The wrapper shares AdamW's state dict and fills it first ('z', 'x', 'y'), which would
     # make AdamW skip its own lazy initialisation: create AdamW's state up front.
-    adamw.state[wrap_p[0]].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(ws[0]),
-                                  exp_avg_sq=torch.zeros_like(ws[0]))
+    adamw.state[wrap_p[0]].update(
+        step=torch.tensor(0.0), exp_avg=torch.zeros_like(ws[0]), exp_avg_sq=torch.zeros_like(ws[0])
+    )
     for g in gs:
         _train(ours, ours_p, [g])
         _train(wrap, wrap_p, [g])
@@ -354,8 +369,11 @@ def test_invalid_inner_momentum_names_field(mu):
 def test_inner_momentum_per_group_and_bf16_params_keep_fp32_state():
     ws = _weights(((64,), (9, 3)))
     params = [torch.nn.Parameter(w.bfloat16()) for w in ws]
-    opt = ScheduleFreeAdamW([{"params": params[:1], "inner_momentum": 0.9},
-                             {"params": params[1:]}], lr=0.01, backend="reference")
+    opt = ScheduleFreeAdamW(
+        [{"params": params[:1], "inner_momentum": 0.9}, {"params": params[1:]}],
+        lr=0.01,
+        backend="reference",
+    )
     _train(opt, params, [[g.bfloat16() for g in gs] for gs in _grads(ws, 3)])
     assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
     assert "exp_avg" not in opt.state[params[1]]
@@ -375,13 +393,31 @@ def _upstream_state_dict(ws, gs, cfg) -> dict:
     """The state dict current schedulefree saves after ``gs`` (its key names, from the
     oracle's values): what a user resuming from an upstream run hands us."""
     o = oracle(ws, gs, **cfg)
-    group = dict(lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, r=0.0, k=o["k"],
-                 warmup_steps=cfg["warmup_steps"], train_mode=True, weight_sum=o["weight_sum"],
-                 lr_max=o["lr_max"], scheduled_lr=cfg["lr"], weight_lr_power=2.0,
-                 weight_decay=cfg["weight_decay"], inner_momentum=cfg["inner_momentum"],
-                 foreach=True, params=list(range(len(ws))))
-    state = {i: dict(z=o["z"][i].float(), exp_avg_sq=o["exp_avg_sq"][i].float(),
-                     exp_avg=o["exp_avg"][i].float()) for i in range(len(ws))}
+    group = dict(
+        lr=cfg["lr"],
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        r=0.0,
+        k=o["k"],
+        warmup_steps=cfg["warmup_steps"],
+        train_mode=True,
+        weight_sum=o["weight_sum"],
+        lr_max=o["lr_max"],
+        scheduled_lr=cfg["lr"],
+        weight_lr_power=2.0,
+        weight_decay=cfg["weight_decay"],
+        inner_momentum=cfg["inner_momentum"],
+        foreach=True,
+        params=list(range(len(ws))),
+    )
+    state = {
+        i: dict(
+            z=o["z"][i].float(),
+            exp_avg_sq=o["exp_avg_sq"][i].float(),
+            exp_avg=o["exp_avg"][i].float(),
+        )
+        for i in range(len(ws))
+    }
     return dict(state=state, param_groups=[group]), [y.float() for y in o["y"]]
 
 

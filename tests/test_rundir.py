@@ -31,9 +31,20 @@ def test_tag_round_trip(step):
     assert rundir.step_of(tag) == step
 
 
-@pytest.mark.parametrize("tag", ["step_123", "step_000000001", "step_0000000x", "step_",
-                                 ".tmp_step_00000010", "step_00000010.old", "latest",
-                                 "step_-0000001", "step_ 0000001"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "step_123",
+        "step_000000001",
+        "step_0000000x",
+        "step_",
+        ".tmp_step_00000010",
+        "step_00000010.old",
+        "latest",
+        "step_-0000001",
+        "step_ 0000001",
+    ],
+)
 def test_only_tags_that_tag_for_writes_are_tags(tag):
     # anything else names a step whose tag_for is another directory
     assert rundir.step_of(tag) is None
@@ -90,8 +101,15 @@ def _write_metrics(run, records, tail=""):
 def test_metrics_superseded_record_rule(tmp_path):
     # history A to step 40 (evals at 20 and 40), then a rollback to the step-20 checkpoint
     # re-trains 30 (history B) without truncating the file; a line is being appended
-    a = [_train(10, 4.0), _train(20, 3.0), _eval(20, 3.5), _train(30, 2.0), _eval(30, 2.6),
-         _train(40, 1.0), _eval(40, 1.5)]
+    a = [
+        _train(10, 4.0),
+        _train(20, 3.0),
+        _eval(20, 3.5),
+        _train(30, 2.0),
+        _eval(30, 2.6),
+        _train(40, 1.0),
+        _eval(40, 1.5),
+    ]
     b = [_train(30, 2.2), _eval(30, 2.7)]
     _write_metrics(tmp_path, a + b, tail='{"step": 40, "lo')
     m = rundir.read_metrics(tmp_path)
@@ -106,7 +124,9 @@ def test_metrics_superseded_record_rule(tmp_path):
     assert rundir.drop_superseded(same, kind=lambda r: "loss" in r) == same
     # one kind: a repeated step starts a new history
     assert rundir.drop_superseded([_train(1, 1.0), _train(2, 2.0), _train(2, 3.0)]) == [
-        _train(1, 1.0), _train(2, 3.0)]
+        _train(1, 1.0),
+        _train(2, 3.0),
+    ]
 
 
 # -- atomic_write -----------------------------------------------------------------------------
@@ -115,8 +135,9 @@ def test_metrics_superseded_record_rule(tmp_path):
 def test_atomic_write_is_durable(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync",
-                        lambda fd: synced.append(stat.S_IFMT(os.fstat(fd).st_mode)) or real(fd))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: synced.append(stat.S_IFMT(os.fstat(fd).st_mode)) or real(fd)
+    )
     p = tmp_path / "run.json"
     rundir.atomic_write(p, "one\n")
     assert p.read_text() == "one\n"
@@ -176,8 +197,7 @@ def test_importable_without_torch():
         "import megawsd.rundir, megawsd.errors, megawsd.analysis.runs_tree\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -209,12 +229,28 @@ def test_study_report_and_accounting_apply_the_superseded_record_rule(tmp_path):
     accounting counted the run as done to step 200."""
     study = tmp_path / "study"
     run = study / "runs" / "main"
-    history_a = [_train(50, 4.0), _train(100, 3.0), _eval(100, 3.2), _train(150, 2.5),
-                 _train(200, 2.0), _eval(200, 2.1)]
+    history_a = [
+        _train(50, 4.0),
+        _train(100, 3.0),
+        _eval(100, 3.2),
+        _train(150, 2.5),
+        _train(200, 2.0),
+        _eval(200, 2.1),
+    ]
     history_b = [_train(150, 2.6)]
     _write_metrics(run, history_a + history_b)
-    cells = [{"run": "runs/main", "source": "eval_at", "budget": b, "model": "tiny",
-              "variant": "constant", "lr": 1e-3, "seed": 0} for b in (100, 200)]
+    cells = [
+        {
+            "run": "runs/main",
+            "source": "eval_at",
+            "budget": b,
+            "model": "tiny",
+            "variant": "constant",
+            "lr": 1e-3,
+            "seed": 0,
+        }
+        for b in (100, 200)
+    ]
     (study / "plan.json").write_text(json.dumps({"cells": cells}))
     values = {c["budget"]: c["val_loss"] for c in collect(study)["cells"]}
     assert values == {100: 3.2, 200: None}

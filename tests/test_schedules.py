@@ -26,8 +26,16 @@ from megawsd.schedules.shapes import decay_curve
 
 
 def test_wsd_values_by_hand():
-    s = build_schedule(dict(family="wsd", total_steps=100, warmup_steps=10, decay_steps=20,
-                            decay_shape="1-sqrt", min_ratio=0.1))
+    s = build_schedule(
+        dict(
+            family="wsd",
+            total_steps=100,
+            warmup_steps=10,
+            decay_steps=20,
+            decay_shape="1-sqrt",
+            min_ratio=0.1,
+        )
+    )
     assert s.factor(0) == 0.0
     assert s.factor(5) == pytest.approx(0.5)
     assert s.factor(10) == 1.0 and s.factor(80) == 1.0
@@ -35,27 +43,53 @@ def test_wsd_values_by_hand():
     assert s.factor(100) == pytest.approx(0.1) and s.factor(10_000) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("shape,p,expected", [
-    ("linear", 0.25, 0.75), ("1-sqrt", 0.25, 0.5), ("minus_sqrt", 0.25, 0.5),
-    ("cosine", 0.5, 0.5), ("exponential", 1.0, 0.0), ("exponential", 0.5, 2 * 0.5**0.5 - 1),
-    ("1-square", 0.5, 0.75), ("mirror-cosine", 0.5, 0.5), ("mirror-cosine", 0.25, 1.5 - (1 + math.cos(math.pi / 4)) / 2),
-])
+@pytest.mark.parametrize(
+    "shape,p,expected",
+    [
+        ("linear", 0.25, 0.75),
+        ("1-sqrt", 0.25, 0.5),
+        ("minus_sqrt", 0.25, 0.5),
+        ("cosine", 0.5, 0.5),
+        ("exponential", 1.0, 0.0),
+        ("exponential", 0.5, 2 * 0.5**0.5 - 1),
+        ("1-square", 0.5, 0.75),
+        ("mirror-cosine", 0.5, 0.5),
+        ("mirror-cosine", 0.25, 1.5 - (1 + math.cos(math.pi / 4)) / 2),
+    ],
+)
 def test_decay_curves(shape, p, expected):
     assert decay_curve(shape, p) == pytest.approx(expected, abs=1e-15)
-    assert decay_curve(shape, 0.0) == pytest.approx(1.0) and decay_curve(shape, 1.0) == pytest.approx(0.0, abs=1e-15)
+    assert decay_curve(shape, 0.0) == pytest.approx(1.0) and decay_curve(
+        shape, 1.0
+    ) == pytest.approx(0.0, abs=1e-15)
 
 
 def test_power_half_life_and_warmups():
-    s = build_schedule(dict(family="wsd", total_steps=100, decay_steps=40, decay_shape="power",
-                            power=3.0))
+    s = build_schedule(
+        dict(family="wsd", total_steps=100, decay_steps=40, decay_shape="power", power=3.0)
+    )
     assert s.factor(80) == pytest.approx(1 - 0.5**3)
     # MiniCPM half-life: halves every 10 steps from the decay start, floored at min_ratio.
-    s = build_schedule(dict(family="wsd", total_steps=100, decay_steps=50, decay_shape="half-life",
-                            half_life=10, min_ratio=0.05))
+    s = build_schedule(
+        dict(
+            family="wsd",
+            total_steps=100,
+            decay_steps=50,
+            decay_shape="half-life",
+            half_life=10,
+            min_ratio=0.05,
+        )
+    )
     assert s.factor(60) == pytest.approx(0.5) and s.factor(70) == pytest.approx(0.25)
     assert s.factor(100) == pytest.approx(0.05) and s.factor(200) == pytest.approx(0.05)
-    s = build_schedule(dict(family="constant", warmup_steps=10, warmup_shape="exp", warmup_init=0.01))
-    assert s.factor(0) == pytest.approx(0.01) and s.factor(5) == pytest.approx(0.1) and s.factor(10) == 1.0
+    s = build_schedule(
+        dict(family="constant", warmup_steps=10, warmup_shape="exp", warmup_init=0.01)
+    )
+    assert (
+        s.factor(0) == pytest.approx(0.01)
+        and s.factor(5) == pytest.approx(0.1)
+        and s.factor(10) == 1.0
+    )
     s = build_schedule(dict(family="constant", warmup_steps=10, warmup_shape="cosine"))
     assert s.factor(5) == pytest.approx(0.5) and s.total_steps is None
     s = build_schedule(dict(family="multi-step", total_steps=1000, warmup_steps=100))
@@ -68,8 +102,15 @@ def test_lr_at_and_units_per_step():
     with pytest.raises(ConfigError, match="peak_lr"):
         build_schedule(dict(family="cosine", total_steps=10)).lr_at(3)
     # Sample units: lengths in samples, evaluated at step * units_per_step.
-    a = build_schedule(dict(family="wsd", total_steps=64 * 50, warmup_steps=64 * 5,
-                            decay_steps=64 * 10, units_per_step=64))
+    a = build_schedule(
+        dict(
+            family="wsd",
+            total_steps=64 * 50,
+            warmup_steps=64 * 5,
+            decay_steps=64 * 10,
+            units_per_step=64,
+        )
+    )
     b = build_schedule(dict(family="wsd", total_steps=50, warmup_steps=5, decay_steps=10))
     assert [a.factor(k) for k in range(60)] == [b.factor(k) for k in range(60)]
     assert a.total_steps == 50
@@ -84,9 +125,20 @@ def test_branch_equals_wsd_with_that_decay(shape):
     S, D = 60, 25
     main = build_schedule(dict(family="constant", total_steps=200, warmup_steps=10))
     branch = main.branch(S, D, shape, min_ratio=0.1, **extra)
-    wsd = build_schedule(dict(family="wsd", total_steps=S + D, warmup_steps=10, decay_steps=D,
-                              decay_shape=shape, min_ratio=0.1, **extra))
-    assert [branch.factor(k) for k in range(S + D + 10)] == [wsd.factor(k) for k in range(S + D + 10)]
+    wsd = build_schedule(
+        dict(
+            family="wsd",
+            total_steps=S + D,
+            warmup_steps=10,
+            decay_steps=D,
+            decay_shape=shape,
+            min_ratio=0.1,
+            **extra,
+        )
+    )
+    assert [branch.factor(k) for k in range(S + D + 10)] == [
+        wsd.factor(k) for k in range(S + D + 10)
+    ]
     assert branch.total_steps == S + D
     # A WSD main run branched in its stable phase is the same thing.
     main_wsd = build_schedule(dict(family="wsd", total_steps=200, warmup_steps=10, decay_steps=50))
@@ -121,7 +173,14 @@ def test_branch_below_min_ratio_is_refused():
 
 def test_to_dict_round_trip_every_family():
     configs = [
-        dict(family="wsd", total_steps=100, warmup_steps="5%", decay_steps=0.2, decay_shape="power", power=2),
+        dict(
+            family="wsd",
+            total_steps=100,
+            warmup_steps="5%",
+            decay_steps=0.2,
+            decay_shape="power",
+            power=2,
+        ),
         dict(family="cosine", total_steps=100, warmup_steps=3, warmup_shape="log", min_ratio=0.1),
         dict(family="linear", total_steps=100, peak_lr=1e-3),
         dict(family="constant", warmup_steps=4, warmup_shape="exp", warmup_init=0.1),
@@ -136,8 +195,9 @@ def test_to_dict_round_trip_every_family():
 
 
 def test_lambda_lr_and_deepspeed_scheduler_follow_factor():
-    sched = build_schedule(dict(family="wsd", total_steps=30, warmup_steps=5, decay_steps=10,
-                                min_ratio=0.1))
+    sched = build_schedule(
+        dict(family="wsd", total_steps=30, warmup_steps=5, decay_steps=10, min_ratio=0.1)
+    )
     p = [torch.nn.Parameter(torch.zeros(1))]
     o1 = torch.optim.SGD([{"params": p, "lr": 1e-3}, {"params": [], "lr": 2e-3}])
     o2 = torch.optim.SGD([{"params": p, "lr": 1e-3}, {"params": [], "lr": 2e-3}])
@@ -146,7 +206,11 @@ def test_lambda_lr_and_deepspeed_scheduler_follow_factor():
     for k in range(40):
         f = sched.factor(k)
         assert [g["lr"] for g in o1.param_groups] == pytest.approx([1e-3 * f, 2e-3 * f], rel=1e-15)
-        assert ds.get_last_lr() == [g["lr"] for g in o2.param_groups] == pytest.approx([1e-3 * f, 2e-3 * f])
+        assert (
+            ds.get_last_lr()
+            == [g["lr"] for g in o2.param_groups]
+            == pytest.approx([1e-3 * f, 2e-3 * f])
+        )
         o1.step()
         l1.step()
         ds.step()
@@ -181,13 +245,20 @@ _shape_params = {"power": 1.5, "half_life": 9.0}
 
 @st.composite
 def schedules(draw):
-    family = draw(st.sampled_from(["wsd", "cosine", "linear", "constant", "inverse-sqrt", "multi-step"]))
+    family = draw(
+        st.sampled_from(["wsd", "cosine", "linear", "constant", "inverse-sqrt", "multi-step"])
+    )
     total = draw(st.integers(20, 2000))
     warmup = draw(st.integers(0, total // 4))
     shape = draw(st.sampled_from(WARMUP_SHAPES))
-    cfg = dict(family=family, total_steps=total, warmup_steps=warmup, warmup_shape=shape,
-               warmup_init=draw(st.floats(0.001, 0.5)) if shape == "exp" else 0.0,
-               min_ratio=draw(st.sampled_from([0.0, 0.05, draw(st.floats(0, 1))])))
+    cfg = dict(
+        family=family,
+        total_steps=total,
+        warmup_steps=warmup,
+        warmup_shape=shape,
+        warmup_init=draw(st.floats(0.001, 0.5)) if shape == "exp" else 0.0,
+        min_ratio=draw(st.sampled_from([0.0, 0.05, draw(st.floats(0, 1))])),
+    )
     if shape == "log" and warmup == 1:
         cfg["warmup_steps"] = 2
     if family == "wsd":
@@ -210,7 +281,7 @@ def test_properties_range_monotone(s):
     eps = 1e-12
     assert all(-eps <= v <= 1 + eps for v in values)
     # Warmup: non-decreasing. After warmup: within [min_ratio, 1], non-increasing.
-    assert all(b >= a - eps for a, b in zip(values[:w + 1], values[1:w + 1]))
+    assert all(b >= a - eps for a, b in zip(values[: w + 1], values[1 : w + 1]))
     post = values[w:]
     assert all(c.min_ratio - eps <= v <= 1 + eps for v in post), c
     assert all(b <= a + eps for a, b in zip(post, post[1:])), c
@@ -235,15 +306,20 @@ def test_properties_continuous_at_phase_boundaries(s):
 
 
 @settings(max_examples=60, deadline=None)
-@given(schedules(), st.integers(0, 1000), st.integers(1, 500),
-       st.sampled_from(DECAY_SHAPES))
+@given(schedules(), st.integers(0, 1000), st.integers(1, 500), st.sampled_from(DECAY_SHAPES))
 def test_properties_branch(s, at, decay, shape):
     end = s.total_steps or 500
     at = at % end
     start = s.factor(at)
     ratio = min(start, s.config.min_ratio)
-    b = s.branch(at, decay, shape, min_ratio=ratio, **({"power": 2.0} if shape == "power" else {}),
-                 **({"half_life": 5} if shape == "half-life" else {}))
+    b = s.branch(
+        at,
+        decay,
+        shape,
+        min_ratio=ratio,
+        **({"power": 2.0} if shape == "power" else {}),
+        **({"half_life": 5} if shape == "half-life" else {}),
+    )
     assert all(b.factor(k) == s.factor(k) for k in range(at + 1))
     tail = [b.factor(k) for k in range(at, at + decay + 3)]
     assert all(ratio - 1e-12 <= v <= start + 1e-12 for v in tail)
@@ -254,44 +330,82 @@ def test_properties_branch(s, at, decay, shape):
 # -- validation: each error names the field, the value and the fix ---------------------------
 
 
-@pytest.mark.parametrize("cfg,pattern", [
-    (dict(family="wsd", total_steps=100, decay_steps=150),
-     r"schedule\.decay_steps = 150: decay is longer than the run \(total_steps = 100\); use at most 100"),
-    (dict(family="wsd", total_steps=100, warmup_steps=30, decay_steps=80),
-     r"schedule\.decay_steps = 80: warmup \(30\) \+ decay \(80\) > total_steps \(100\); shorten"),
-    (dict(family="wsd", total_steps=100, warmup_steps=-5),
-     r"schedule\.warmup_steps = -5: must be >= 0"),
-    (dict(family="wsd", total_steps=100, decay_steps=float("nan")),
-     r"schedule\.decay_steps = nan: give a finite number"),
-    (dict(family="cosine", total_steps=-10),
-     r"schedule\.total_steps = -10: must be > 0"),
-    (dict(family="wsd", total_steps=100, min_ratio=float("nan")),
-     r"schedule\.min_ratio = nan: must be a number in \[0, 1\]"),
-    (dict(family="wsd", total_steps=100, decay_shape="sqrt"),
-     r"schedule\.decay_shape = 'sqrt': unknown name; valid: linear, 1-sqrt, cosine, minus_sqrt, "
-     r"exponential, half-life, 1-square, mirror-cosine, power"),
-    (dict(family="wsd", total_steps=100, warmup_shape="quadratic"),
-     r"schedule\.warmup_shape = 'quadratic': unknown name; valid: linear, cosine, 1-sqrt, exp, log"),
-    (dict(family="wsd-ish", total_steps=100),
-     r"schedule\.family = 'wsd-ish': unknown name; valid: wsd, cosine"),
-    (dict(family="wsd", total_steps=100, min_ratio=1.5),
-     r"schedule\.min_ratio = 1\.5: must be a number in \[0, 1\]"),
-    (dict(family="wsd", total_steps=100, min_ratio=-0.1),
-     r"schedule\.min_ratio = -0\.1: must be a number in \[0, 1\]"),
-    (dict(family="cosine", total_steps=100, warmup_steps=100),
-     r"schedule\.warmup_steps = 100: warmup must end before total_steps = 100"),
-    (dict(family="wsd", total_steps=100, decay_steps=12.5),
-     r"schedule\.decay_steps = 12\.5: a float length must be a fraction"),
-    (dict(family="wsd", total_steps=100, decay_shape="power"),
-     r"schedule\.power = None: the 'power' shape"),
-    (dict(family="wsd", total_steps=100, decay_shape="half-life"),
-     r"schedule\.half_life = None: the 'half-life' shape needs half_life"),
-    (dict(family="cosine", total_steps=100, decay_steps=10),
-     r"schedule\.decay_steps = 10: decay_steps belongs to family 'wsd'"),
-    (dict(family="wsd"), r"schedule\.total_steps = None: family 'wsd' needs total_steps"),
-    (dict(family="wsd", total_steps=10, decay_stepz=3), r"schedule\.decay_stepz = 3: unknown schedule field; valid:"),
-    (dict(family="constant", warmup_steps=5, warmup_shape="exp"), r"schedule\.warmup_init = 0\.0: the 'exp' warmup"),
-])
+@pytest.mark.parametrize(
+    "cfg,pattern",
+    [
+        (
+            dict(family="wsd", total_steps=100, decay_steps=150),
+            r"schedule\.decay_steps = 150: decay is longer than the run \(total_steps = 100\); use at most 100",
+        ),
+        (
+            dict(family="wsd", total_steps=100, warmup_steps=30, decay_steps=80),
+            r"schedule\.decay_steps = 80: warmup \(30\) \+ decay \(80\) > total_steps \(100\); shorten",
+        ),
+        (
+            dict(family="wsd", total_steps=100, warmup_steps=-5),
+            r"schedule\.warmup_steps = -5: must be >= 0",
+        ),
+        (
+            dict(family="wsd", total_steps=100, decay_steps=float("nan")),
+            r"schedule\.decay_steps = nan: give a finite number",
+        ),
+        (dict(family="cosine", total_steps=-10), r"schedule\.total_steps = -10: must be > 0"),
+        (
+            dict(family="wsd", total_steps=100, min_ratio=float("nan")),
+            r"schedule\.min_ratio = nan: must be a number in \[0, 1\]",
+        ),
+        (
+            dict(family="wsd", total_steps=100, decay_shape="sqrt"),
+            r"schedule\.decay_shape = 'sqrt': unknown name; valid: linear, 1-sqrt, cosine, minus_sqrt, "
+            r"exponential, half-life, 1-square, mirror-cosine, power",
+        ),
+        (
+            dict(family="wsd", total_steps=100, warmup_shape="quadratic"),
+            r"schedule\.warmup_shape = 'quadratic': unknown name; valid: linear, cosine, 1-sqrt, exp, log",
+        ),
+        (
+            dict(family="wsd-ish", total_steps=100),
+            r"schedule\.family = 'wsd-ish': unknown name; valid: wsd, cosine",
+        ),
+        (
+            dict(family="wsd", total_steps=100, min_ratio=1.5),
+            r"schedule\.min_ratio = 1\.5: must be a number in \[0, 1\]",
+        ),
+        (
+            dict(family="wsd", total_steps=100, min_ratio=-0.1),
+            r"schedule\.min_ratio = -0\.1: must be a number in \[0, 1\]",
+        ),
+        (
+            dict(family="cosine", total_steps=100, warmup_steps=100),
+            r"schedule\.warmup_steps = 100: warmup must end before total_steps = 100",
+        ),
+        (
+            dict(family="wsd", total_steps=100, decay_steps=12.5),
+            r"schedule\.decay_steps = 12\.5: a float length must be a fraction",
+        ),
+        (
+            dict(family="wsd", total_steps=100, decay_shape="power"),
+            r"schedule\.power = None: the 'power' shape",
+        ),
+        (
+            dict(family="wsd", total_steps=100, decay_shape="half-life"),
+            r"schedule\.half_life = None: the 'half-life' shape needs half_life",
+        ),
+        (
+            dict(family="cosine", total_steps=100, decay_steps=10),
+            r"schedule\.decay_steps = 10: decay_steps belongs to family 'wsd'",
+        ),
+        (dict(family="wsd"), r"schedule\.total_steps = None: family 'wsd' needs total_steps"),
+        (
+            dict(family="wsd", total_steps=10, decay_stepz=3),
+            r"schedule\.decay_stepz = 3: unknown schedule field; valid:",
+        ),
+        (
+            dict(family="constant", warmup_steps=5, warmup_shape="exp"),
+            r"schedule\.warmup_init = 0\.0: the 'exp' warmup",
+        ),
+    ],
+)
 def test_validation_messages(cfg, pattern):
     with pytest.raises(ConfigError, match=pattern):
         build_schedule(cfg)

@@ -17,31 +17,81 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_flags_table_and_plot_with_compare(tmp_path, capsys):
     out = tmp_path / "plots" / "lr.png"
-    rc = main(["schedule", "--family", "wsd", "--steps", "1000", "--warmup", "50", "--decay", "20%",
-               "--shape", "1-sqrt", "--min-ratio", "0.1", "--lr", "3e-4", "--plot", str(out),
-               "--compare", "shape=linear", "family=cosine"])
+    rc = main(
+        [
+            "schedule",
+            "--family",
+            "wsd",
+            "--steps",
+            "1000",
+            "--warmup",
+            "50",
+            "--decay",
+            "20%",
+            "--shape",
+            "1-sqrt",
+            "--min-ratio",
+            "0.1",
+            "--lr",
+            "3e-4",
+            "--plot",
+            str(out),
+            "--compare",
+            "shape=linear",
+            "family=cosine",
+        ]
+    )
     assert rc == 0
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
     text = capsys.readouterr().out
-    for needle in ("warmup end", "decay start", "last update", "3e-05", "shape=linear", "family=cosine"):
+    for needle in (
+        "warmup end",
+        "decay start",
+        "last update",
+        "3e-05",
+        "shape=linear",
+        "family=cosine",
+    ):
         assert needle in text
 
 
 def test_json_and_branch_match_the_library(capsys):
-    rc = main(["schedule", "--family", "constant", "--warmup", "10", "--branch", "100:40:linear:0.05",
-               "--json"])
+    rc = main(
+        [
+            "schedule",
+            "--family",
+            "constant",
+            "--warmup",
+            "10",
+            "--branch",
+            "100:40:linear:0.05",
+            "--json",
+        ]
+    )
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
-    expected = build_schedule(dict(family="constant", warmup_steps=10)).branch(100, 40, "linear", 0.05)
+    expected = build_schedule(dict(family="constant", warmup_steps=10)).branch(
+        100, 40, "linear", 0.05
+    )
     assert printed == expected.to_dict()
 
 
 def test_run_config_file_fills_length_and_peak(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "steps": 2000, "optimizer": {"lr": 1e-3},
-        "schedule": {"family": "wsd", "warmup_steps": 100, "decay_steps": 0.1, "decay_shape": "cosine"},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "steps": 2000,
+                "optimizer": {"lr": 1e-3},
+                "schedule": {
+                    "family": "wsd",
+                    "warmup_steps": 100,
+                    "decay_steps": 0.1,
+                    "decay_shape": "cosine",
+                },
+            }
+        )
+    )
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({"family": "linear", "warmup_steps": 100}))  # bare mapping
     rc = main(["schedule", str(cfg), "--json", "--compare", str(other)])
@@ -51,18 +101,34 @@ def test_run_config_file_fills_length_and_peak(tmp_path, capsys):
     assert second["family"] == "linear" and second["total_steps"] == 2000
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--family", "wsd", "--steps", "100", "--decay", "300"],
-     "schedule.decay_steps = 300: decay is longer than the run"),
-    (["--family", "wsd", "--steps", "100", "--shape", "sqrt"],
-     "schedule.decay_shape = 'sqrt': unknown name; valid: linear, 1-sqrt"),
-    (["--family", "wsd", "--steps", "100", "--min-ratio", "2"], "schedule.min_ratio = 2.0: must be"),
-    (["--family", "wsd", "--steps", "100", "--warmup", "ten"], "--warmup = 'ten': give a step count"),
-    (["--family", "cosine"], "--steps = None: family 'cosine' needs the run length"),
-    (["--family", "wsd", "--steps", "100", "--compare", "shape"], "--compare = 'shape': give a config"),
-    (["--family", "constant", "--branch", "100"], "--branch = '100': give AT:DECAY"),
-    (["missing.yaml"], "config = 'missing.yaml': no such file"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--family", "wsd", "--steps", "100", "--decay", "300"],
+            "schedule.decay_steps = 300: decay is longer than the run",
+        ),
+        (
+            ["--family", "wsd", "--steps", "100", "--shape", "sqrt"],
+            "schedule.decay_shape = 'sqrt': unknown name; valid: linear, 1-sqrt",
+        ),
+        (
+            ["--family", "wsd", "--steps", "100", "--min-ratio", "2"],
+            "schedule.min_ratio = 2.0: must be",
+        ),
+        (
+            ["--family", "wsd", "--steps", "100", "--warmup", "ten"],
+            "--warmup = 'ten': give a step count",
+        ),
+        (["--family", "cosine"], "--steps = None: family 'cosine' needs the run length"),
+        (
+            ["--family", "wsd", "--steps", "100", "--compare", "shape"],
+            "--compare = 'shape': give a config",
+        ),
+        (["--family", "constant", "--branch", "100"], "--branch = '100': give AT:DECAY"),
+        (["missing.yaml"], "config = 'missing.yaml': no such file"),
+    ],
+)
 def test_bad_flags_exit_nonzero_with_message(argv, message, capsys):
     assert main(["schedule", *argv]) == 2
     err = capsys.readouterr().err
@@ -71,6 +137,10 @@ def test_bad_flags_exit_nonzero_with_message(argv, message, capsys):
 
 def test_console_command_unknown_flag():
     """The installed entry point: argparse rejects an unknown flag with status 2."""
-    proc = subprocess.run([sys.executable, "-m", "megawsd.cli", "schedule", "--steps", "10", "--bogus"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megawsd.cli", "schedule", "--steps", "10", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

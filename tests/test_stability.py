@@ -26,9 +26,17 @@ from megawsd.train.stability import (
 def test_param_groups_of_llama_names():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=2, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     got = {n: param_group(n) for n, _ in model.named_parameters()}
     assert got == {
         "model.embed_tokens.weight": "embedding",
@@ -129,18 +137,26 @@ def test_log_action_winsorises_and_nan_is_always_an_event():
     ev = fresh.observe(1, StepStats(loss=float("nan"), grad_norm=1.0))
     ev += fresh.observe(2, StepStats(loss=1.0, grad_norm=float("inf")))
     assert [(e.type, e.action, e.detail["nonfinite"]) for e in ev] == [
-        ("nan", "skip", ["loss"]), ("nan", "skip", ["grad_norm"])]
+        ("nan", "skip", ["loss"]),
+        ("nan", "skip", ["grad_norm"]),
+    ]
     assert fresh.loss.count == 0  # nothing non-finite entered the statistics
     rec = ev[1].record()
     assert json.loads(json.dumps(rec))["grad_norm"] == "inf" and rec["type"] == "nan"
 
 
 def test_grad_spike_and_severity():
-    cfg = StabilityConfig(warmup_steps=4, grad_spike={"k": 4, "action": "rollback"},
-                          loss_spike={"k": 4, "action": "skip"})
+    cfg = StabilityConfig(
+        warmup_steps=4,
+        grad_spike={"k": 4, "action": "rollback"},
+        loss_spike={"k": 4, "action": "skip"},
+    )
     mon = StabilityMonitor(cfg)
     for s in range(1, 9):
-        assert mon.observe(s, StepStats(loss=2.0 + 0.01 * (s % 2), grad_norm=1.0 + 0.01 * (s % 3))) == []
+        assert (
+            mon.observe(s, StepStats(loss=2.0 + 0.01 * (s % 2), grad_norm=1.0 + 0.01 * (s % 3)))
+            == []
+        )
     ev = mon.observe(9, StepStats(loss=9.0, grad_norm=50.0))
     assert sorted(e.type for e in ev) == ["grad_spike", "loss_spike"]
     assert decision(ev) == "rollback"

@@ -37,8 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 def faults(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
-    r0, r1 = run_ranks("tests/workers/stability_faults.py", 2,
-                       {"tmp": str(tmp), "data": str(data)}, timeout=420)
+    r0, r1 = run_ranks(
+        "tests/workers/stability_faults.py", 2, {"tmp": str(tmp), "data": str(data)}, timeout=420
+    )
     assert r0["C-enospc"]["error"] == r1["C-enospc"]["error"]
     for summary in r0.values():  # JSON made the step keys strings
         for key in ("losses", "lrs"):
@@ -48,8 +49,11 @@ def faults(tmp_path_factory):
 
 
 def _key_events(summary):
-    return [(e["step"], e["type"], e["action"], e.get("batch")) for e in summary["events"]
-            if e["type"] in ("nan", "loss_spike")]
+    return [
+        (e["step"], e["type"], e["action"], e.get("batch"))
+        for e in summary["events"]
+        if e["type"] in ("nan", "loss_spike")
+    ]
 
 
 def test_skip_and_rollback_train_on_the_declared_batches(faults):
@@ -94,13 +98,11 @@ def test_full_disk_corrupt_checkpoints_and_lock(faults):
     c = r["C-resumed"]
     assert c["error"] is None and c["run"]["status"] == "done"
     assert c["losses"] == ref["losses"]
-    assert c["checkpoints"] == ["step_00000003", "step_00000006", "step_00000009",
-                                "step_00000010"]
+    assert c["checkpoints"] == ["step_00000003", "step_00000006", "step_00000009", "step_00000010"]
     d = r["D-warn"]  # on_save_error: warn: the run goes on without that checkpoint
     assert d["error"] is None and d["run"]["status"] == "done" and d["losses"] == ref["losses"]
     assert d["checkpoints"] == ["step_00000003", "step_00000009", "step_00000010"]
-    assert [(e["step"], e["type"], e["action"]) for e in d["events"]] == [
-        (6, "save_error", "warn")]
+    assert [(e["step"], e["type"], e["action"]) for e in d["events"]] == [(6, "save_error", "warn")]
     c = r["C-corrupt"]  # latest (10) damaged: resumed from 9 with a warning, same result
     assert c["error"] is None and c["losses"] == ref["losses"]
     assert "CheckpointError" in r["C-all-corrupt"]["error"]
@@ -116,8 +118,11 @@ def _rank_process(launcher_pid: int, rank: int):
     for p in psutil.Process(launcher_pid).children(recursive=True):
         try:
             cmd = " ".join(p.cmdline())
-            if "megawsd.train" in cmd and "deepspeed.launcher" not in cmd \
-                    and p.environ().get("RANK") == str(rank):
+            if (
+                "megawsd.train" in cmd
+                and "deepspeed.launcher" not in cmd
+                and p.environ().get("RANK") == str(rank)
+            ):
                 return p
         except psutil.Error:
             continue
@@ -128,10 +133,26 @@ def test_kill_rank_ends_job_then_rerun_resumes_and_matches(faults):
     tmp, data, r = faults
     cfg = tmp / "ref.yaml"  # the uninterrupted run's config, written by the worker
     run = tmp / "killed"
-    cmd = [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--nproc", "2",
-           "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "megawsd.cli",
+        "train",
+        str(cfg),
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=cli_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         kill_at = random.Random().randint(2, 8)
         wait_for_step(run, kill_at, proc, timeout=240.0)
@@ -146,8 +167,9 @@ def test_kill_rank_ends_job_then_rerun_resumes_and_matches(faults):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert ended < 60, f"job took {ended:.0f}s to end after a rank died"
-    rerun = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert "taking over a stale lock" in rerun.stderr
     assert losses(run) == r["ref"]["losses"], f"killed at step {kill_at}"
@@ -163,16 +185,35 @@ def test_kill_9_of_megawsd_train_takes_its_ranks_along(tmp_path_factory):
     data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
     cfg = write_config(tmp / "cfg.yaml", data, steps=2000, checkpoint__interval=1000)
     run = tmp / "run"
-    cmd = [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--nproc", "2",
-           "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "megawsd.cli",
+        "train",
+        str(cfg),
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=cli_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     tree = []
     try:
         wait_for_step(run, 3, proc, timeout=240)
         tree = psutil.Process(proc.pid).children(recursive=True)
-        ranks = [p for p in tree if "megawsd.train" in " ".join(p.cmdline())
-                 and "deepspeed.launcher" not in " ".join(p.cmdline())]
+        ranks = [
+            p
+            for p in tree
+            if "megawsd.train" in " ".join(p.cmdline())
+            and "deepspeed.launcher" not in " ".join(p.cmdline())
+        ]
         assert len(ranks) == 2
         proc.kill()
         proc.wait()
@@ -187,8 +228,14 @@ def test_kill_9_of_megawsd_train_takes_its_ranks_along(tmp_path_factory):
     assert ended < 45, f"ranks took {ended:.0f} s to stop after their parent died"
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "stopped" and 3 <= info["step"] < 2000, info
-    rerun = subprocess.run(cmd + ["--set", f"steps={info['step'] + 2}"], env=cli_env(),
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        cmd + ["--set", f"steps={info['step'] + 2}"],
+        env=cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert f"resumed {run} at step {info['step']}" in rerun.stderr
     assert json.loads((run / "run.json").read_text())["status"] == "done"

@@ -31,8 +31,11 @@ def test_gate_and_group_stats_across_stages():
     z0, z3 = r0["z0-AdamW"], r0["z3-ScheduleFreeAdamW"]
     for a, b in zip(z0["norms"][:2], z3["norms"][:2]):
         assert a == pytest.approx(b, rel=1e-6)
-    assert set(z0["oracle"]) == {f"{k}/{g}" for k in ("update_rms", "param_rms")
-                                 for g in ("embedding", "attention", "mlp", "norm", "head")}
+    assert set(z0["oracle"]) == {
+        f"{k}/{g}"
+        for k in ("update_rms", "param_rms")
+        for g in ("embedding", "attention", "mlp", "norm", "head")
+    }
     for k, v in z0["oracle"].items():
         assert z0["stats"][k] == pytest.approx(v, rel=1e-12), k
     # the first step of AdamW and schedule-free differ, but their param RMS and the shard

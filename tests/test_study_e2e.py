@@ -23,22 +23,40 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _env():
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-                PYTHONPATH=str(REPO), MEGAWSD_NO_BAR="1")
+    return dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=str(REPO),
+        MEGAWSD_NO_BAR="1",
+    )
 
 
 def _study_yaml(tmp: Path, data: Path) -> Path:
     spec = {
         "name": "mini",
-        "base": {"model": "tiny", "data": str(data), "seq_len": 32, "global_batch_size": 8,
-                 "micro_batch_size": 8, "optimizer": {"type": "adamw", "weight_decay": 0.0},
-                 "eval": {"interval": 4, "batches": 2, "batch_size": 8},
-                 "checkpoint": {"interval": 2, "keep_last": 1},
-                 "logging": {"interval": 1, "tensorboard": False, "progress": False},
-                 "deepspeed": {"zero_stage": 0}},
-        "budgets": [8, 12], "warmup": 2, "lrs": [3e-3], "seeds": [0],
-        "arms": [{"kind": "wsd", "shapes": ["1-sqrt"], "decay_fractions": [0.25]},
-                 {"kind": "constant"}, {"kind": "swa", "window": 0.5, "every": 2}],
+        "base": {
+            "model": "tiny",
+            "data": str(data),
+            "seq_len": 32,
+            "global_batch_size": 8,
+            "micro_batch_size": 8,
+            "optimizer": {"type": "adamw", "weight_decay": 0.0},
+            "eval": {"interval": 4, "batches": 2, "batch_size": 8},
+            "checkpoint": {"interval": 2, "keep_last": 1},
+            "logging": {"interval": 1, "tensorboard": False, "progress": False},
+            "deepspeed": {"zero_stage": 0},
+        },
+        "budgets": [8, 12],
+        "warmup": 2,
+        "lrs": [3e-3],
+        "seeds": [0],
+        "arms": [
+            {"kind": "wsd", "shapes": ["1-sqrt"], "decay_fractions": [0.25]},
+            {"kind": "constant"},
+            {"kind": "swa", "window": 0.5, "every": 2},
+        ],
     }
     f = tmp / "mini.yaml"
     f.write_text(yaml.safe_dump(spec))
@@ -60,8 +78,15 @@ def test_mini_study_kill_resume_accounting_report(tmp_path):
     main = out / "runs" / "main-lr0.003-s0"
     first_branch = main / "branches" / "wsd-1-sqrt-f0.25-T8"
 
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     t0 = time.time()
     while not (_status(main) == "done" and (first_branch / "run.json").exists()):
         assert proc.poll() is None, f"study ended early: {proc.stderr.read()[-3000:]}"
@@ -76,8 +101,9 @@ def test_mini_study_kill_resume_accounting_report(tmp_path):
     refused = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
-    done = subprocess.run(cmd + ["--resume"], env=_env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        cmd + ["--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "1 of 3 runs done, 2 to run" in done.stderr
     # the finished main run was not retrained: its files are byte-identical
@@ -102,8 +128,14 @@ def test_mini_study_kill_resume_accounting_report(tmp_path):
         assert abs(a["last_snapshot_val_loss"] - a["recorded_val_loss"]) < 1e-4
     # the report regenerates from saved results alone
     before = {c["variant"] + str(c["budget"]): c["val_loss"] for c in res["cells"]}
-    rep = subprocess.run([sys.executable, "-m", "megawsd.cli", "study", "report", str(out)],
-                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    rep = subprocess.run(
+        [sys.executable, "-m", "megawsd.cli", "study", "report", str(out)],
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rep.returncode == 0, rep.stderr[-3000:]
     res2 = json.loads((out / "results.json").read_text())
     assert {c["variant"] + str(c["budget"]): c["val_loss"] for c in res2["cells"]} == before

@@ -13,8 +13,14 @@ from megawsd.study.spec import spec_from_dict
 
 BUDGETS = [100, 200, 400, 800, 1600]
 TPS = 256  # 8 x 32
-OFFSET = {"cosine": 0.10, "wsd/1-sqrt/0.2": 0.08, "wsd/linear/0.2": 0.09, "constant": 0.30,
-          "schedule-free": 0.12, "swa": 0.20}
+OFFSET = {
+    "cosine": 0.10,
+    "wsd/1-sqrt/0.2": 0.08,
+    "wsd/linear/0.2": 0.09,
+    "constant": 0.30,
+    "schedule-free": 0.12,
+    "swa": 0.20,
+}
 E, B, BETA = 2.0, 60.0, 0.35
 
 
@@ -27,13 +33,29 @@ def law(variant, T, lr, seed):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     d = tmp_path_factory.mktemp("study")
-    spec = spec_from_dict({
-        "name": "synthetic",
-        "base": {"model": "tiny", "data": "data/x", "seq_len": 32, "global_batch_size": 8,
-                 "micro_batch_size": 8},
-        "budgets": BUDGETS, "warmup": 10, "lrs": [1e-3, 3e-3, 9e-3], "seeds": [0, 1],
-        "arms": ["cosine", {"kind": "wsd", "shapes": ["1-sqrt", "linear"]}, "constant",
-                 {"kind": "schedule-free", "decay_fractions": [0]}, {"kind": "swa", "every": 20}]})
+    spec = spec_from_dict(
+        {
+            "name": "synthetic",
+            "base": {
+                "model": "tiny",
+                "data": "data/x",
+                "seq_len": 32,
+                "global_batch_size": 8,
+                "micro_batch_size": 8,
+            },
+            "budgets": BUDGETS,
+            "warmup": 10,
+            "lrs": [1e-3, 3e-3, 9e-3],
+            "seeds": [0, 1],
+            "arms": [
+                "cosine",
+                {"kind": "wsd", "shapes": ["1-sqrt", "linear"]},
+                "constant",
+                {"kind": "schedule-free", "decay_fractions": [0]},
+                {"kind": "swa", "every": 20},
+            ],
+        }
+    )
     plan = make_plan(spec)
     (d / "plan.json").write_text(json.dumps(plan.to_json()))
     # write every run as `train` would, with metrics consistent with each cell
@@ -42,28 +64,52 @@ def study(tmp_path_factory):
         p.mkdir(parents=True)
         (p / "config.yaml").write_text(yaml.safe_dump(r.config or {"steps": r.steps}))
         cells = [c for c in plan.cells if c.run == r.name]
-        recs = [{"step": s, "tokens": s * TPS, "loss": 5.0 - s / 1000, "lr": r.lr}
-                for s in range(r.start + 1, r.steps + 1)]
+        recs = [
+            {"step": s, "tokens": s * TPS, "loss": 5.0 - s / 1000, "lr": r.lr}
+            for s in range(r.start + 1, r.steps + 1)
+        ]
         final = None
         for c in cells:
             v = law(c.variant, c.budget, c.lr, c.seed)
             if c.source == "final":
                 final = v
             elif c.source == "eval_at":
-                recs.append({"step": c.budget, "tokens": c.budget * TPS, "val_loss": v,
-                             "val_ppl": math.exp(v), "eval_mode": "params"})
+                recs.append(
+                    {
+                        "step": c.budget,
+                        "tokens": c.budget * TPS,
+                        "val_loss": v,
+                        "val_ppl": math.exp(v),
+                        "eval_mode": "params",
+                    }
+                )
             else:
                 f = d / c.average["file"]
                 f.parent.mkdir(exist_ok=True)
-                f.write_text(json.dumps({"kind": "swa", "steps": c.average["steps"], "decay": None,
-                                         "snapshots": len(c.average["steps"]), "val_loss": v,
-                                         "last_snapshot_val_loss": v + 0.1,
-                                         "recorded_val_loss": v + 0.1}))
+                f.write_text(
+                    json.dumps(
+                        {
+                            "kind": "swa",
+                            "steps": c.average["steps"],
+                            "decay": None,
+                            "snapshots": len(c.average["steps"]),
+                            "val_loss": v,
+                            "last_snapshot_val_loss": v + 0.1,
+                            "recorded_val_loss": v + 0.1,
+                        }
+                    )
+                )
         recs.sort(key=lambda x: x["step"])
         (p / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
-        info = {"name": p.name, "kind": "branch" if r.parent else "main", "status": "done",
-                "step": r.steps, "total_steps": r.steps, "tokens_per_step": TPS,
-                "final": {"val_loss": final, "step": r.steps, "tokens": r.steps * TPS}}
+        info = {
+            "name": p.name,
+            "kind": "branch" if r.parent else "main",
+            "status": "done",
+            "step": r.steps,
+            "total_steps": r.steps,
+            "tokens_per_step": TPS,
+            "final": {"val_loss": final, "step": r.steps, "tokens": r.steps * TPS},
+        }
         (p / "run.json").write_text(json.dumps(info))
     return d, plan
 

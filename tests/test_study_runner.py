@@ -20,8 +20,13 @@ from megawsd.study.plan import make_plan
 from megawsd.study.spec import spec_from_dict
 from megawsd.train.config import from_dict
 
-BASE = {"model": "tiny", "data": "data/none", "seq_len": 32, "global_batch_size": 8,
-        "micro_batch_size": 8}
+BASE = {
+    "model": "tiny",
+    "data": "data/none",
+    "seq_len": 32,
+    "global_batch_size": 8,
+    "micro_batch_size": 8,
+}
 
 CHILD = """
 import json, os, pathlib, signal, sys, time
@@ -44,9 +49,17 @@ sys.exit(code)
 @pytest.fixture()
 def plan():
     # a main with one WSD branch (at 3, decay 1), its constant cell, and a cosine run
-    return make_plan(spec_from_dict({
-        "base": dict(BASE), "budgets": [4], "warmup": 1, "lrs": [1e-3],
-        "arms": [{"kind": "wsd", "decay_fractions": [0.25]}, "constant", "cosine"]}))
+    return make_plan(
+        spec_from_dict(
+            {
+                "base": dict(BASE),
+                "budgets": [4],
+                "warmup": 1,
+                "lrs": [1e-3],
+                "arms": [{"kind": "wsd", "decay_fractions": [0.25]}, "constant", "cosine"],
+            }
+        )
+    )
 
 
 @pytest.fixture()
@@ -59,8 +72,16 @@ def fake_runs(monkeypatch, tmp_path):
         if r.kind == "train":  # the runner wrote the run's config for `megawsd train`
             assert yaml.safe_load(config_file.read_text()) == r.config
         code = codes.get(r.name, 0)
-        return [sys.executable, "-c", CHILD, str(study_dir / r.path), str(r.steps), str(code),
-                str(started), stored_config(r)]
+        return [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(study_dir / r.path),
+            str(r.steps),
+            str(code),
+            str(started),
+            stored_config(r),
+        ]
 
     monkeypatch.setattr(runner, "_command", command)
     return started, codes
@@ -88,8 +109,11 @@ def started_runs(started: Path) -> list[str]:
 def test_runs_in_plan_order_then_skips_what_is_done(plan, fake_runs, tmp_path):
     started, _ = fake_runs
     names = [r.name for r in plan.runs]
-    assert names == ["runs/main-lr0.001-s0", "runs/main-lr0.001-s0/branches/wsd-1-sqrt-f0.25-T4",
-                     "runs/cosine-T4-lr0.001-s0"]
+    assert names == [
+        "runs/main-lr0.001-s0",
+        "runs/main-lr0.001-s0/branches/wsd-1-sqrt-f0.25-T4",
+        "runs/cosine-T4-lr0.001-s0",
+    ]
     study = tmp_path / "study"
     res = runner.execute(plan, study)
     assert res == {"skipped": [], "ran": names, "todo": []}
@@ -97,7 +121,9 @@ def test_runs_in_plan_order_then_skips_what_is_done(plan, fake_runs, tmp_path):
     log = (study / "logs" / "main-lr0.001-s0--wsd-1-sqrt-f0.25-T4.log").read_text()
     assert log.startswith(f"\n$ {sys.executable} -c ") and "child of wsd-1-sqrt-f0.25-T4" in log
     assert sorted(p.name for p in (study / "plan").iterdir()) == [
-        "cosine-T4-lr0.001-s0.yaml", "main-lr0.001-s0.yaml"]
+        "cosine-T4-lr0.001-s0.yaml",
+        "main-lr0.001-s0.yaml",
+    ]
     # everything done: nothing runs again
     assert runner.execute(plan, study) == {"skipped": sorted(names), "ran": [], "todo": []}
     assert len(started_runs(started)) == 3
@@ -108,8 +134,11 @@ def test_dry_run_lists_the_missing_runs(plan, fake_runs, tmp_path):
     study = tmp_path / "study"
     finish(study, plan.runs[0])
     res = runner.execute(plan, study, dry_run=True)
-    assert res == {"skipped": [plan.runs[0].name], "ran": [],
-                   "todo": [plan.runs[1].name, plan.runs[2].name]}
+    assert res == {
+        "skipped": [plan.runs[0].name],
+        "ran": [],
+        "todo": [plan.runs[1].name, plan.runs[2].name],
+    }
     assert started_runs(started) == []
 
 
@@ -130,8 +159,10 @@ def test_a_failed_run_stops_the_study_with_its_log(plan, fake_runs, tmp_path):
     log = study / "logs" / "main-lr0.001-s0.log"
     with pytest.raises(MegawsdError) as err:
         runner.execute(plan, study)
-    assert str(err.value) == (f"run 'runs/main-lr0.001-s0' failed (exit 3); see {log}; fix it "
-                              "and rerun the study with --resume (finished runs are kept)")
+    assert str(err.value) == (
+        f"run 'runs/main-lr0.001-s0' failed (exit 3); see {log}; fix it "
+        "and rerun the study with --resume (finished runs are kept)"
+    )
     assert started_runs(started) == ["main-lr0.001-s0"]  # nothing after it was started
 
 
@@ -140,11 +171,22 @@ def test_a_finished_run_with_another_config_is_refused(plan, fake_runs, tmp_path
     study = tmp_path / "study"
     finish(study, plan.runs[0])
     # the same study with a longer warmup: the finished main's schedule is not the planned one
-    changed = make_plan(spec_from_dict({
-        "base": dict(BASE), "budgets": [4], "warmup": 2, "lrs": [1e-3],
-        "arms": [{"kind": "wsd", "decay_fractions": [0.25]}, "constant", "cosine"]}))
-    with pytest.raises(ConfigError, match=r"main-lr0.001-s0': a finished run with another "
-                                          r"config \(schedule\) than the study plans"):
+    changed = make_plan(
+        spec_from_dict(
+            {
+                "base": dict(BASE),
+                "budgets": [4],
+                "warmup": 2,
+                "lrs": [1e-3],
+                "arms": [{"kind": "wsd", "decay_fractions": [0.25]}, "constant", "cosine"],
+            }
+        )
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"main-lr0.001-s0': a finished run with another "
+        r"config \(schedule\) than the study plans",
+    ):
         runner.execute(changed, study)
     assert started_runs(started) == []
 
@@ -152,8 +194,11 @@ def test_a_finished_run_with_another_config_is_refused(plan, fake_runs, tmp_path
 def test_a_signal_stops_the_runs_and_the_study(plan, fake_runs, tmp_path):
     started, codes = fake_runs
     codes[plan.runs[0].name] = 99  # its child sends the study SIGTERM, as a scheduler would
-    with pytest.raises(MegawsdError, match=r"^study 'study': stopped by a signal; rerun with "
-                                           r"--resume"):
+    with pytest.raises(
+        MegawsdError,
+        match=r"^study 'study': stopped by a signal; rerun with "
+        r"--resume",
+    ):
         runner.execute(plan, tmp_path / "study")
     assert started_runs(started) == ["main-lr0.001-s0"]
 
@@ -165,7 +210,10 @@ def test_a_branch_whose_parent_has_no_checkpoint_is_refused(plan, fake_runs, tmp
     main.mkdir(parents=True)  # started, not done, and no checkpoint at the branch step
     (main / "run.json").write_text(json.dumps({"status": "running", "step": 2}))
     only_branch = type(plan)(**{**plan.__dict__, "runs": plan.runs[1:2]})
-    with pytest.raises(MegawsdError, match=r"run 'runs/main-lr0.001-s0/branches/wsd-1-sqrt-f0.25"
-                                           r"-T4': its parent has no checkpoint at step 3; rerun"):
+    with pytest.raises(
+        MegawsdError,
+        match=r"run 'runs/main-lr0.001-s0/branches/wsd-1-sqrt-f0.25"
+        r"-T4': its parent has no checkpoint at step 3; rerun",
+    ):
         runner.execute(only_branch, study)
     assert started_runs(started) == []

@@ -7,32 +7,51 @@ from megawsd.study.accounting import study_totals, variant_costs
 from megawsd.study.plan import make_plan
 from megawsd.study.spec import spec_from_dict
 
-BASE = {"model": "tiny", "data": "data/none", "seq_len": 32, "global_batch_size": 8,
-        "micro_batch_size": 8}
+BASE = {
+    "model": "tiny",
+    "data": "data/none",
+    "seq_len": 32,
+    "global_batch_size": 8,
+    "micro_batch_size": 8,
+}
 
 
 def spec(**kw):
-    raw = {"base": dict(BASE), "budgets": [100, 200], "warmup": 10, "lrs": [1e-3, 3e-3],
-           "arms": [{"kind": "wsd", "shapes": ["1-sqrt", "linear"], "decay_fractions": [0.1, 0.2]},
-                    {"kind": "cosine"}, {"kind": "sf", "decay_fractions": [0, 0.2]},
-                    "constant", {"kind": "swa", "window": 0.2, "every": 10}]}
+    raw = {
+        "base": dict(BASE),
+        "budgets": [100, 200],
+        "warmup": 10,
+        "lrs": [1e-3, 3e-3],
+        "arms": [
+            {"kind": "wsd", "shapes": ["1-sqrt", "linear"], "decay_fractions": [0.1, 0.2]},
+            {"kind": "cosine"},
+            {"kind": "sf", "decay_fractions": [0, 0.2]},
+            "constant",
+            {"kind": "swa", "window": 0.2, "every": 10},
+        ],
+    }
     raw.update(kw)
     return spec_from_dict(raw)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"arms": [{"kind": "cosine", "shapes": ["1-sqrt"]}]}, r"arms\[0\]\.shapes.*unknown key"),
-    ({"arms": [{"kind": "wsd", "shapes": ["1-sqrt"], "decay_fractions": [1.5]}]},
-     r"arms\[0\]\.decay_fractions = \[1\.5\].*\(0, 1\)"),
-    ({"arms": [{"kind": "wsd", "shapes": ["cosinus"]}]}, r"unknown decay shape"),
-    ({"arms": [{"kind": "cosin"}]}, r"did you mean 'cosine'"),
-    ({"arms": ["cosine", "cosine"]}, r"more than once.*distinct `name`"),
-    ({"lrs": [0.0]}, r"lrs = \[0\.0\].*> 0"),
-    ({"budgets": None}, r"exactly one of `budgets`"),
-    ({"base": {**BASE, "steps": 10}}, r"remove \['steps'\] from the base"),
-    ({"base": {**BASE, "seq_lenn": 10}}, r"seq_lenn"),
-    ({"budget": [1]}, r"budget = \[1\]: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"arms": [{"kind": "cosine", "shapes": ["1-sqrt"]}]}, r"arms\[0\]\.shapes.*unknown key"),
+        (
+            {"arms": [{"kind": "wsd", "shapes": ["1-sqrt"], "decay_fractions": [1.5]}]},
+            r"arms\[0\]\.decay_fractions = \[1\.5\].*\(0, 1\)",
+        ),
+        ({"arms": [{"kind": "wsd", "shapes": ["cosinus"]}]}, r"unknown decay shape"),
+        ({"arms": [{"kind": "cosin"}]}, r"did you mean 'cosine'"),
+        ({"arms": ["cosine", "cosine"]}, r"more than once.*distinct `name`"),
+        ({"lrs": [0.0]}, r"lrs = \[0\.0\].*> 0"),
+        ({"budgets": None}, r"exactly one of `budgets`"),
+        ({"base": {**BASE, "steps": 10}}, r"remove \['steps'\] from the base"),
+        ({"base": {**BASE, "seq_lenn": 10}}, r"seq_lenn"),
+        ({"budget": [1]}, r"budget = \[1\]: unknown key"),
+    ],
+)
 def test_bad_specs_name_field_value_fix(change, match):
     with pytest.raises(ConfigError, match=match):
         spec(**change)
@@ -62,7 +81,12 @@ def test_plan_shares_one_main_per_lr_seed_and_branches_exactly():
     assert all(T % m.config["eval"]["interval"] == 0 for T in p.budgets)
     # cosine: a full run per budget and LR, with its horizon
     cos = [r for r in p.runs if r.role == "from-scratch"]
-    assert sorted((r.steps, r.lr) for r in cos) == [(100, 1e-3), (100, 3e-3), (200, 1e-3), (200, 3e-3)]
+    assert sorted((r.steps, r.lr) for r in cos) == [
+        (100, 1e-3),
+        (100, 3e-3),
+        (200, 1e-3),
+        (200, 3e-3),
+    ]
     assert all(r.config["schedule"]["total_steps"] == r.steps for r in cos)
     # schedule-free: one run per LR, the SF optimizer, evaluated at both budgets
     sf = [r for r in p.runs if r.role == "schedule-free"]
@@ -80,8 +104,12 @@ def test_accounting_counts_shared_main_once():
     plan = p.to_json()
     costs = variant_costs(plan)
     # WSD: main to the last branch point (160) once, + cooldowns 20 + 40
-    assert costs["wsd/1-sqrt/0.2"][-1] == {"budget": 200, "spent_steps": 160 + 20 + 40,
-                                          "scratch_steps": 300, "saving": 1 - 220 / 300}
+    assert costs["wsd/1-sqrt/0.2"][-1] == {
+        "budget": 200,
+        "spent_steps": 160 + 20 + 40,
+        "scratch_steps": 300,
+        "saving": 1 - 220 / 300,
+    }
     assert costs["cosine"][-1]["spent_steps"] == 300 and costs["cosine"][-1]["saving"] == 0
     tot = study_totals(plan, params={"tiny": {"total": 1000}})
     t = tot["total"]
@@ -96,7 +124,12 @@ def test_token_budgets_convert_to_steps():
 
 
 def test_multi_model_runs_are_prefixed():
-    p = make_plan(spec(models=["tiny", {"preset": "tiny", "overrides": {"hidden_size": 32}}],
-                       lrs=[1e-3], arms=["cosine"]))
+    p = make_plan(
+        spec(
+            models=["tiny", {"preset": "tiny", "overrides": {"hidden_size": 32}}],
+            lrs=[1e-3],
+            arms=["cosine"],
+        )
+    )
     assert p.models == ["tiny", "tiny-h32"]
     assert {r.name.split("/")[1].split("-cosine")[0] for r in p.runs} == {"tiny", "tiny-h32"}

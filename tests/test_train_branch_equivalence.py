@@ -15,8 +15,12 @@ def test_branch_equals_single_wsd_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("equiv")
     data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
     combos = [["adamw", 1], ["adamw", 3], ["schedule_free_adamw", 1], ["schedule_free_adamw", 3]]
-    res = run_ranks("tests/workers/train_equivalence.py", 2, timeout=600,
-                    args={"tmp": str(tmp), "data": str(data), "S": S, "D": D, "combos": combos})
+    res = run_ranks(
+        "tests/workers/train_equivalence.py",
+        2,
+        timeout=600,
+        args={"tmp": str(tmp), "data": str(data), "S": S, "D": D, "combos": combos},
+    )
     assert res[0] == res[1] or all(res[0][k]["wsd"] == res[1][k]["wsd"] for k in res[0])
     for key, r in res[0].items():
         main, branch, wsd = r["main"], r["branch"], r["wsd"]

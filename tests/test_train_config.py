@@ -15,8 +15,14 @@ from megawsd.train.launcher import launcher_command
 from megawsd.train.run import check_same_run
 from megawsd.train.rundir import STATE_FILE, RunDir
 
-BASE = {"model": "tiny", "data": "data/x", "seq_len": 32, "global_batch_size": 8,
-        "micro_batch_size": 2, "steps": 10}
+BASE = {
+    "model": "tiny",
+    "data": "data/x",
+    "seq_len": 32,
+    "global_batch_size": 8,
+    "micro_batch_size": 2,
+    "steps": 10,
+}
 
 
 def cfg_of(**changes):
@@ -75,8 +81,15 @@ def test_token_budget_becomes_steps_once():
 
 
 def test_overrides_and_yaml_file(tmp_path):
-    raw = apply_overrides(BASE, ["optimizer.lr=1e-3", "model.preset=demo", "deepspeed.zero_stage=3",
-                                 "checkpoint.at=[4, 8]"])
+    raw = apply_overrides(
+        BASE,
+        [
+            "optimizer.lr=1e-3",
+            "model.preset=demo",
+            "deepspeed.zero_stage=3",
+            "checkpoint.at=[4, 8]",
+        ],
+    )
     cfg = from_dict(raw)
     assert cfg.optimizer.lr == 1e-3 and cfg.model.preset == "demo"
     assert cfg.deepspeed.zero_stage == 3 and cfg.checkpoint.at == [4, 8]
@@ -93,8 +106,16 @@ def test_overrides_and_yaml_file(tmp_path):
 
 
 def test_deepspeed_block_merging(tmp_path):
-    ds = deepspeed_config(cfg_of(deepspeed={"zero_stage": 3, "zero_optimization": {
-        "stage3_param_persistence_threshold": 0}}, precision="bf16"), world_size=2)
+    ds = deepspeed_config(
+        cfg_of(
+            deepspeed={
+                "zero_stage": 3,
+                "zero_optimization": {"stage3_param_persistence_threshold": 0},
+            },
+            precision="bf16",
+        ),
+        world_size=2,
+    )
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
@@ -106,8 +127,15 @@ def test_deepspeed_block_merging(tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.scheduler"):
         deepspeed_config(cfg_of(deepspeed={"scheduler": {"type": "WarmupLR"}}), world_size=1)
     js = tmp_path / "ds.json"
-    js.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 2},
-                              "bf16": {"enabled": "auto"}}))
+    js.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "zero_optimization": {"stage": 2},
+                "bf16": {"enabled": "auto"},
+            }
+        )
+    )
     ds = deepspeed_config(cfg_of(deepspeed={"config": str(js)}), world_size=1)
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 8
     assert ds["bf16"]["enabled"] is False
@@ -118,17 +146,25 @@ def test_deepspeed_precision_sections_agree_with_the_run_config():
     """DeepSpeed's ``bfloat16`` alias is folded into ``bf16`` (DeepSpeed reads ``bf16`` first,
     so next to megawsd's section the alias was ignored), and an ``enabled`` that contradicts
     ``precision`` is refused instead of training silently in another precision."""
-    ds = deepspeed_config(cfg_of(deepspeed={"bfloat16": {"enabled": True,
-                                                         "immediate_grad_update": True}},
-                                 precision="bf16"), world_size=1)
+    ds = deepspeed_config(
+        cfg_of(
+            deepspeed={"bfloat16": {"enabled": True, "immediate_grad_update": True}},
+            precision="bf16",
+        ),
+        world_size=1,
+    )
     assert "bfloat16" not in ds
     assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
-    with pytest.raises(ConfigError, match=r"deepspeed.bf16.enabled = True: conflicts with "
-                                          r"precision = 'fp32'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"deepspeed.bf16.enabled = True: conflicts with "
+        r"precision = 'fp32'",
+    ):
         deepspeed_config(cfg_of(deepspeed={"bfloat16": {"enabled": True}}), world_size=1)
     with pytest.raises(ConfigError, match=r"deepspeed.fp16.enabled = False: conflicts"):
-        deepspeed_config(cfg_of(deepspeed={"fp16": {"enabled": False}}, precision="fp16"),
-                         world_size=1)
+        deepspeed_config(
+            cfg_of(deepspeed={"fp16": {"enabled": False}}, precision="fp16"), world_size=1
+        )
 
 
 def test_fp16_at_zero_stage_0_is_refused_by_name():
@@ -146,8 +182,14 @@ def test_shipped_configs_validate():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    run_configs = ["demo-cpu.yaml", "tiny-test.yaml", "llama-125m.yaml", "llama-350m.yaml",
-                   "llama-1b.yaml", "llama-7b.yaml"]  # (study-*.yaml are `megawsd study` configs)
+    run_configs = [
+        "demo-cpu.yaml",
+        "tiny-test.yaml",
+        "llama-125m.yaml",
+        "llama-350m.yaml",
+        "llama-1b.yaml",
+        "llama-7b.yaml",
+    ]  # (study-*.yaml are `megawsd study` configs)
     for name in run_configs:
         p = root / name
         cfg = load_config(p)
@@ -169,8 +211,11 @@ def test_model_presets_and_config_json(tmp_path):
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         model_config(ModelConfig(preset="tiny"), vocab_size=320, seq_len=4096)
     c.save_pretrained(tmp_path)
-    again = model_config(ModelConfig(config=str(tmp_path / "config.json"),
-                                     overrides={"num_hidden_layers": 1}), 999, 32)
+    again = model_config(
+        ModelConfig(config=str(tmp_path / "config.json"), overrides={"num_hidden_layers": 1}),
+        999,
+        32,
+    )
     assert again.num_hidden_layers == 1 and again.vocab_size == 999
     with pytest.raises(ConfigError, match="no such field"):
         model_config(ModelConfig(preset="tiny", overrides={"hiden_size": 3}), 320, 32)
@@ -238,9 +283,14 @@ def test_launcher_commands():
     assert cmd[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "1234"
     assert cmd[-5:] == ["--module", "megawsd.train", "c.yaml", "--run-dir", "r"]
-    multi = launcher_command(["c.yaml"], hostfile="hosts", no_ssh=True, node_rank=1,
-                             master_addr="10.0.0.1")
-    assert "--hostfile" in multi and "--no_ssh" in multi and multi[multi.index("--node_rank") + 1] == "1"
+    multi = launcher_command(
+        ["c.yaml"], hostfile="hosts", no_ssh=True, node_rank=1, master_addr="10.0.0.1"
+    )
+    assert (
+        "--hostfile" in multi
+        and "--no_ssh" in multi
+        and multi[multi.index("--node_rank") + 1] == "1"
+    )
     assert "--num_gpus" not in multi
 
 

@@ -26,11 +26,19 @@ STEPS = 24
 
 
 def megawsd(*args, check=True, timeout=400):
-    proc = subprocess.run([sys.executable, "-m", "megawsd.cli", *map(str, args)], env=cli_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megawsd.cli", *map(str, args)],
+        env=cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"megawsd {' '.join(map(str, args))} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"megawsd {' '.join(map(str, args))} exited {proc.returncode}:\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -47,13 +55,21 @@ def _tree_digest(path: Path) -> str:
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
-    cfg = write_config(tmp / "run.yaml", data, steps=STEPS, optimizer__type="schedule_free_adamw",
-                       optimizer__params={"backend": "foreach"},
-                       # tied embeddings (the presets' default): the 2 -> 1 rank resharding
-                       # must accept the alias 'lm_head.weight'
-                       model={"preset": "tiny"},
-                       deepspeed__zero_stage=2, checkpoint__interval=3, checkpoint__keep_last=2,
-                       checkpoint__at=[12], eval__interval=8)
+    cfg = write_config(
+        tmp / "run.yaml",
+        data,
+        steps=STEPS,
+        optimizer__type="schedule_free_adamw",
+        optimizer__params={"backend": "foreach"},
+        # tied embeddings (the presets' default): the 2 -> 1 rank resharding
+        # must accept the alias 'lm_head.weight'
+        model={"preset": "tiny"},
+        deepspeed__zero_stage=2,
+        checkpoint__interval=3,
+        checkpoint__keep_last=2,
+        checkpoint__at=[12],
+        eval__interval=8,
+    )
     straight = tmp / "straight"
     megawsd("train", cfg, "--nproc", 2, "--run-dir", straight)
     return tmp, cfg, straight
@@ -81,21 +97,50 @@ def test_straight_run_layout(setup):
 def _ranks(cfg: Path, run: Path, world: int = 2, extra=()) -> list:
     """Start the ranks directly (as torchrun or srun would), without the DeepSpeed launcher."""
     port = free_port()
-    return [subprocess.Popen(
-        [sys.executable, "-m", "megawsd.train", str(cfg), "--run-dir", str(run), *extra],
-        env={**cli_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for r in range(world)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "megawsd.train", str(cfg), "--run-dir", str(run), *extra],
+            env={
+                **cli_env(),
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
 
 
 def test_sigterm_then_sigkill_resume_equals_straight_run(setup):
     tmp, cfg, straight = setup
     run = tmp / "interrupted"
-    cmd = [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--nproc", "2", "--run-dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megawsd.cli",
+        "train",
+        str(cfg),
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(run),
+    ]
     # 1. SIGTERM to `megawsd train`: the ranks finish the step, checkpoint, and it exits 0
-    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=cli_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for_step(run, 4, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -127,8 +172,9 @@ def test_sigterm_then_sigkill_resume_equals_straight_run(setup):
 def test_branches_two_ranks_and_one_rank(setup):
     _, _, straight = setup
     before = _tree_digest(straight)
-    out = megawsd("branch", straight, "--at", 12, "--decay", "50%", "--shape", "linear",
-                  "--nproc", 2).stdout
+    out = megawsd(
+        "branch", straight, "--at", 12, "--decay", "50%", "--shape", "linear", "--nproc", 2
+    ).stdout
     assert "cooldown-12-d6-linear" in out
     b2 = straight / "branches" / "cooldown-12-d6-linear"
     info = json.loads((b2 / "run.json").read_text())
@@ -138,8 +184,20 @@ def test_branches_two_ranks_and_one_rank(setup):
     assert sorted(l2) == list(range(13, 19))
     assert l2[13] == losses(straight)[13]  # the first branch step has the parent's LR
     # on 1 rank: resharded from the 2-rank checkpoint, same data, fp32 reduction-order close
-    megawsd("branch", straight, "--at", 12, "--decay", 6, "--shape", "linear", "--nproc", 1,
-            "--name", "one-rank")
+    megawsd(
+        "branch",
+        straight,
+        "--at",
+        12,
+        "--decay",
+        6,
+        "--shape",
+        "linear",
+        "--nproc",
+        1,
+        "--name",
+        "one-rank",
+    )
     l1 = losses(straight / "branches" / "one-rank")
     assert sorted(l1) == sorted(l2)
     for s in l2:
@@ -160,12 +218,19 @@ def test_runs_plot_export_read_the_tree(setup):
     assert (tmp / "plot.png").stat().st_size > 1000
     branch = straight / "branches" / "cooldown-12-d6-linear"
     megawsd("export", branch, "--out", tmp / "hf")
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
-            "m = M.from_pretrained(sys.argv[1]); "
-            "out = m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, do_sample=False); "
-            "print(out.shape[1])")
-    gen = subprocess.run([sys.executable, "-c", code, str(tmp / "hf")], env=cli_env(),
-                         capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as M; "
+        "m = M.from_pretrained(sys.argv[1]); "
+        "out = m.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, do_sample=False); "
+        "print(out.shape[1])"
+    )
+    gen = subprocess.run(
+        [sys.executable, "-c", code, str(tmp / "hf")],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0 and gen.stdout.strip().endswith("8"), gen.stderr[-2000:]
 
 
@@ -174,12 +239,36 @@ def test_two_nodes_through_the_launcher(setup):
     hostfile = tmp / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     run, port = tmp / "two-nodes", free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "megawsd.cli", "train", str(cfg), "--hostfile", str(hostfile),
-         "--no-ssh", "--node-rank", str(n), "--master-addr", "127.0.0.1", "--master-port",
-         str(port), "--run-dir", str(run), "--set", f"steps={STEPS // 2}"],
-        env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for n in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "megawsd.cli",
+                "train",
+                str(cfg),
+                "--hostfile",
+                str(hostfile),
+                "--no-ssh",
+                "--node-rank",
+                str(n),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "--run-dir",
+                str(run),
+                "--set",
+                f"steps={STEPS // 2}",
+            ],
+            env=cli_env(),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
     errs = [p.communicate(timeout=400)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
     info = json.loads((run / "run.json").read_text())

@@ -522,8 +522,11 @@ def export(
     sources = _sources(base, step, average)
     check_out_dir(out, force, [s.run.path for s in sources] + [base])
     config = _common_config(sources, model_config)
-    notes = [f"{s.describe()}: schedule-free run exported at y (the gradient point), not x"
-             for s in sources if weights == "y" and is_schedule_free(s.run)]
+    notes = [
+        f"{s.describe()}: schedule-free run exported at y (the gradient point), not x"
+        for s in sources
+        if weights == "y" and is_schedule_free(s.run)
+    ]
 
     if len(sources) == 1:
         state = load_weights(sources[0], weights)
@@ -568,8 +571,9 @@ def _common_config(sources: list[Source], model_config: str | Path | None):
     return configs[0]
 
 
-def _write_model_dir(model, config, sources: list[Source], out: Path, weights: str, dtype: str,
-                     notes: list[str]) -> str:
+def _write_model_dir(
+    model, config, sources: list[Source], out: Path, weights: str, dtype: str, notes: list[str]
+) -> str:
     """Write the model, its tokenizer and megawsd_export.json into a temporary sibling of
     ``out`` and rename it into place: a failed export leaves no half-written model. Returns
     the tokenizer kind ("hf", "sentencepiece" or "none"); appends to ``notes``."""

@@ -137,8 +137,9 @@ class _Curves:
     start_lr: float | None = None
 
 
-def _plot_curves(ax_loss, ax_lr, root: RunNode, nodes: list[RunNode], colors: dict,
-                 smooth: float | None) -> tuple[list[float], list[float]]:
+def _plot_curves(
+    ax_loss, ax_lr, root: RunNode, nodes: list[RunNode], colors: dict, smooth: float | None
+) -> tuple[list[float], list[float]]:
     """Left panels: every run's loss and LR, a branch continuing its parent's curves from its
     branch point. Returns the values drawn, for the y range: (smoothed and val, raw and val)."""
     drawn: dict[int, _Curves] = {}
@@ -157,8 +158,9 @@ def _plot_curves(ax_loss, ax_lr, root: RunNode, nodes: list[RunNode], colors: di
     return upper, lower
 
 
-def _node_curves(node: RunNode, root: RunNode, smooth: float | None,
-                 parent: _Curves | None) -> _Curves:
+def _node_curves(
+    node: RunNode, root: RunNode, smooth: float | None, parent: _Curves | None
+) -> _Curves:
     """A run's curves; a branch's smoothing starts from its parent's smoothed loss at the
     branch point (not from zero), so the two lines join where the branch leaves."""
     train = node.metrics.train
@@ -183,18 +185,37 @@ def _draw_curves(ax_loss, ax_lr, c: _Curves, color, main: bool, label: str) -> N
     if c.xs:
         lead_x, lead_y = ([c.branch_x], [c.start_loss]) if c.start_loss is not None else ([], [])
         ax_loss.plot(c.xs, c.loss, color=color, alpha=0.15, linewidth=0.8)
-        ax_loss.plot(lead_x + c.xs, lead_y + c.smoothed, color=color,
-                     linewidth=2.0 if main else 1.5, label=label)
+        ax_loss.plot(
+            lead_x + c.xs,
+            lead_y + c.smoothed,
+            color=color,
+            linewidth=2.0 if main else 1.5,
+            label=label,
+        )
     if c.evals:
-        ax_loss.plot(*zip(*c.evals), linestyle="none", marker="o", markersize=4.5,
-                     markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.3)
+        ax_loss.plot(
+            *zip(*c.evals),
+            linestyle="none",
+            marker="o",
+            markersize=4.5,
+            markerfacecolor="white",
+            markeredgecolor=color,
+            markeredgewidth=1.3,
+        )
     if c.lr:
         lead = [(c.branch_x, c.start_lr)] if c.start_lr is not None else []
         ax_lr.plot(*zip(*(lead + c.lr)), color=color, linewidth=1.6 if main else 1.3)
     if c.branch_x is not None:
         if c.start_loss is not None:
-            ax_loss.plot([c.branch_x], [c.start_loss], marker="D", markersize=7, color=color,
-                         markeredgecolor="black", zorder=5)
+            ax_loss.plot(
+                [c.branch_x],
+                [c.start_loss],
+                marker="D",
+                markersize=7,
+                color=color,
+                markeredgecolor="black",
+                zorder=5,
+            )
         ax_lr.axvline(c.branch_x, color=color, linestyle=":", linewidth=1.0)
 
 
@@ -207,8 +228,15 @@ def _style_curve_axes(ax_loss, ax_lr, ylim: tuple[float, float] | None, xlabel: 
     ax_loss.set_ylabel("loss (train: smoothed line, val: circles)")
     ax_loss.grid(alpha=0.3)
     # a legend entry for the branch-point diamonds (drawn once per branch, unlabelled)
-    ax_loss.plot([], [], linestyle="none", marker="D", color="0.5", markeredgecolor="black",
-                 label="branch point")
+    ax_loss.plot(
+        [],
+        [],
+        linestyle="none",
+        marker="D",
+        color="0.5",
+        markeredgecolor="black",
+        label="branch point",
+    )
     ax_loss.legend(fontsize=8, loc="upper right", framealpha=0.9)
     ax_loss.tick_params(labelbottom=False)
     ax_lr.set_ylabel("learning rate")

@@ -47,8 +47,18 @@ from megawsd.rundir import (
 log = logging.getLogger(__name__)
 
 # re-exported: the tree's readers (and their tests) take them from here
-__all__ = ["JsonlRead", "Metrics", "RunNode", "is_run_dir", "list_checkpoints", "load_run",
-           "read_json", "read_jsonl", "read_yaml", "schedule_summary"]
+__all__ = [
+    "JsonlRead",
+    "Metrics",
+    "RunNode",
+    "is_run_dir",
+    "list_checkpoints",
+    "load_run",
+    "read_json",
+    "read_jsonl",
+    "read_yaml",
+    "schedule_summary",
+]
 # "created": a branch made with `megawsd branch --no-train` (or not started yet)
 STATUSES = ("created", "running", "done", "failed", "stopped")
 # A symlink loop or a pathological tree must not recurse forever.
@@ -363,8 +373,11 @@ def _load(
         resume = node.info.get("checkpoint_step")
         node.warnings.append(
             f"failed after step {node.info.get('step')}: {node.info.get('error') or '?'}; "
-            + (f"a rerun resumes from checkpoint step {resume}" if resume is not None
-               else "no checkpoint: a rerun starts again")
+            + (
+                f"a rerun resumes from checkpoint step {resume}"
+                if resume is not None
+                else "no checkpoint: a rerun starts again"
+            )
         )
     for w in node.warnings:  # shown by the runs table / JSON; commands may log them
         log.debug("%s: %s", path, w)

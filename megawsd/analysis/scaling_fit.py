@@ -53,48 +53,66 @@ class FitResult:
         return out
 
     def to_json(self) -> dict:
-        return {"law": self.law, "params": self.params, "stderr": self.stderr,
-                "ci": {k: list(v) if v else None for k, v in self.ci.items()}, "level": self.level,
-                "bootstrap_ci": {k: list(v) for k, v in self.bootstrap_ci.items()},
-                "residuals": self.residuals, "n": self.n, "dof": self.dof, "rmse": self.rmse,
-                "success": self.success, "message": self.message}
+        return {
+            "law": self.law,
+            "params": self.params,
+            "stderr": self.stderr,
+            "ci": {k: list(v) if v else None for k, v in self.ci.items()},
+            "level": self.level,
+            "bootstrap_ci": {k: list(v) for k, v in self.bootstrap_ci.items()},
+            "residuals": self.residuals,
+            "n": self.n,
+            "dof": self.dof,
+            "rmse": self.rmse,
+            "success": self.success,
+            "message": self.message,
+        }
 
 
 def _check(name: str, values: np.ndarray, positive: bool = True) -> None:
     if values.ndim != 1 or not np.all(np.isfinite(values)) or (positive and np.any(values <= 0)):
-        raise ConfigError(f"{name} = {values.tolist()!r}: give finite"
-                          + (" positive" if positive else "") + " numbers")
+        raise ConfigError(
+            f"{name} = {values.tolist()!r}: give finite"
+            + (" positive" if positive else "")
+            + " numbers"
+        )
 
 
-def fit_loss_vs_data(D, L, *, level: float = 0.95, bootstrap: int = 0, seed: int = 0,
-                     loss: str = "linear") -> FitResult:
+def fit_loss_vs_data(
+    D, L, *, level: float = 0.95, bootstrap: int = 0, seed: int = 0, loss: str = "linear"
+) -> FitResult:
     """Fit L = E + B / D^beta to losses L at token counts D (>= 3 distinct D)."""
     D = np.asarray(D, dtype=float)
     L = np.asarray(L, dtype=float)
     _check("D", D)
     _check("L", L, positive=False)
     if len(D) != len(L) or len(np.unique(D)) < 3:
-        raise ConfigError(f"D = {D.tolist()!r}: need >= 3 distinct token counts (one loss each) "
-                          "to fit E, B and beta; add budgets")
+        raise ConfigError(
+            f"D = {D.tolist()!r}: need >= 3 distinct token counts (one loss each) "
+            "to fit E, B and beta; add budgets"
+        )
     return _fit("L(D)", [D], L, level=level, bootstrap=bootstrap, seed=seed, loss=loss)
 
 
-def fit_loss_vs_params_data(N, D, L, *, level: float = 0.95, bootstrap: int = 0, seed: int = 0,
-                            loss: str = "linear") -> FitResult:
+def fit_loss_vs_params_data(
+    N, D, L, *, level: float = 0.95, bootstrap: int = 0, seed: int = 0, loss: str = "linear"
+) -> FitResult:
     """Fit L = E + A / N^alpha + B / D^beta (>= 2 model sizes, >= 6 points)."""
     N, D, L = (np.asarray(x, dtype=float) for x in (N, D, L))
     _check("N", N)
     _check("D", D)
     _check("L", L, positive=False)
     if not len(N) == len(D) == len(L) or len(np.unique(N)) < 2 or len(L) < 5:
-        raise ConfigError(f"N = {N.tolist()!r}: an L(N, D) fit needs >= 2 model sizes and >= 5 "
-                          "points; add models or budgets")
+        raise ConfigError(
+            f"N = {N.tolist()!r}: an L(N, D) fit needs >= 2 model sizes and >= 5 "
+            "points; add models or budgets"
+        )
     return _fit("L(N,D)", [D, N], L, level=level, bootstrap=bootstrap, seed=seed, loss=loss)
 
 
 def _design(xs: list[np.ndarray], exps: tuple[float, ...]) -> np.ndarray:
     """Columns [1, x_D^-beta, (x_N^-alpha)] for the linear part (x normalised)."""
-    return np.column_stack([np.ones_like(xs[0])] + [x ** -e for x, e in zip(xs, exps)])
+    return np.column_stack([np.ones_like(xs[0])] + [x**-e for x, e in zip(xs, exps)])
 
 
 def _solve(xs, L, loss, scales, exp0=None):
@@ -120,10 +138,19 @@ def _solve(xs, L, loss, scales, exp0=None):
     theta0 = np.clip(theta0, lo + 1e-12, hi - 1e-12)
 
     def resid(theta):
-        return _design(xs, theta[k + 1:]) @ theta[:k + 1] - L
+        return _design(xs, theta[k + 1 :]) @ theta[: k + 1] - L
 
-    sol = optimize.least_squares(resid, theta0, bounds=(lo, hi), loss=loss, x_scale="jac",
-                                 xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=20000)
+    sol = optimize.least_squares(
+        resid,
+        theta0,
+        bounds=(lo, hi),
+        loss=loss,
+        x_scale="jac",
+        xtol=1e-14,
+        ftol=1e-14,
+        gtol=1e-14,
+        max_nfev=20000,
+    )
     return sol
 
 
@@ -133,8 +160,13 @@ def _to_params(theta, scales, law) -> dict[str, float]:
         E, b, beta = theta
         return {"E": float(E), "B": float(b * scales[0] ** beta), "beta": float(beta)}
     E, b, a, beta, alpha = theta
-    return {"E": float(E), "A": float(a * scales[1] ** alpha), "alpha": float(alpha),
-            "B": float(b * scales[0] ** beta), "beta": float(beta)}
+    return {
+        "E": float(E),
+        "A": float(a * scales[1] ** alpha),
+        "alpha": float(alpha),
+        "B": float(b * scales[0] ** beta),
+        "beta": float(beta),
+    }
 
 
 def _fit(law, raw_xs, L, *, level, bootstrap, seed, loss) -> FitResult:
@@ -144,7 +176,7 @@ def _fit(law, raw_xs, L, *, level, bootstrap, seed, loss) -> FitResult:
     k = len(xs)
     theta = sol.x
     params = _to_params(theta, scales, law)
-    resid = (L - (_design(xs, theta[k + 1:]) @ theta[:k + 1]))
+    resid = L - (_design(xs, theta[k + 1 :]) @ theta[: k + 1])
     n, p = len(L), len(theta)
     dof = n - p
     names = ["E", "B", "A", "beta", "alpha"] if law == "L(N,D)" else ["E", "B", "beta"]
@@ -165,24 +197,35 @@ def _fit(law, raw_xs, L, *, level, bootstrap, seed, loss) -> FitResult:
                 se = math.sqrt(max(cov[i, i], 0.0))
                 stderr[m] = se
                 ci[m] = (float(params[m] - t * se), float(params[m] + t * se))
-    result = FitResult(law=law, params=params, stderr=stderr, ci=ci, level=level,
-                       residuals=[float(r) for r in resid], n=n, dof=dof,
-                       rmse=float(math.sqrt(np.mean(resid ** 2))), success=bool(sol.success),
-                       message=str(sol.message))
+    result = FitResult(
+        law=law,
+        params=params,
+        stderr=stderr,
+        ci=ci,
+        level=level,
+        residuals=[float(r) for r in resid],
+        n=n,
+        dof=dof,
+        rmse=float(math.sqrt(np.mean(resid**2))),
+        success=bool(sol.success),
+        message=str(sol.message),
+    )
     if bootstrap > 0 and dof > 0:
         rng = np.random.default_rng(seed)
         fitted = L - resid
         centred = resid - resid.mean()
         draws = []
-        start = (theta[:k + 1], theta[k + 1:])
+        start = (theta[: k + 1], theta[k + 1 :])
         for _ in range(bootstrap):
             Lb = fitted + rng.choice(centred, size=n, replace=True)
             sb = _solve(xs, Lb, loss, scales, exp0=start)
             draws.append([_to_params(sb.x, scales, law)[m] for m in names])
         arr = np.asarray(draws)
         lo, hi = 100 * (0.5 - level / 2), 100 * (0.5 + level / 2)
-        result.bootstrap_ci = {m: (float(np.percentile(arr[:, i], lo)),
-                                   float(np.percentile(arr[:, i], hi))) for i, m in enumerate(names)}
+        result.bootstrap_ci = {
+            m: (float(np.percentile(arr[:, i], lo)), float(np.percentile(arr[:, i], hi)))
+            for i, m in enumerate(names)
+        }
     return result
 
 

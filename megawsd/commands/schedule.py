@@ -24,13 +24,28 @@ from megawsd.schedules import build_schedule
 
 # flag / --compare key -> ScheduleConfig field
 _ALIASES = {
-    "family": "family", "steps": "total_steps", "warmup": "warmup_steps",
-    "warmup_shape": "warmup_shape", "warmup_init": "warmup_init", "decay": "decay_steps",
-    "shape": "decay_shape", "min_ratio": "min_ratio", "power": "power", "half_life": "half_life",
-    "lr": "peak_lr", "units_per_step": "units_per_step",
+    "family": "family",
+    "steps": "total_steps",
+    "warmup": "warmup_steps",
+    "warmup_shape": "warmup_shape",
+    "warmup_init": "warmup_init",
+    "decay": "decay_steps",
+    "shape": "decay_shape",
+    "min_ratio": "min_ratio",
+    "power": "power",
+    "half_life": "half_life",
+    "lr": "peak_lr",
+    "units_per_step": "units_per_step",
 }
-_NUMERIC = {"total_steps": int, "warmup_init": float, "min_ratio": float, "power": float,
-            "half_life": float, "peak_lr": float, "units_per_step": int}
+_NUMERIC = {
+    "total_steps": int,
+    "warmup_init": float,
+    "min_ratio": float,
+    "power": float,
+    "half_life": float,
+    "peak_lr": float,
+    "units_per_step": int,
+}
 _LENGTHS = {"warmup_steps", "decay_steps"}
 _WSD_ONLY = {"decay_steps", "decay_shape"}
 
@@ -44,16 +59,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-shape", help="linear | cosine | 1-sqrt | exp | log")
     p.add_argument("--warmup-init", help="warmup start factor (default 0)")
     p.add_argument("--decay", help="WSD decay length: a count, a fraction (0.2) or '20%%'")
-    p.add_argument("--shape", help="decay shape: linear, 1-sqrt, cosine, minus_sqrt, exponential, "
-                   "half-life, 1-square, mirror-cosine, power")
+    p.add_argument(
+        "--shape",
+        help="decay shape: linear, 1-sqrt, cosine, minus_sqrt, exponential, "
+        "half-life, 1-square, mirror-cosine, power",
+    )
     p.add_argument("--min-ratio", help="final LR as a fraction of the peak")
     p.add_argument("--power", help="exponent a of the 'power' shape (1 - p^a)")
     p.add_argument("--half-life", help="steps per halving of the 'half-life' shape")
     p.add_argument("--lr", help="peak LR (the table then shows LRs, not just factors)")
-    p.add_argument("--branch", action="append", default=[], metavar="AT:DECAY[:SHAPE[:MIN_RATIO]]",
-                   help="add a cooldown branch at step AT with DECAY steps (repeatable)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="SPEC",
-                   help="other schedules: a config file or key=value[,key=value] changes")
+    p.add_argument(
+        "--branch",
+        action="append",
+        default=[],
+        metavar="AT:DECAY[:SHAPE[:MIN_RATIO]]",
+        help="add a cooldown branch at step AT with DECAY steps (repeatable)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="other schedules: a config file or key=value[,key=value] changes",
+    )
     p.add_argument("--plot", metavar="PNG", help="write the curves to this image")
     p.add_argument("--json", action="store_true", help="print the schedule dict(s) as JSON")
 
@@ -66,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             _set(base, fld, value, f"--{flag.replace('_', '-')}")
     base.setdefault("family", "wsd")
-    if base["family"] in ("wsd", "cosine", "linear", "multi-step") and base.get("total_steps") is None:
-        raise field_error("--steps", None, f"family {base['family']!r} needs the run length; add --steps N")
+    if (
+        base["family"] in ("wsd", "cosine", "linear", "multi-step")
+        and base.get("total_steps") is None
+    ):
+        raise field_error(
+            "--steps", None, f"family {base['family']!r} needs the run length; add --steps N"
+        )
     main = build_schedule(base)
     for spec in args.branch:
         main = _apply_branch(main, spec)
@@ -77,9 +110,12 @@ def run(args: argparse.Namespace) -> int:
         schedules.append((_label(other, spec), other))
 
     if args.json:
-
-        print(json.dumps([s.to_dict() for _, s in schedules] if len(schedules) > 1
-                         else main.to_dict(), indent=2))
+        print(
+            json.dumps(
+                [s.to_dict() for _, s in schedules] if len(schedules) > 1 else main.to_dict(),
+                indent=2,
+            )
+        )
     else:
         _print_table(schedules)
     if args.plot:
@@ -111,10 +147,15 @@ def _load_config(path: str) -> dict[str, Any]:
         steps = data.get("steps")
         if steps is None and data.get("tokens") is not None:
             try:
-                steps = math.ceil(float(data["tokens"]) / (data["global_batch_size"] * data["seq_len"]))
+                steps = math.ceil(
+                    float(data["tokens"]) / (data["global_batch_size"] * data["seq_len"])
+                )
             except (KeyError, TypeError):
-                raise field_error("tokens", data.get("tokens"),
-                                  "a token budget needs global_batch_size and seq_len") from None
+                raise field_error(
+                    "tokens",
+                    data.get("tokens"),
+                    "a token budget needs global_batch_size and seq_len",
+                ) from None
         if steps is not None:
             sched["total_steps"] = int(float(steps))
     lr = (data.get("optimizer") or {}).get("lr")
@@ -132,7 +173,9 @@ def _parse_length(text: str, flag: str) -> int | float:
             return int(t.replace("_", ""))
         return float(t)
     except ValueError:
-        raise field_error(flag, text, "give a step count, a fraction (0.2) or a percentage ('20%')") from None
+        raise field_error(
+            flag, text, "give a step count, a fraction (0.2) or a percentage ('20%')"
+        ) from None
 
 
 def _set(cfg: dict[str, Any], fld: str, text: Any, flag: str) -> None:
@@ -161,8 +204,11 @@ def _compare_config(base: dict[str, Any], spec: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not key:
-            raise field_error("--compare", spec, "give a config file or key=value[,key=value] "
-                              "(e.g. shape=linear,decay=0.1)")
+            raise field_error(
+                "--compare",
+                spec,
+                "give a config file or key=value[,key=value] (e.g. shape=linear,decay=0.1)",
+            )
         fld = _ALIASES.get(key, key)
         _set(changes, fld, value.strip(), f"--compare {key}")
     cfg = dict(base)
@@ -180,12 +226,16 @@ def _compare_config(base: dict[str, Any], spec: str) -> dict[str, Any]:
 def _apply_branch(schedule, spec: str):
     parts = spec.split(":")
     if len(parts) < 2 or len(parts) > 4:
-        raise field_error("--branch", spec, "give AT:DECAY[:SHAPE[:MIN_RATIO]], e.g. 3000:800:1-sqrt")
+        raise field_error(
+            "--branch", spec, "give AT:DECAY[:SHAPE[:MIN_RATIO]], e.g. 3000:800:1-sqrt"
+        )
     try:
         at, decay = int(parts[0]), int(parts[1])
         min_ratio = float(parts[3]) if len(parts) > 3 else None
     except ValueError:
-        raise field_error("--branch", spec, "AT and DECAY are step counts, MIN_RATIO a number") from None
+        raise field_error(
+            "--branch", spec, "AT and DECAY are step counts, MIN_RATIO a number"
+        ) from None
     shape = parts[2] if len(parts) > 2 else "1-sqrt"
     return schedule.branch(at, decay, shape, min_ratio)
 
@@ -206,8 +256,11 @@ def _print_table(schedules: list) -> None:
         for step, label in s.key_steps():
             rows.setdefault(step, label if i == 0 else f"{label} (#{i + 1})")
     with_lr = all(s.peak_lr is not None for _, s in schedules)
-    table = Table(title="LR at key steps" + ("" if with_lr else " (factor of the peak LR)"),
-                  show_edge=False, pad_edge=False)
+    table = Table(
+        title="LR at key steps" + ("" if with_lr else " (factor of the peak LR)"),
+        show_edge=False,
+        pad_edge=False,
+    )
     table.add_column("step", justify="right")
     table.add_column("phase")
     for name, _ in schedules:

@@ -23,17 +23,29 @@ from megawsd.study.runner import run_study
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("target", metavar="STUDY.yaml | report",
-                        help="a study config to run, or `report` followed by a study directory")
-    parser.add_argument("study_dir", nargs="?", metavar="STUDY_DIR",
-                        help="with `report`: the study directory (e.g. studies/study-cpu)")
-    parser.add_argument("--out", default=None,
-                        help="study directory (default: the config's `out`, else studies/NAME)")
+    parser.add_argument(
+        "target",
+        metavar="STUDY.yaml | report",
+        help="a study config to run, or `report` followed by a study directory",
+    )
+    parser.add_argument(
+        "study_dir",
+        nargs="?",
+        metavar="STUDY_DIR",
+        help="with `report`: the study directory (e.g. studies/study-cpu)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="study directory (default: the config's `out`, else studies/NAME)",
+    )
     parser.add_argument("--nproc", type=int, default=None, help="ranks per run (GPUs; CPU ranks)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at once (independent runs; default 1)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a study directory that holds runs already")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once (independent runs; default 1)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a study directory that holds runs already"
+    )
     parser.add_argument("--dry-run", action="store_true", help="plan only: list the runs to train")
     parser.add_argument("--no-report", action="store_true", help="do not write the report")
 
@@ -42,18 +54,29 @@ def run(args: argparse.Namespace) -> int:
 
     if args.target == "report":
         if not args.study_dir:
-            raise ConfigError("STUDY_DIR = None: give the study directory, e.g. "
-                              "`megawsd study report studies/study-cpu`")
+            raise ConfigError(
+                "STUDY_DIR = None: give the study directory, e.g. "
+                "`megawsd study report studies/study-cpu`"
+            )
 
         path = write_report(args.study_dir)
         print(f"report: {path}")
         return 0
     if args.study_dir:
-        raise ConfigError(f"STUDY_DIR = {args.study_dir!r}: only `megawsd study report DIR` takes "
-                          "a directory; to choose where a study goes, use --out")
+        raise ConfigError(
+            f"STUDY_DIR = {args.study_dir!r}: only `megawsd study report DIR` takes "
+            "a directory; to choose where a study goes, use --out"
+        )
 
-    out = run_study(args.target, out=args.out, nproc=args.nproc, resume=args.resume,
-                    jobs=args.jobs, dry_run=args.dry_run, report=not args.no_report)
+    out = run_study(
+        args.target,
+        out=args.out,
+        nproc=args.nproc,
+        resume=args.resume,
+        jobs=args.jobs,
+        dry_run=args.dry_run,
+        report=not args.no_report,
+    )
     if not args.dry_run and not args.no_report:
         print(f"report: {out / 'report.md'}")
     return 0

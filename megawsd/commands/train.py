@@ -24,20 +24,40 @@ from megawsd.train.config import load_config
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("config", help="run config YAML (see configs/)")
-    parser.add_argument("--nproc", type=int, default=None,
-                        help="ranks per node (GPUs; CPU processes on a CPU-only machine)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks per node (GPUs; CPU processes on a CPU-only machine)",
+    )
     parser.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node")
     parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="require a checkpoint to continue (rerunning resumes anyway)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="require a checkpoint to continue (rerunning resumes anyway)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
     parser.add_argument("--master-port", type=int, default=None)
     parser.add_argument("--master-addr", default=None)
-    parser.add_argument("--node-rank", type=int, default=None,
-                        help="with --no-ssh: this node's index in the hostfile")
-    parser.add_argument("--no-ssh", action="store_true",
-                        help="start only this node's ranks (SLURM, or one command per node)")
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="with --no-ssh: this node's index in the hostfile",
+    )
+    parser.add_argument(
+        "--no-ssh",
+        action="store_true",
+        help="start only this node's ranks (SLURM, or one command per node)",
+    )
 
 
 def check_launch_args(args: argparse.Namespace) -> None:
@@ -46,16 +66,20 @@ def check_launch_args(args: argparse.Namespace) -> None:
 
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc < 1:
-        raise ConfigError(f"--nproc = {nproc}: give the number of ranks per node, at least 1 "
-                          "(omit it for one rank per GPU, or one process on a CPU machine)")
+        raise ConfigError(
+            f"--nproc = {nproc}: give the number of ranks per node, at least 1 "
+            "(omit it for one rank per GPU, or one process on a CPU machine)"
+        )
     port = getattr(args, "master_port", None)
     if port is not None and not 1 <= port <= 65535:
-        raise ConfigError(f"--master-port = {port}: give a TCP port in 1..65535 (omit it to "
-                          "pick a free one)")
+        raise ConfigError(
+            f"--master-port = {port}: give a TCP port in 1..65535 (omit it to pick a free one)"
+        )
     node_rank = getattr(args, "node_rank", None)
     if node_rank is not None and node_rank < 0:
-        raise ConfigError(f"--node-rank = {node_rank}: give this node's index in the hostfile "
-                          "(0, 1, ...)")
+        raise ConfigError(
+            f"--node-rank = {node_rank}: give this node's index in the hostfile (0, 1, ...)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,27 +93,48 @@ def run(args: argparse.Namespace) -> int:
         module_args += ["--set", item]
     if args.resume:
         module_args.append("--resume")
-    return launch_or_run(module_args, run_dir, nproc=args.nproc, hostfile=args.hostfile,
-                         master_port=args.master_port, master_addr=args.master_addr,
-                         node_rank=args.node_rank, no_ssh=args.no_ssh,
-                         check_world=lambda n: cfg.check_layout(n))
+    return launch_or_run(
+        module_args,
+        run_dir,
+        nproc=args.nproc,
+        hostfile=args.hostfile,
+        master_port=args.master_port,
+        master_addr=args.master_addr,
+        node_rank=args.node_rank,
+        no_ssh=args.no_ssh,
+        check_world=lambda n: cfg.check_layout(n),
+    )
 
 
-def launch_or_run(module_args: list[str], run_dir: Path, *, nproc=None, hostfile=None,
-                  master_port=None, master_addr=None, node_rank=None, no_ssh=False,
-                  check_world=None) -> int:
+def launch_or_run(
+    module_args: list[str],
+    run_dir: Path,
+    *,
+    nproc=None,
+    hostfile=None,
+    master_port=None,
+    master_addr=None,
+    node_rank=None,
+    no_ssh=False,
+    check_world=None,
+) -> int:
     """Shared by `megawsd train` and `megawsd branch`."""
 
     if nproc is None and hostfile is None and (launcher.already_launched() or _devices() <= 1):
-
         return main(module_args)
     if nproc is None and hostfile is None:
         nproc = _devices()
     if check_world is not None and hostfile is None:
         check_world(nproc)
-    cmd = launcher.launcher_command(module_args, nproc=nproc, hostfile=hostfile,
-                                    master_port=master_port, master_addr=master_addr,
-                                    node_rank=node_rank, no_ssh=no_ssh)
+    cmd = launcher.launcher_command(
+        module_args,
+        nproc=nproc,
+        hostfile=hostfile,
+        master_port=master_port,
+        master_addr=master_addr,
+        node_rank=node_rank,
+        no_ssh=no_ssh,
+    )
     return launcher.run_launcher(cmd, launcher.launch_env(nproc or 1), run_dir / "run.json")
 
 

@@ -60,7 +60,9 @@ class DataMix:
             try:
                 w = float(w)
             except (TypeError, ValueError):
-                raise ConfigError(f"data mix weight of {str(spec)!r} = {w!r}: not a number") from None
+                raise ConfigError(
+                    f"data mix weight of {str(spec)!r} = {w!r}: not a number"
+                ) from None
             if not w > 0 or not np.isfinite(w):
                 raise ConfigError(
                     f"data mix weight of {str(spec)!r} = {w!r}: weights must be positive "
@@ -175,7 +177,6 @@ def _has_weight(s: str) -> bool:
         return False
 
 
-
 @runtime_checkable
 class Stream(Protocol):
     """What the training loop reads from its data: TokenStream and SwitchedStream.
@@ -215,15 +216,17 @@ class Stream(Protocol):
 
     def global_batch(self, step: int) -> torch.Tensor: ...
 
-    def micro_batch(self, step: int, micro_index: int, micro_batch_size: int, rank: int = 0,
-                    world_size: int = 1) -> torch.Tensor: ...
+    def micro_batch(
+        self, step: int, micro_index: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> torch.Tensor: ...
 
     def local_batch(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor: ...
 
     def check_layout(self, world_size: int, micro_batch_size: int | None = None) -> int: ...
 
-    def val_batches(self, num_batches: int, batch_size: int, rank: int = 0,
-                    world_size: int = 1) -> list[torch.Tensor]: ...
+    def val_batches(
+        self, num_batches: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> list[torch.Tensor]: ...
 
     def state_dict(self) -> dict: ...
 
@@ -426,7 +429,11 @@ class TokenStream:
             if k.max() >= w:
                 log.warning(
                     "validation set of %s has %d windows of %d tokens, %d requested: "
-                    "windows repeat", s.meta.path, w, self.seq_len + 1, int(k.max()) + 1
+                    "windows repeat",
+                    s.meta.path,
+                    w,
+                    self.seq_len + 1,
+                    int(k.max()) + 1,
                 )
             out[sel] = toks[(k % w)[:, None] * self.seq_len + offsets[None, :]]
         batches = [torch.from_numpy(b) for b in np.split(out, num_batches)]

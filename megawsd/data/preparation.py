@@ -124,37 +124,38 @@ def prepare_detailed(
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().absolute()
     _check_options(val_fraction, num_proc, tokenizer, tokenizer_type, tokenizer_sample_mb)
-    resolved = resolve_inputs(inputs, include=include, strict=strict)
-    if resolved.skipped:
-        log.warning(
-            "skipped %d input file(s) that are not UTF-8 text (listed in meta.json "
-            "'skipped_files'; --strict makes this an error), e.g. %s: %s",
-            len(resolved.skipped), resolved.skipped[0]["path"], resolved.skipped[0]["reason"],
-        )
-    model_bytes, tok_spec = _tokenizer_spec(tokenizer, vocab_size, tokenizer_type,
-                                            tokenizer_sample_mb)
+    resolved = _resolve_and_warn(inputs, include, strict)
+    model_bytes, tok_spec = _tokenizer_spec(
+        tokenizer, vocab_size, tokenizer_type, tokenizer_sample_mb
+    )
     settings = {"val_fraction": float(val_fraction), "seed": int(seed), "text_field": text_field}
     fingerprint = fingerprint_of(resolved, tok_spec, settings)
 
     reused = _check_existing(out, fingerprint, force)
     if reused is not None:
         log.info("%s is up to date (fingerprint %s): reusing it", out, fingerprint[:12])
-        return PrepareResult(reused, True, time.perf_counter() - t0,
-                             input_bytes=resolved.total_bytes, skipped=resolved.skipped)
-
-    staging = _make_staging(out)
-    try:
-        result = _prepare_into(
-            staging, resolved, model_bytes, tok_spec, settings, fingerprint,
-            num_proc=num_proc, progress=progress, strict=strict,
+        return PrepareResult(
+            reused,
+            True,
+            time.perf_counter() - t0,
+            input_bytes=resolved.total_bytes,
+            skipped=resolved.skipped,
         )
-        _install(staging, out)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        failure = _write_failure(err, out.parent)
-        if failure is not None:
-            raise _unwritable(out, failure) from None
-        raise
+
+    result = _prepare_staged(
+        out,
+        lambda staging: _prepare_into(
+            staging,
+            resolved,
+            model_bytes,
+            tok_spec,
+            settings,
+            fingerprint,
+            num_proc=num_proc,
+            progress=progress,
+            strict=strict,
+        ),
+    )
     result.meta = load_meta(out)
     result.seconds = time.perf_counter() - t0
     result.input_bytes = resolved.total_bytes
@@ -162,8 +163,40 @@ def prepare_detailed(
     return result
 
 
-def _check_options(val_fraction: float, num_proc: int, tokenizer, tokenizer_type: str,
-                   tokenizer_sample_mb: float) -> None:
+def _resolve_and_warn(inputs: list[str], include, strict: bool):
+    """The inputs as files; skipped (non-text) files are listed once in the log."""
+    resolved = resolve_inputs(inputs, include=include, strict=strict)
+    if resolved.skipped:
+        log.warning(
+            "skipped %d input file(s) that are not UTF-8 text (listed in meta.json "
+            "'skipped_files'; --strict makes this an error), e.g. %s: %s",
+            len(resolved.skipped),
+            resolved.skipped[0]["path"],
+            resolved.skipped[0]["reason"],
+        )
+    return resolved
+
+
+def _prepare_staged(out: Path, prepare) -> PrepareResult:
+    """Run ``prepare(staging)`` in a staging directory next to ``out`` and move it into place;
+    on any failure the staging directory goes and ``out`` is left as it was (a write failure
+    becomes a DataError naming the cause)."""
+    staging = _make_staging(out)
+    try:
+        result = prepare(staging)
+        _install(staging, out)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        failure = _write_failure(err, out.parent)
+        if failure is not None:
+            raise _unwritable(out, failure) from None
+        raise
+    return result
+
+
+def _check_options(
+    val_fraction: float, num_proc: int, tokenizer, tokenizer_type: str, tokenizer_sample_mb: float
+) -> None:
     """Refuse bad options before any input is read (hashing a corpus can take minutes)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val-fraction = {val_fraction!r}: must be in [0, 1)")
@@ -177,8 +210,9 @@ def _check_options(val_fraction: float, num_proc: int, tokenizer, tokenizer_type
         raise ConfigError(f"--tokenizer-sample-mb = {tokenizer_sample_mb!r}: must be positive")
 
 
-def _tokenizer_spec(tokenizer, vocab_size: int, tokenizer_type: str,
-                    tokenizer_sample_mb: float) -> tuple[bytes | None, dict]:
+def _tokenizer_spec(
+    tokenizer, vocab_size: int, tokenizer_type: str, tokenizer_sample_mb: float
+) -> tuple[bytes | None, dict]:
     """(the given model's bytes or None, the tokenizer part of the fingerprint). A given model
     is identified by its hash, a trained one by its settings; a file that is not a model
     fails here, before the corpus is tokenized."""
@@ -201,8 +235,13 @@ def _make_staging(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         stale = sorted(out.parent.glob(f"{out.name}.tmp-*"))
         if stale:  # left by a killed prepare (or one running now): never used, safe to delete
-            log.warning("found %d staging folder(s) of an interrupted prepare, e.g. %s; delete "
-                        "them if no other prepare into %s is running", len(stale), stale[0], out)
+            log.warning(
+                "found %d staging folder(s) of an interrupted prepare, e.g. %s; delete "
+                "them if no other prepare into %s is running",
+                len(stale),
+                stale[0],
+                out,
+            )
         staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is a normal folder
     except OSError as err:
@@ -223,7 +262,8 @@ def _write_failure(err: BaseException, out_parent: Path) -> OSError | None:
         if isinstance(seen, OSError):
             name = str(seen.filename or "")
             if seen.errno in _WRITE_ERRNOS or (
-                    seen.errno in (errno.EACCES, errno.EPERM) and name.startswith(str(out_parent))):
+                seen.errno in (errno.EACCES, errno.EPERM) and name.startswith(str(out_parent))
+            ):
                 return seen
         seen = seen.__cause__ or seen.__context__
     return None
@@ -245,7 +285,9 @@ def _check_existing(out: Path, fingerprint: str, force: bool) -> Meta | None:
     if not out.exists():
         return None
     if not out.is_dir():
-        raise DataError(f"--out = {str(out)!r}: exists and is not a directory; choose another --out")
+        raise DataError(
+            f"--out = {str(out)!r}: exists and is not a directory; choose another --out"
+        )
     if not (out / META_FILE).exists():
         if any(out.iterdir()) and not force:
             raise DataError(
@@ -318,8 +360,9 @@ def _prepare_into(
     if not progress:
         datasets.disable_progress_bars()
     try:
-        docs = load_corpus(resolved, text_field=settings["text_field"], cache_dir=str(cache),
-                           strict=strict)
+        docs = load_corpus(
+            resolved, text_field=settings["text_field"], cache_dir=str(cache), strict=strict
+        )
         n_docs = len(docs)
         log.info("%d documents from %d source(s)", n_docs, len(resolved.sources))
 
@@ -334,8 +377,9 @@ def _prepare_into(
         t_map = time.perf_counter()
         tokenized = _tokenize(docs, model_bytes, dtype, cache, num_proc)
         is_val = _doc_split(n_docs, settings["val_fraction"], settings["seed"])
-        counts = _write_splits(tokenized, is_val, staging, dtype, sp.get_piece_size(), progress,
-                               tqdm)
+        counts = _write_splits(
+            tokenized, is_val, staging, dtype, sp.get_piece_size(), progress, tqdm
+        )
         tokenize_seconds = time.perf_counter() - t_map
         del tokenized, docs
     finally:
@@ -343,8 +387,9 @@ def _prepare_into(
             datasets.enable_progress_bars()
     shutil.rmtree(cache, ignore_errors=True)
 
-    meta = _meta(staging, sp, dtype, counts, is_val, model_bytes, tok_spec, settings,
-                 fingerprint, resolved)
+    meta = _meta(
+        staging, sp, dtype, counts, is_val, model_bytes, tok_spec, settings, fingerprint, resolved
+    )
     meta.write(staging)  # last: its presence (with matching sizes) means complete
     return PrepareResult(
         meta, False, tokenize_seconds=tokenize_seconds, tokenizer_seconds=tokenizer_seconds
@@ -379,8 +424,18 @@ def _tokenize(docs, model_bytes: bytes, dtype: str, cache: Path, num_proc: int):
     )
 
 
-def _meta(staging: Path, sp, dtype: str, counts: dict, is_val: np.ndarray, model_bytes: bytes,
-          tok_spec: dict, settings: dict, fingerprint: str, resolved: Resolved) -> Meta:
+def _meta(
+    staging: Path,
+    sp,
+    dtype: str,
+    counts: dict,
+    is_val: np.ndarray,
+    model_bytes: bytes,
+    tok_spec: dict,
+    settings: dict,
+    fingerprint: str,
+    resolved: Resolved,
+) -> Meta:
     """meta.json's record of the preparation: what the loader and the training need (sizes,
     vocabulary, special ids) and what makes it reproducible (fingerprint, sources, seed)."""
     return Meta(

@@ -101,9 +101,7 @@ def _check_file(path: Path, kind: str, origin: str, res: Resolved, strict: bool)
                 )
             res.skipped.append({"path": str(path), "reason": reason})
             return
-    res.sources.append(
-        Source(kind, str(path), len(data), hashlib.sha256(data).hexdigest(), origin)
-    )
+    res.sources.append(Source(kind, str(path), len(data), hashlib.sha256(data).hexdigest(), origin))
 
 
 def _walk(root: Path, include: list[str] | None) -> list[Path]:
@@ -152,8 +150,10 @@ def builtin_files(spec: str) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(
-            d for d in dirnames
-            if d not in skip_dirs and not d.startswith((".", "config-"))
+            d
+            for d in dirnames
+            if d not in skip_dirs
+            and not d.startswith((".", "config-"))
             and (with_tests or d not in ("test", "tests", "idle_test"))
         )
         for fn in filenames:
@@ -190,11 +190,12 @@ def resolve_inputs(
             if not parts[0] or len(parts) > 3:
                 raise ConfigError(f"--input = {spec!r}: expected hf:NAME[:CONFIG][:SPLIT]")
             name, config, split = (parts + [None, None])[:3]
-            res.sources.append(Source("hf", f"hf:{name}:{config or ''}:{split or 'train'}",
-                                      origin=spec))
+            res.sources.append(
+                Source("hf", f"hf:{name}:{config or ''}:{split or 'train'}", origin=spec)
+            )
             continue
         if spec.startswith("builtin:"):
-            for p in builtin_files(spec[len("builtin:"):]):
+            for p in builtin_files(spec[len("builtin:") :]):
                 _check_file(p, "text", spec, res, strict=False)  # stdlib has a few latin-1 tests
             continue
         if any(c in spec for c in "*?["):
@@ -232,8 +233,9 @@ def _text_generator(paths: list[str]):
             yield {"text": text}
 
 
-def load_corpus(res: Resolved, *, text_field: str = "text", cache_dir: str | None = None,
-                strict: bool = False):
+def load_corpus(
+    res: Resolved, *, text_field: str = "text", cache_dir: str | None = None, strict: bool = False
+):
     """One `datasets.Dataset` with a "text" column (one row per document), in input order.
 
     Records without the text field are counted and dropped with a warning (``strict``: a
@@ -242,20 +244,23 @@ def load_corpus(res: Resolved, *, text_field: str = "text", cache_dir: str | Non
 
     parts = []
     # consecutive sources of one kind are read together; each hub dataset on its own
-    runs = itertools.groupby(enumerate(res.sources),
-                             key=lambda t: (t[1].kind, t[0] if t[1].kind == "hf" else -1))
+    runs = itertools.groupby(
+        enumerate(res.sources), key=lambda t: (t[1].kind, t[0] if t[1].kind == "hf" else -1)
+    )
     for (kind, _), items in runs:
         group = [s for _, s in items]
         if kind == "text":
             group = [s for s in group if s.size > 0]  # an empty file is not a document
             if not group:
                 continue
-            parts.append(datasets.Dataset.from_generator(
-                _text_generator,
-                gen_kwargs={"paths": [s.path for s in group]},
-                features=datasets.Features({"text": datasets.Value("string")}),
-                cache_dir=cache_dir,
-            ))
+            parts.append(
+                datasets.Dataset.from_generator(
+                    _text_generator,
+                    gen_kwargs={"paths": [s.path for s in group]},
+                    features=datasets.Features({"text": datasets.Value("string")}),
+                    cache_dir=cache_dir,
+                )
+            )
         else:
             parts.append(_load_records(group, kind, text_field, cache_dir, strict))
     parts = [p for p in parts if len(p)]
@@ -289,8 +294,9 @@ def _first_bad_json_line(paths: list[str]) -> str | None:
     return None
 
 
-def _load_records(group: list[Source], kind: str, text_field: str, cache_dir: str | None,
-                  strict: bool = False):
+def _load_records(
+    group: list[Source], kind: str, text_field: str, cache_dir: str | None, strict: bool = False
+):
     import datasets
 
     where = group[0].path if len(group) == 1 else f"{group[0].path} (+{len(group) - 1} more)"
@@ -345,9 +351,13 @@ def _check_missing(ds, where: str, text_field: str, strict: bool) -> None:
     if not column.null_count:
         return
     first = pc.index(pc.is_null(column), True).as_py() + 1
-    msg = (f"--text-field = {text_field!r}: {column.null_count} of {len(ds)} records of "
-           f"{where!r} have no such field (the first: record {first})")
+    msg = (
+        f"--text-field = {text_field!r}: {column.null_count} of {len(ds)} records of "
+        f"{where!r} have no such field (the first: record {first})"
+    )
     if strict:
-        raise DataError(msg + "; fix those records or pass the right --text-field, or run "
-                        "without --strict to drop them with a warning")
+        raise DataError(
+            msg + "; fix those records or pass the right --text-field, or run "
+            "without --strict to drop them with a warning"
+        )
     log.warning("%s; dropped (--strict makes this an error)", msg)

@@ -59,7 +59,9 @@ def sample_lines(texts: Iterable[str], budget_bytes: int) -> Iterator[str]:
                     return
 
 
-def sample_documents(dataset, budget_bytes: int, seed: int, text_field: str = "text") -> Iterator[str]:
+def sample_documents(
+    dataset, budget_bytes: int, seed: int, text_field: str = "text"
+) -> Iterator[str]:
     """Documents of a `datasets.Dataset` in a seeded random order, up to ~budget_bytes.
 
     A random order (not the first documents) keeps the tokenizer from learning only the
@@ -98,8 +100,10 @@ def train_tokenizer(
     # The sample is materialised once: a rare-character retry below must see the same text.
     lines = list(sample_lines(texts, sample_bytes))
     if not lines:
-        raise DataError("--input: empty input, no text to train the tokenizer on; check --input "
-                        "and --text-field")
+        raise DataError(
+            "--input: empty input, no text to train the tokenizer on; check --input "
+            "and --text-field"
+        )
     # sentencepiece reserves a piece for every character that makes up `character_coverage`
     # of the text; a small vocab over text with many rare characters (CJK, symbols) cannot
     # hold them all. With byte_fallback a character left out is still encoded exactly (as
@@ -110,10 +114,15 @@ def train_tokenizer(
         except RuntimeError as err:
             msg = str(err)
             if "smaller than required_chars" in msg:
-                log.info("vocab %d too small for character_coverage %g, retrying lower",
-                         vocab_size, coverage)
+                log.info(
+                    "vocab %d too small for character_coverage %g, retrying lower",
+                    vocab_size,
+                    coverage,
+                )
                 continue
-            m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+            m = re.search(
+                r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg
+            )
             if m:
                 raise DataError(
                     f"--vocab-size = {vocab_size}: too large for this data; the text sampled for "

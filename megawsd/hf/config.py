@@ -62,10 +62,17 @@ def check_sections(opt: dict | None, sched: dict | None) -> None:
 
     if opt is not None:
         # "auto" stands in for a valid value here; unknown keys stay, to get the same error.
-        placeholder = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                       "warmup_steps": 0}
-        params = {k: placeholder.get(k, v) if v == AUTO else v
-                  for k, v in (opt.get("params") or {}).items()}
+        placeholder = {
+            "lr": 1e-3,
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "warmup_steps": 0,
+        }
+        params = {
+            k: placeholder.get(k, v) if v == AUTO else v
+            for k, v in (opt.get("params") or {}).items()
+        }
         build_optimizer({"params": params}, [torch.zeros(1, requires_grad=True)])
         for key, value in (opt.get("params") or {}).items():
             if value == AUTO and key not in _OPT_AUTO:

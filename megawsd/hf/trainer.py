@@ -73,27 +73,37 @@ class TrainerMixin:
         check_sections(opt, sched)
         if sched is not None and schedule is not None:
             raise field_error(
-                "schedule", schedule,
+                "schedule",
+                schedule,
                 "the DeepSpeed config already has a megawsd scheduler section; give one of them",
             )
-        client_opt, client_sched = getattr(self, "optimizer", None), getattr(self, "lr_scheduler", None)
-        for name, section, client in (("optimizer", opt, client_opt), ("scheduler", sched, client_sched)):
+        client_opt, client_sched = (
+            getattr(self, "optimizer", None),
+            getattr(self, "lr_scheduler", None),
+        )
+        for name, section, client in (
+            ("optimizer", opt, client_opt),
+            ("scheduler", sched, client_sched),
+        ):
             if section is not None and client is not None:
                 # accelerate refuses both for DeepSpeed's own types; so do we.
                 raise field_error(
-                    "optimizers", type(client).__name__,
+                    "optimizers",
+                    type(client).__name__,
                     f"the DeepSpeed config has a {name} section ({section.get('type')}); give the "
                     f"{name} in the config or in Trainer(optimizers=...), not both",
                 )
         if schedule is not None and client_sched is not None:
             raise field_error(
-                "schedule", schedule,
+                "schedule",
+                schedule,
                 f"Trainer(optimizers=...) already gives an LR scheduler "
                 f"({type(client_sched).__name__}); give one of them",
             )
         if self._mw.cooldown is not None and sched is None and schedule is None:
             raise field_error(
-                "cooldown", cooldown,
+                "cooldown",
+                cooldown,
                 "a cooldown branches a megawsd schedule: give schedule= or a DeepSpeed "
                 '"scheduler": {"type": "WSD", ...} section (the parent run\'s schedule)',
             )
@@ -207,7 +217,8 @@ class TrainerMixin:
             and resolved_opt["params"]["warmup_steps"] > 0
         ):
             raise field_error(
-                "optimizer.params.warmup_steps", "auto",
+                "optimizer.params.warmup_steps",
+                "auto",
                 f"and the schedule's warmup_steps are both 'auto' (= "
                 f"{resolved_opt['params']['warmup_steps']} steps): the LR would warm up twice; "
                 "give one of them 0",
@@ -228,8 +239,14 @@ class TrainerMixin:
             sched = build_schedule(resolve_schedule(source, self.args, max_steps))
         if parent and self._mw.cooldown is not None:
             c = self._mw.cooldown
-            sched = sched.branch(parent["step"], c.decay_steps, c.shape, c.min_ratio,
-                                 power=c.power, half_life=c.half_life)
+            sched = sched.branch(
+                parent["step"],
+                c.decay_steps,
+                c.shape,
+                c.min_ratio,
+                power=c.power,
+                half_life=c.half_life,
+            )
         return sched
 
     def _mw_scheduler_factory(self, schedule):
@@ -279,8 +296,12 @@ class TrainerMixin:
             # that transformers' train() would reuse: backward then fails on a None engine.
             self.model_wrapped, self.deepspeed, self._mw.engine = self.model, None, None
         with self._mw_context():
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                                 ignore_keys_for_eval=ignore_keys_for_eval, **kw)
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kw,
+            )
 
     def evaluate(self, *args, **kwargs):
         with self._mw_context():
@@ -339,7 +360,8 @@ class TrainerMixin:
             return None
         if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isdir(checkpoint):
             raise field_error(
-                "resume_from_checkpoint", checkpoint,
+                "resume_from_checkpoint",
+                checkpoint,
                 "a cooldown branches from a checkpoint: pass the parent's checkpoint-N directory",
             )
         parent_run = os.path.realpath(os.path.dirname(os.path.abspath(checkpoint)))
@@ -347,24 +369,32 @@ class TrainerMixin:
         ckpt = os.path.realpath(os.path.abspath(checkpoint))
         if out == parent_run or ckpt.startswith(out + os.sep) or out.startswith(ckpt + os.sep):
             raise field_error(
-                "output_dir", self.args.output_dir,
+                "output_dir",
+                self.args.output_dir,
                 f"is (or contains, or is inside) the parent run {parent_run}: a cooldown branch "
                 "writes to its own directory so that the parent's checkpoints stay untouched",
             )
         state_file = os.path.join(checkpoint, "trainer_state.json")
         if not os.path.isfile(state_file):
-            raise field_error("resume_from_checkpoint", checkpoint,
-                              "has no trainer_state.json: not a Trainer checkpoint")
+            raise field_error(
+                "resume_from_checkpoint",
+                checkpoint,
+                "has no trainer_state.json: not a Trainer checkpoint",
+            )
         with open(state_file) as f:
             state = json.load(f)
         step, parent_max = int(state["global_step"]), int(state.get("max_steps") or 0)
         c = self._mw.cooldown
         if c.at_step not in (None, step):
-            raise field_error("cooldown.at_step", c.at_step,
-                              f"the checkpoint is at step {step}; branch there or omit at_step")
+            raise field_error(
+                "cooldown.at_step",
+                c.at_step,
+                f"the checkpoint is at step {step}; branch there or omit at_step",
+            )
         if self.args.max_steps != step + c.decay_steps:
             raise field_error(
-                "max_steps", self.args.max_steps,
+                "max_steps",
+                self.args.max_steps,
                 f"a cooldown of {c.decay_steps} steps from step {step} ends at step "
                 f"{step + c.decay_steps}; set TrainingArguments(max_steps={step + c.decay_steps})",
             )
@@ -389,15 +419,20 @@ def _branch_config(cooldown) -> Cooldown | None:
         _check_cooldown(cooldown)
         return cooldown
     if isinstance(cooldown, BranchConfig):
-        cooldown = {k: getattr(cooldown, k) for k in
-                    ("at_step", "decay_steps", "shape", "min_ratio", "power", "half_life")}
+        cooldown = {
+            k: getattr(cooldown, k)
+            for k in ("at_step", "decay_steps", "shape", "min_ratio", "power", "half_life")
+        }
     if not isinstance(cooldown, dict):
         raise field_error("cooldown", cooldown, "give Cooldown(decay_steps=...) or a mapping")
     known = set(Cooldown.__dataclass_fields__)
     unknown = sorted(set(cooldown) - known)
     if unknown:
-        raise field_error(f"cooldown.{unknown[0]}", cooldown[unknown[0]],
-                          f"unknown cooldown field; valid: {', '.join(sorted(known))}")
+        raise field_error(
+            f"cooldown.{unknown[0]}",
+            cooldown[unknown[0]],
+            f"unknown cooldown field; valid: {', '.join(sorted(known))}",
+        )
     if "decay_steps" not in cooldown:
         raise ConfigError("cooldown.decay_steps = None: give the cooldown's length in steps")
     out = Cooldown(**cooldown)
@@ -409,8 +444,14 @@ def _check_cooldown(c: Cooldown | None) -> None:
     if c is None:
         return
     # BranchConfig validates shape, lengths and ratios with the schedule's messages.
-    BranchConfig(at_step=c.at_step or 0, decay_steps=c.decay_steps, shape=c.shape,
-                 min_ratio=c.min_ratio, power=c.power, half_life=c.half_life)
+    BranchConfig(
+        at_step=c.at_step or 0,
+        decay_steps=c.decay_steps,
+        shape=c.shape,
+        min_ratio=c.min_ratio,
+        power=c.power,
+        half_life=c.half_life,
+    )
 
 
 def _spec_from_args(args) -> dict:
@@ -421,7 +462,10 @@ def _spec_from_args(args) -> dict:
     return {
         "type": "ScheduleFreeAdamW",
         "params": {
-            "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto",
+            "lr": "auto",
+            "betas": "auto",
+            "eps": "auto",
+            "weight_decay": "auto",
             "warmup_steps": "auto",
             "weight_lr_power": float(extra.get("weight_lr_power", 2.0)),
             "r": float(extra.get("r", 0.0)),

@@ -166,7 +166,9 @@ def _check_offload(cfg: dict, zero: dict) -> None:
     are swapped out to disk between steps), partial offload, the deprecated flags, and
     ``zero_force_ds_cpu_optimizer: true`` (DeepSpeed then raises on any optimizer but its
     own CPU Adam/Lion, which are not schedule-free)."""
-    devices = {key: _offload_device(zero.get(key)) for key in ("offload_optimizer", "offload_param")}
+    devices = {
+        key: _offload_device(zero.get(key)) for key in ("offload_optimizer", "offload_param")
+    }
     for key, dev in devices.items():
         if dev == "nvme":
             raise field_error(
@@ -174,7 +176,7 @@ def _check_offload(cfg: dict, zero: dict) -> None:
                 dev,
                 "NVMe offload is not supported with ScheduleFreeAdamW (schedule-free evaluation, "
                 "export and resharding read the fp32 partitions in memory, which NVMe swaps out "
-                'to disk; it is also untested: DeepSpeed\'s async_io op needs libaio); use '
+                "to disk; it is also untested: DeepSpeed's async_io op needs libaio); use "
                 '"device": "cpu" or "none"',
             )
     ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
@@ -185,8 +187,11 @@ def _check_offload(cfg: dict, zero: dict) -> None:
             "partial ZeRO-Offload is not tested with ScheduleFreeAdamW; remove it (offload "
             'all sub-groups, ratio 1.0) or set "device": "none"',
         )
-    for key, fix in (("cpu_offload", "offload_optimizer"), ("cpu_offload_params", "offload_param"),
-                     ("cpu_offload_param", "offload_param")):
+    for key, fix in (
+        ("cpu_offload", "offload_optimizer"),
+        ("cpu_offload_params", "offload_param"),
+        ("cpu_offload_param", "offload_param"),
+    ):
         if zero.get(key):
             raise field_error(
                 f"zero_optimization.{key}",
@@ -230,7 +235,9 @@ def check_schedule_free_supported(cfg: dict, model: torch.nn.Module | None = Non
     for key, why in _REFUSED_ZERO_FLAGS.items():
         if zero.get(key):
             raise field_error(
-                f"zero_optimization.{key}", zero[key], f"not supported with ScheduleFreeAdamW: {why}"
+                f"zero_optimization.{key}",
+                zero[key],
+                f"not supported with ScheduleFreeAdamW: {why}",
             )
     stage = int(zero.get("stage", 0))
     for lowp in ("bf16", "fp16"):
@@ -439,9 +446,12 @@ def _adopt_engine(engine, groups: _GroupRecord) -> None:
             "optimizer: a schedule-free optimizer reached DeepSpeed without megawsd's checks; "
             "pass it as a config section, an optimizer object or a callable"
         )
-    set_state(engine, EngineState(
-        schedule_free=schedule_free, group_of=groups.group_of, group_names=groups.group_names
-    ))
+    set_state(
+        engine,
+        EngineState(
+            schedule_free=schedule_free, group_of=groups.group_of, group_names=groups.group_names
+        ),
+    )
     if schedule_free:
         _attach(engine)
 
@@ -503,7 +513,6 @@ def _prepare_client_optimizer(opt, cfg: dict, model, groups: _GroupRecord):
 def _adopt_stock(stock) -> torch.optim.Optimizer:
     """Our ScheduleFreeAdamW with a stock ``AdamWScheduleFree``'s groups, scalars and state."""
     import schedulefree
-
 
     if type(stock) is not schedulefree.AdamWScheduleFree:
         raise field_error(
@@ -578,8 +587,10 @@ def _ds_cpu_optimizer_check(opt) -> None:
 
 def looks_schedule_free(opt) -> bool:
     """Any optimizer with schedule-free group scalars (ours, schedulefree's variants)."""
-    return isinstance(opt, torch.optim.Optimizer) and bool(opt.param_groups) and all(
-        "train_mode" in g and "weight_sum" in g for g in opt.param_groups
+    return (
+        isinstance(opt, torch.optim.Optimizer)
+        and bool(opt.param_groups)
+        and all("train_mode" in g and "weight_sum" in g for g in opt.param_groups)
     )
 
 
@@ -892,6 +903,7 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None, reshard: str 
     masters directly, past ``engine.load_checkpoint``'s guard)."""
     with _out_of_eval_for_load(engine):
         return ds_checkpoint.load_checkpoint(engine, load_dir, tag, reshard=reshard, **kwargs)
+
 
 __all__ = [
     "initialize",

@@ -125,8 +125,12 @@ def read_full_checkpoint(checkpoint_dir: str, tag: str | None = None) -> FullChe
     else:
         stage, inner = int(first.get("zero_stage", 1)), first["base_optimizer_state"]
         flat_groups = _zero12_flat_groups
-        merge = functools.partial(_zero12_merge, world=world, zero_models=zero_models,
-                                  paddings=first.get("param_alignment_paddings"))
+        merge = functools.partial(
+            _zero12_merge,
+            world=world,
+            zero_models=zero_models,
+            paddings=first.get("param_alignment_paddings"),
+        )
     params: dict[str, dict[str, torch.Tensor]] = {}
     for key in (None, *STATE_KEYS, *OPTIONAL_STATE_KEYS):
         per_rank = [flat_groups(sd, key) for sd in optim]
@@ -218,7 +222,11 @@ def _read_stage0(model_states: dict, group_names) -> FullCheckpoint:
                 if key in st:
                     entry[key] = st[key].float().clone()
             params[name] = entry
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]] if inner else []
+    groups = (
+        [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
+        if inner
+        else []
+    )
     world = int(model_states.get("dp_world_size", 1))
     return FullCheckpoint(params, groups, group_names, model_states, 0, world)
 
@@ -281,26 +289,49 @@ def load_checkpoint(
         raise field_error("reshard", reshard, 'use "auto", "always" or "never"')
     tag = resolve_tag(load_dir, tag)
     world, stage = saved_world_size(load_dir, tag)
-    here = engine.dp_world_size if hasattr(engine, "dp_world_size") else torch.distributed.get_world_size()
-    here_stage = ds_layout.zero_stage(engine)
-    same = world == here and (stage == here_stage or (stage <= 2 and here_stage <= 2 and min(stage, here_stage) > 0))
-    opts = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
-                load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+    here, here_stage = _layout_here(engine)
+    same = world == here and (
+        stage == here_stage or (stage <= 2 and here_stage <= 2 and min(stage, here_stage) > 0)
+    )
+    opts = dict(
+        load_module_strict=load_module_strict,
+        load_optimizer_states=load_optimizer_states,
+        load_lr_scheduler_states=load_lr_scheduler_states,
+        load_module_only=load_module_only,
+    )
     misread = _deepspeed_misreads(load_dir, tag, here_stage, **opts)
     if reshard == "never" or (reshard == "auto" and same and misread is None):
         return engine.load_checkpoint(load_dir, tag, custom_load_fn=custom_load_fn, **opts)
     if custom_load_fn is not None:
-        why = misread if same else (f"checkpoint from {world} ranks at ZeRO stage {stage}, "
-                                    f"engine {here} ranks at stage {here_stage}")
+        why = (
+            misread
+            if same
+            else (
+                f"checkpoint from {world} ranks at ZeRO stage {stage}, "
+                f"engine {here} ranks at stage {here_stage}"
+            )
+        )
         where = "" if same else f"load on {world} ranks at stage {stage} or "
-        raise field_error("custom_load_fn", custom_load_fn,
-                          f"not supported when megawsd loads the checkpoint itself ({why}); "
-                          f"{where}drop custom_load_fn")
-    log.info("resharding checkpoint %s/%s: %d ranks stage %d -> %d ranks stage %d%s",
-             load_dir, tag, world, stage, here, here_stage, f" ({misread})" if misread else "")
+        raise field_error(
+            "custom_load_fn",
+            custom_load_fn,
+            f"not supported when megawsd loads the checkpoint itself ({why}); "
+            f"{where}drop custom_load_fn",
+        )
+    log.info(
+        "resharding checkpoint %s/%s: %d ranks stage %d -> %d ranks stage %d%s",
+        load_dir,
+        tag,
+        world,
+        stage,
+        here,
+        here_stage,
+        f" ({misread})" if misread else "",
+    )
     full = read_full_checkpoint(load_dir, tag)
     load_full_state(
-        engine, full,
+        engine,
+        full,
         optimizer=load_optimizer_states and not load_module_only,
         lr_scheduler=load_lr_scheduler_states and not load_module_only,
         counters=not load_module_only,
@@ -308,9 +339,16 @@ def load_checkpoint(
     return os.path.join(load_dir, tag), _client_state(full.model_states, engine, **opts)
 
 
-def _deepspeed_misreads(load_dir: str, tag: str, here_stage: int, *, load_module_strict: bool,
-                        load_optimizer_states: bool, load_lr_scheduler_states: bool,
-                        load_module_only: bool) -> str | None:
+def _deepspeed_misreads(
+    load_dir: str,
+    tag: str,
+    here_stage: int,
+    *,
+    load_module_strict: bool,
+    load_optimizer_states: bool,
+    load_lr_scheduler_states: bool,
+    load_module_only: bool,
+) -> str | None:
     """Why DeepSpeed's own same-size loader would restore the wrong weights, or None.
 
     Both at ZeRO-3 (DeepSpeed 0.19.8, ``engine._load_checkpoint``); megawsd's path is right:
@@ -337,13 +375,26 @@ def _deepspeed_misreads(load_dir: str, tag: str, here_stage: int, *, load_module
 
 
 #: Engine states DeepSpeed 0.19.8's ``_load_checkpoint`` leaves out of client_state.
-_DS_STATES = ["module", "skipped_steps", "global_steps", "dp_world_size", "mp_world_size",
-              "data_sampler", "random_ltd"]
+_DS_STATES = [
+    "module",
+    "skipped_steps",
+    "global_steps",
+    "dp_world_size",
+    "mp_world_size",
+    "data_sampler",
+    "random_ltd",
+]
 
 
-def _client_state(model_states: dict, engine, *, load_module_strict: bool = True,
-                  load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
-                  load_module_only: bool = False) -> dict:
+def _client_state(
+    model_states: dict,
+    engine,
+    *,
+    load_module_strict: bool = True,
+    load_optimizer_states: bool = True,
+    load_lr_scheduler_states: bool = True,
+    load_module_only: bool = False,
+) -> dict:
     """The client_state DeepSpeed's own loader returns for these options (same keys)."""
     drop = ["module"] if load_module_only else list(_DS_STATES)
     if load_lr_scheduler_states:
@@ -352,15 +403,32 @@ def _client_state(model_states: dict, engine, *, load_module_strict: bool = True
         drop.append("optimizer")
     out = {k: v for k, v in model_states.items() if k not in drop}
     # Without ZeRO, DeepSpeed hands back the optimizer's state_dict it loaded.
-    if (not load_module_only and load_optimizer_states and engine.optimizer is not None
-            and not engine.zero_optimization()):
+    if (
+        not load_module_only
+        and load_optimizer_states
+        and engine.optimizer is not None
+        and not engine.zero_optimization()
+    ):
         out["optimizer"] = model_states.get("optimizer")
     return out
 
 
+def _layout_here(engine) -> tuple[int, int]:
+    """(data-parallel world size, ZeRO stage) of a live engine."""
+    here = getattr(engine, "dp_world_size", None)
+    if here is None:
+        here = torch.distributed.get_world_size()
+    return here, ds_layout.zero_stage(engine)
+
+
 @torch.no_grad()
-def load_full_state(engine, full: FullCheckpoint, optimizer: bool = True,
-                    lr_scheduler: bool = True, counters: bool = True) -> None:
+def load_full_state(
+    engine,
+    full: FullCheckpoint,
+    optimizer: bool = True,
+    lr_scheduler: bool = True,
+    counters: bool = True,
+) -> None:
     """Write a :class:`FullCheckpoint` into a live engine of any world size (collective).
 
     What is restored follows DeepSpeed 0.19.8's ``load_checkpoint`` options: the weights
@@ -416,7 +484,9 @@ def load_full_state(engine, full: FullCheckpoint, optimizer: bool = True,
         engine.lr_scheduler.load_state_dict(ms["lr_scheduler"])
     if counters:
         engine.global_steps = int(ms.get("global_steps", 0))
-        engine.global_samples = int(ms.get("global_samples", engine.global_steps * engine.train_batch_size()))
+        engine.global_samples = int(
+            ms.get("global_samples", engine.global_steps * engine.train_batch_size())
+        )
         engine.skipped_steps = int(ms.get("skipped_steps", 0))
 
 
@@ -462,7 +532,6 @@ def _state_keys(full: FullCheckpoint, named: dict, inner) -> tuple[str, ...]:
 def _write_params(engine, full: FullCheckpoint, inner, named: dict, keys: tuple[str, ...]) -> None:
     """Masters (and the optimizer state ``keys``, if any) of every trainable parameter."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
 
     if ds_layout.zero_stage(engine) == 0:
         _load_stage0(engine, full, inner, keys)

@@ -50,42 +50,77 @@ log = logging.getLogger(__name__)
 # The DeepSpeed source lines each fused path relies on: (class, method) -> snippets, in order.
 _PINNED: dict[str, list[tuple[str, str, str, list[str]]]] = {
     "zero12": [
-        ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "step", [
-            "self.unscale_and_clip_grads([single_grad_partition], scaled_global_grad_norm)",
-            "self._optimizer_step(i)",
-        ]),
-        ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer",
-         "unscale_and_clip_grads", ["grad.data.mul_(1. / combined_scale)"]),
+        (
+            "deepspeed.runtime.zero.stage_1_and_2",
+            "DeepSpeedZeroOptimizer",
+            "step",
+            [
+                "self.unscale_and_clip_grads([single_grad_partition], scaled_global_grad_norm)",
+                "self._optimizer_step(i)",
+            ],
+        ),
+        (
+            "deepspeed.runtime.zero.stage_1_and_2",
+            "DeepSpeedZeroOptimizer",
+            "unscale_and_clip_grads",
+            ["grad.data.mul_(1. / combined_scale)"],
+        ),
     ],
     "zero3": [
-        ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "step", [
-            "self.unscale_and_clip_grads(sub_group_id, scaled_global_grad_norm)",
-            "self._optimizer_step(sub_group_id)",
-            "self._reassign_or_swap_out_partitioned_parameters(sub_group_id)",
-        ]),
-        ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
-         "unscale_and_clip_grads",
-         ["self.fp32_partitioned_groups_flat[sub_group_id].grad.mul_(1. / combined_scale)"]),
-        ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
-         "_reassign_or_swap_out_partitioned_parameters", [
-             "self.fp16_partitioned_groups_flat[sub_group_id].data.copy_(",
-             "self._unflatten_partitioned_parameters(sub_group_id)",
-         ]),
+        (
+            "deepspeed.runtime.zero.stage3",
+            "DeepSpeedZeroOptimizer_Stage3",
+            "step",
+            [
+                "self.unscale_and_clip_grads(sub_group_id, scaled_global_grad_norm)",
+                "self._optimizer_step(sub_group_id)",
+                "self._reassign_or_swap_out_partitioned_parameters(sub_group_id)",
+            ],
+        ),
+        (
+            "deepspeed.runtime.zero.stage3",
+            "DeepSpeedZeroOptimizer_Stage3",
+            "unscale_and_clip_grads",
+            ["self.fp32_partitioned_groups_flat[sub_group_id].grad.mul_(1. / combined_scale)"],
+        ),
+        (
+            "deepspeed.runtime.zero.stage3",
+            "DeepSpeedZeroOptimizer_Stage3",
+            "_reassign_or_swap_out_partitioned_parameters",
+            [
+                "self.fp16_partitioned_groups_flat[sub_group_id].data.copy_(",
+                "self._unflatten_partitioned_parameters(sub_group_id)",
+            ],
+        ),
     ],
     "bf16_optimizer": [
-        ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "step", [
-            "clip_tensors_by_global_norm(input_tensors=self.get_grads_for_norm(for_clipping=True)",
-            "param_partition.grad = grad_partition",
-            "self.optimizer.step()",
-            "self.update_lp_params()",
-        ]),
-        ("deepspeed.runtime.utils", None, "clip_tensors_by_global_norm",
-         ["tensor.detach().mul_(clip_coef)"]),
-        ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "update_lp_params", [
-            "bf16_partitions[partition_id].data.copy_(fp32_partition.data)",
-            "all_gather_dp_groups(groups_flat=self.bf16_groups_flat,",
-            "allgather_bucket_size=self.allgather_bucket_size)",
-        ]),
+        (
+            "deepspeed.runtime.bf16_optimizer",
+            "BF16_Optimizer",
+            "step",
+            [
+                "clip_tensors_by_global_norm(input_tensors=self.get_grads_for_norm(for_clipping=True)",
+                "param_partition.grad = grad_partition",
+                "self.optimizer.step()",
+                "self.update_lp_params()",
+            ],
+        ),
+        (
+            "deepspeed.runtime.utils",
+            None,
+            "clip_tensors_by_global_norm",
+            ["tensor.detach().mul_(clip_coef)"],
+        ),
+        (
+            "deepspeed.runtime.bf16_optimizer",
+            "BF16_Optimizer",
+            "update_lp_params",
+            [
+                "bf16_partitions[partition_id].data.copy_(fp32_partition.data)",
+                "all_gather_dp_groups(groups_flat=self.bf16_groups_flat,",
+                "allgather_bucket_size=self.allgather_bucket_size)",
+            ],
+        ),
     ],
 }
 
@@ -164,11 +199,18 @@ def install(engine) -> FusedStep | None:
         return None
     problems = pinned_source_matches(path)
     if problems:
-        log.warning("megawsd: DeepSpeed's %s step differs from the pinned one (%s); running "
-                    "DeepSpeed's own unscale/copy passes", path, "; ".join(problems))
+        log.warning(
+            "megawsd: DeepSpeed's %s step differs from the pinned one (%s); running "
+            "DeepSpeed's own unscale/copy passes",
+            path,
+            "; ".join(problems),
+        )
         return None
-    installer = {"zero12": _install_zero12, "zero3": _install_zero3,
-                 "bf16_optimizer": _install_bf16}[path]
+    installer = {
+        "zero12": _install_zero12,
+        "zero3": _install_zero3,
+        "bf16_optimizer": _install_bf16,
+    }[path]
     return FusedStep(path=path, inner=inner, arm=installer(engine.optimizer, inner))
 
 
@@ -183,9 +225,11 @@ def _install_zero12(opt, inner: ScheduleFreeAdamW) -> None:
 
     def unscale_and_clip_grads(grad_groups_flat, total_norm):
         grads = list(grad_groups_flat)
-        masters = [m for m in opt.single_partition_of_fp32_groups
-                   if len(grads) == 1 and isinstance(grads[0], torch.Tensor)
-                   and m.grad is grads[0]]
+        masters = [
+            m
+            for m in opt.single_partition_of_fp32_groups
+            if len(grads) == 1 and isinstance(grads[0], torch.Tensor) and m.grad is grads[0]
+        ]
         if len(masters) != 1:
             return orig_unscale(grad_groups_flat, total_norm)
         probe = _probe(grads[0])
@@ -218,7 +262,7 @@ def _install_zero3(opt, inner: ScheduleFreeAdamW) -> Callable[[], None]:
         dummy = torch.zeros(1, dtype=master.dtype, device=master.device)
         dummy.grad = _probe(grad)
         real = opt.fp32_partitioned_groups_flat
-        opt.fp32_partitioned_groups_flat = [*real[:sub_group_id], dummy, *real[sub_group_id + 1:]]
+        opt.fp32_partitioned_groups_flat = [*real[:sub_group_id], dummy, *real[sub_group_id + 1 :]]
         try:
             orig_unscale(sub_group_id, total_norm)
         finally:

@@ -25,12 +25,22 @@ MEGATRON_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", 
 MEGATRON_WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 
-_FAMILY_OF_STYLE = {"constant": "constant", "linear": "linear", "cosine": "cosine",
-                    "inverse-square-root": "inverse-sqrt", "WSD": "wsd"}
+_FAMILY_OF_STYLE = {
+    "constant": "constant",
+    "linear": "linear",
+    "cosine": "cosine",
+    "inverse-square-root": "inverse-sqrt",
+    "WSD": "wsd",
+}
 _STYLE_OF_FAMILY = {v: k for k, v in _FAMILY_OF_STYLE.items()}
 # megawsd decay shapes that Megatron's --lr-wsd-decay-style can express (1-sqrt == minus_sqrt).
-_WSD_STYLE_OF_SHAPE = {"exponential": "exponential", "linear": "linear", "cosine": "cosine",
-                       "minus_sqrt": "minus_sqrt", "1-sqrt": "minus_sqrt"}
+_WSD_STYLE_OF_SHAPE = {
+    "exponential": "exponential",
+    "linear": "linear",
+    "cosine": "cosine",
+    "minus_sqrt": "minus_sqrt",
+    "1-sqrt": "minus_sqrt",
+}
 
 
 def megatron_arg_parser() -> argparse.ArgumentParser:
@@ -57,10 +67,18 @@ def megatron_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-weight-decay", type=float, default=None)
     p.add_argument("--end-weight-decay", type=float, default=None)
     p.add_argument("--weight-decay-incr-style", default="constant", choices=WD_INCR_STYLES)
-    p.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
-                   dest="override_opt_param_scheduler", action="store_true")
-    p.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
-                   dest="use_checkpoint_opt_param_scheduler", action="store_true")
+    p.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        dest="override_opt_param_scheduler",
+        action="store_true",
+    )
+    p.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        "--use-checkpoint-opt-param-scheduler",
+        dest="use_checkpoint_opt_param_scheduler",
+        action="store_true",
+    )
     return p
 
 
@@ -70,17 +88,23 @@ def _namespace(argv_or_namespace: Sequence[str] | argparse.Namespace) -> argpars
         defaults.update({k: v for k, v in vars(argv_or_namespace).items() if k in defaults})
         return argparse.Namespace(**defaults)
     if isinstance(argv_or_namespace, str):
-        raise field_error("argv", argv_or_namespace, "give a list of arguments (str.split() it) or a Namespace")
+        raise field_error(
+            "argv", argv_or_namespace, "give a list of arguments (str.split() it) or a Namespace"
+        )
     parser = megatron_arg_parser()
     try:
         args, _ = parser.parse_known_args(list(argv_or_namespace))
     except SystemExit:  # argparse already printed which flag/value is bad
-        raise ConfigError(f"argv = {list(argv_or_namespace)!r}: invalid Megatron-LM schedule "
-                          "arguments (see the message above)") from None
+        raise ConfigError(
+            f"argv = {list(argv_or_namespace)!r}: invalid Megatron-LM schedule "
+            "arguments (see the message above)"
+        ) from None
     return args
 
 
-def megatron_scheduler_kwargs(argv_or_namespace: Sequence[str] | argparse.Namespace) -> dict[str, Any]:
+def megatron_scheduler_kwargs(
+    argv_or_namespace: Sequence[str] | argparse.Namespace,
+) -> dict[str, Any]:
     """``OptimizerParamScheduler`` keyword arguments exactly as Megatron-LM's
     ``get_optimizer_param_scheduler`` computes them (lengths in samples), plus
     ``units_per_step`` (the global batch size: the scheduler's increment per iteration).
@@ -96,71 +120,129 @@ def _scheduler_kwargs(a: argparse.Namespace, *, iterations_as_units: bool) -> di
     if a.lr is None:
         raise field_error("--lr", None, "Megatron's peak LR is required")
     if a.rampup_batch_size:
-        raise field_error("--rampup-batch-size", a.rampup_batch_size,
-                          "the scheduler increment changes during ramp-up; megawsd schedules by "
-                          "optimizer step and does not translate batch-size ramp-up")
+        raise field_error(
+            "--rampup-batch-size",
+            a.rampup_batch_size,
+            "the scheduler increment changes during ramp-up; megawsd schedules by "
+            "optimizer step and does not translate batch-size ramp-up",
+        )
     gbs = a.global_batch_size
     if gbs is None:
         if a.train_samples is not None:
-            raise field_error("--global-batch-size", None, "sample-based runs need the global batch size")
+            raise field_error(
+                "--global-batch-size", None, "sample-based runs need the global batch size"
+            )
         gbs = 1  # iteration mode: lengths only scale together; 1 keeps them in iterations
     if a.train_iters is not None and iterations_as_units:
         gbs = 1
     if (a.train_iters is None) == (a.train_samples is None):
-        raise field_error("--train-iters", a.train_iters, "give exactly one of --train-iters and --train-samples")
+        raise field_error(
+            "--train-iters", a.train_iters, "give exactly one of --train-iters and --train-samples"
+        )
     if a.lr_warmup_fraction is not None and (a.lr_warmup_iters or a.lr_warmup_samples):
-        raise field_error("--lr-warmup-fraction", a.lr_warmup_fraction,
-                          "give either a warmup fraction or --lr-warmup-iters/-samples, not both")
-    if a.train_iters is not None:
-        bad = {"--lr-decay-samples": a.lr_decay_samples, "--lr-wsd-decay-samples": a.lr_wsd_decay_samples,
-               "--lr-warmup-samples": a.lr_warmup_samples or None}
-        for flag, value in bad.items():
-            if value is not None:
-                raise field_error(flag, value, "iteration-based run (--train-iters): use the -iters flag")
-        decay_iters = a.train_iters if a.lr_decay_iters is None else a.lr_decay_iters
-        lr_decay_steps = decay_iters * gbs
-        wsd = None if a.lr_wsd_decay_iters is None else a.lr_wsd_decay_iters * gbs
-        warmup = (a.lr_warmup_fraction * lr_decay_steps if a.lr_warmup_fraction is not None
-                  else a.lr_warmup_iters * gbs)
-        wd_incr_steps = a.train_iters * gbs
-    else:
-        bad = {"--lr-decay-iters": a.lr_decay_iters, "--lr-wsd-decay-iters": a.lr_wsd_decay_iters,
-               "--lr-warmup-iters": a.lr_warmup_iters or None}
-        for flag, value in bad.items():
-            if value is not None:
-                raise field_error(flag, value, "sample-based run (--train-samples): use the -samples flag")
-        lr_decay_steps = a.train_samples if a.lr_decay_samples is None else a.lr_decay_samples
-        wsd = a.lr_wsd_decay_samples
-        warmup = (a.lr_warmup_fraction * lr_decay_steps if a.lr_warmup_fraction is not None
-                  else a.lr_warmup_samples)
-        wd_incr_steps = a.train_samples
-    if a.lr_decay_style == "WSD" and wsd is None:
-        raise field_error("--lr-wsd-decay-iters", None, "--lr-decay-style WSD needs the decay length "
-                          "(--lr-wsd-decay-iters or --lr-wsd-decay-samples)")
-    if a.weight_decay_incr_style == "constant":
-        if a.start_weight_decay is not None or a.end_weight_decay is not None:
-            raise field_error("--start-weight-decay", a.start_weight_decay,
-                              "constant weight decay uses --weight-decay; set --weight-decay-incr-style "
-                              "linear or cosine to ramp it")
-        start_wd = end_wd = a.weight_decay
-    else:
-        if a.start_weight_decay is None or a.end_weight_decay is None:
-            raise field_error("--start-weight-decay", a.start_weight_decay,
-                              "an increasing weight decay needs --start-weight-decay and --end-weight-decay")
-        start_wd, end_wd = a.start_weight_decay, a.end_weight_decay
+        raise field_error(
+            "--lr-warmup-fraction",
+            a.lr_warmup_fraction,
+            "give either a warmup fraction or --lr-warmup-iters/-samples, not both",
+        )
+    lr_decay_steps, wsd, warmup, wd_incr_steps = _lengths(a, gbs)
+    start_wd, end_wd = _weight_decay_range(a)
     return dict(
-        init_lr=a.lr_warmup_init, max_lr=a.lr, min_lr=a.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=lr_decay_steps, lr_decay_style=a.lr_decay_style, start_wd=start_wd,
-        end_wd=end_wd, wd_incr_steps=wd_incr_steps, wd_incr_style=a.weight_decay_incr_style,
+        init_lr=a.lr_warmup_init,
+        max_lr=a.lr,
+        min_lr=a.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=lr_decay_steps,
+        lr_decay_style=a.lr_decay_style,
+        start_wd=start_wd,
+        end_wd=end_wd,
+        wd_incr_steps=wd_incr_steps,
+        wd_incr_style=a.weight_decay_incr_style,
         use_checkpoint_opt_param_scheduler=a.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=a.override_opt_param_scheduler,
-        wsd_decay_steps=wsd, lr_wsd_decay_style=a.lr_wsd_decay_style,
+        wsd_decay_steps=wsd,
+        lr_wsd_decay_style=a.lr_wsd_decay_style,
         units_per_step=gbs,
     )
 
 
-def schedule_from_scheduler_kwargs(kw: dict[str, Any], *, units_per_step: int = 1,
-                                   extra: dict[str, Any] | None = None) -> Schedule:
+def _lengths(a: argparse.Namespace, gbs: int) -> tuple[Any, Any, Any, Any]:
+    """Decay, WSD-decay, warmup and weight-decay-ramp lengths in scheduler units: iterations
+    times ``gbs`` for an iteration-based run, samples for a sample-based one (Megatron's
+    -iters/-samples flags may not be mixed with the other mode)."""
+    if a.train_iters is not None:
+        bad = {
+            "--lr-decay-samples": a.lr_decay_samples,
+            "--lr-wsd-decay-samples": a.lr_wsd_decay_samples,
+            "--lr-warmup-samples": a.lr_warmup_samples or None,
+        }
+        for flag, value in bad.items():
+            if value is not None:
+                raise field_error(
+                    flag, value, "iteration-based run (--train-iters): use the -iters flag"
+                )
+        decay_iters = a.train_iters if a.lr_decay_iters is None else a.lr_decay_iters
+        lr_decay_steps = decay_iters * gbs
+        wsd = None if a.lr_wsd_decay_iters is None else a.lr_wsd_decay_iters * gbs
+        warmup = (
+            a.lr_warmup_fraction * lr_decay_steps
+            if a.lr_warmup_fraction is not None
+            else a.lr_warmup_iters * gbs
+        )
+        wd_incr_steps = a.train_iters * gbs
+    else:
+        bad = {
+            "--lr-decay-iters": a.lr_decay_iters,
+            "--lr-wsd-decay-iters": a.lr_wsd_decay_iters,
+            "--lr-warmup-iters": a.lr_warmup_iters or None,
+        }
+        for flag, value in bad.items():
+            if value is not None:
+                raise field_error(
+                    flag, value, "sample-based run (--train-samples): use the -samples flag"
+                )
+        lr_decay_steps = a.train_samples if a.lr_decay_samples is None else a.lr_decay_samples
+        wsd = a.lr_wsd_decay_samples
+        warmup = (
+            a.lr_warmup_fraction * lr_decay_steps
+            if a.lr_warmup_fraction is not None
+            else a.lr_warmup_samples
+        )
+        wd_incr_steps = a.train_samples
+    if a.lr_decay_style == "WSD" and wsd is None:
+        raise field_error(
+            "--lr-wsd-decay-iters",
+            None,
+            "--lr-decay-style WSD needs the decay length "
+            "(--lr-wsd-decay-iters or --lr-wsd-decay-samples)",
+        )
+    return lr_decay_steps, wsd, warmup, wd_incr_steps
+
+
+def _weight_decay_range(a: argparse.Namespace) -> tuple[float, float]:
+    """(start, end) weight decay: --weight-decay when constant, else both ramp ends given."""
+    if a.weight_decay_incr_style == "constant":
+        if a.start_weight_decay is not None or a.end_weight_decay is not None:
+            raise field_error(
+                "--start-weight-decay",
+                a.start_weight_decay,
+                "constant weight decay uses --weight-decay; set --weight-decay-incr-style "
+                "linear or cosine to ramp it",
+            )
+        return a.weight_decay, a.weight_decay
+    else:
+        if a.start_weight_decay is None or a.end_weight_decay is None:
+            raise field_error(
+                "--start-weight-decay",
+                a.start_weight_decay,
+                "an increasing weight decay needs --start-weight-decay and --end-weight-decay",
+            )
+        return a.start_weight_decay, a.end_weight_decay
+
+
+def schedule_from_scheduler_kwargs(
+    kw: dict[str, Any], *, units_per_step: int = 1, extra: dict[str, Any] | None = None
+) -> Schedule:
     """The megawsd schedule of ``OptimizerParamScheduler(**kw)`` (lengths in the scheduler's
     units; ``units_per_step`` of them per optimizer step). ``extra`` adds megawsd-only fields
     (``power``, ``half_life``) for megawsd's WSD shapes.
@@ -181,8 +263,12 @@ def schedule_from_scheduler_kwargs(kw: dict[str, Any], *, units_per_step: int = 
     elif isinstance(warmup, float):
         warmup = int(warmup)
     cfg: dict[str, Any] = dict(
-        family=_FAMILY_OF_STYLE[style], total_steps=int(total), warmup_steps=warmup,
-        warmup_init=kw["init_lr"] / max_lr, min_ratio=kw["min_lr"] / max_lr, peak_lr=max_lr,
+        family=_FAMILY_OF_STYLE[style],
+        total_steps=int(total),
+        warmup_steps=warmup,
+        warmup_init=kw["init_lr"] / max_lr,
+        min_ratio=kw["min_lr"] / max_lr,
+        peak_lr=max_lr,
         units_per_step=units_per_step,
     )
     if style == "WSD":
@@ -192,10 +278,16 @@ def schedule_from_scheduler_kwargs(kw: dict[str, Any], *, units_per_step: int = 
             cfg["compat"] = "megatron"
             warnings.warn(
                 f"Megatron's WSD with warmup {kw['lr_warmup_steps']:g} + WSD decay {wsd} and "
-                f"lr_decay_steps {int(total)} " + (
-                    "has no decay: the LR drops to min_lr after lr_decay_steps" if wsd == 0 else
-                    "overlap: the decay is entered part-way when warmup ends (the LR jumps down)")
-                + "; megawsd follows Megatron", UserWarning, stacklevel=2)
+                f"lr_decay_steps {int(total)} "
+                + (
+                    "has no decay: the LR drops to min_lr after lr_decay_steps"
+                    if wsd == 0
+                    else "overlap: the decay is entered part-way when warmup ends (the LR jumps down)"
+                )
+                + "; megawsd follows Megatron",
+                UserWarning,
+                stacklevel=2,
+            )
     cfg.update(extra or {})
     return build_schedule(cfg)
 
@@ -228,37 +320,33 @@ def to_megatron_args(
     warmup): that is Megatron's ``--override-opt-param-scheduler`` recipe. Shapes, warmups and
     families Megatron lacks raise ConfigError naming what Megatron has.
     """
-    s = build_schedule(schedule)
-    c = s.config
-    if c.peak_lr is None:
-        raise field_error("schedule.peak_lr", None, "Megatron flags carry absolute LRs; set peak_lr")
-    if c.compat not in (None, "megatron"):
-        raise field_error("schedule.compat", c.compat,
-                          "this schedule follows another library's boundary steps, which Megatron "
-                          "computes differently; Megatron cannot reproduce it")
-    if c.branches:
-        c = _branch_as_wsd(s)
-    if c.family not in _STYLE_OF_FAMILY:
-        raise field_error("schedule.family", c.family,
-                          f"Megatron has no such decay style; it has {', '.join(_STYLE_OF_FAMILY)}")
-    if c.warmup_shape != "linear" and c.warmup_steps_resolved > 0:
-        raise field_error("schedule.warmup_shape", c.warmup_shape, "Megatron warms up linearly only; use 'linear'")
+    c = _megatron_expressible(build_schedule(schedule))
     units = c.units_per_step
     samples = units > 1
     if samples and global_batch_size not in (None, units):
-        raise field_error("global_batch_size", global_batch_size,
-                          f"the schedule counts {units} samples per step; pass {units} or nothing")
+        raise field_error(
+            "global_batch_size",
+            global_batch_size,
+            f"the schedule counts {units} samples per step; pass {units} or nothing",
+        )
     if c.total_steps is None:
         if train_iters is None and train_samples is None:
-            raise field_error("train_iters", None,
-                              f"family {c.family!r} has no end here; pass train_iters (Megatron needs a length)")
+            raise field_error(
+                "train_iters",
+                None,
+                f"family {c.family!r} has no end here; pass train_iters (Megatron needs a length)",
+            )
         total = train_samples if samples else train_iters
     else:
         total = c.total_steps
     suffix = "samples" if samples else "iters"
     run_len = (train_samples if samples else train_iters) or total
-    out = [f"--lr={_num(c.peak_lr)}", f"--min-lr={_num(c.min_ratio * c.peak_lr)}",
-           f"--lr-decay-style={_STYLE_OF_FAMILY[c.family]}", f"--train-{suffix}={run_len}"]
+    out = [
+        f"--lr={_num(c.peak_lr)}",
+        f"--min-lr={_num(c.min_ratio * c.peak_lr)}",
+        f"--lr-decay-style={_STYLE_OF_FAMILY[c.family]}",
+        f"--train-{suffix}={run_len}",
+    ]
     if run_len != total:
         out.append(f"--lr-decay-{suffix}={total}")
     if samples:
@@ -273,17 +361,61 @@ def to_megatron_args(
     if c.warmup_init:
         out.append(f"--lr-warmup-init={_num(c.warmup_init * c.peak_lr)}")
     if c.family == "wsd":
-        shape = c.shape
-        if shape not in _WSD_STYLE_OF_SHAPE:
-            raise field_error("schedule.decay_shape", shape,
-                              f"Megatron's --lr-wsd-decay-style has only {', '.join(MEGATRON_WSD_STYLES)} "
-                              "(1-sqrt = minus_sqrt); use MegawsdParamScheduler for the others")
-        decay = c.decay_steps_resolved
-        if not float(decay).is_integer():
-            raise field_error("schedule.decay_steps", c.decay_steps,
-                              f"resolves to {decay:g}; Megatron needs a whole number of {suffix}")
-        out += [f"--lr-wsd-decay-style={_WSD_STYLE_OF_SHAPE[shape]}", f"--lr-wsd-decay-{suffix}={int(decay)}"]
+        out += _wsd_flags(c, suffix)
     return out
+
+
+def _megatron_expressible(s: Schedule) -> ScheduleConfig:
+    """The schedule's config if Megatron's flags can express it (a cooldown branch as its
+    plain-WSD equivalent), else a ConfigError naming what Megatron has."""
+    c = s.config
+    if c.peak_lr is None:
+        raise field_error(
+            "schedule.peak_lr", None, "Megatron flags carry absolute LRs; set peak_lr"
+        )
+    if c.compat not in (None, "megatron"):
+        raise field_error(
+            "schedule.compat",
+            c.compat,
+            "this schedule follows another library's boundary steps, which Megatron "
+            "computes differently; Megatron cannot reproduce it",
+        )
+    if c.branches:
+        c = _branch_as_wsd(s)
+    if c.family not in _STYLE_OF_FAMILY:
+        raise field_error(
+            "schedule.family",
+            c.family,
+            f"Megatron has no such decay style; it has {', '.join(_STYLE_OF_FAMILY)}",
+        )
+    if c.warmup_shape != "linear" and c.warmup_steps_resolved > 0:
+        raise field_error(
+            "schedule.warmup_shape", c.warmup_shape, "Megatron warms up linearly only; use 'linear'"
+        )
+    return c
+
+
+def _wsd_flags(c: ScheduleConfig, suffix: str) -> list[str]:
+    """--lr-wsd-decay-style/-{suffix}: Megatron's WSD shapes only, a whole decay length."""
+    shape = c.shape
+    if shape not in _WSD_STYLE_OF_SHAPE:
+        raise field_error(
+            "schedule.decay_shape",
+            shape,
+            f"Megatron's --lr-wsd-decay-style has only {', '.join(MEGATRON_WSD_STYLES)} "
+            "(1-sqrt = minus_sqrt); use MegawsdParamScheduler for the others",
+        )
+    decay = c.decay_steps_resolved
+    if not float(decay).is_integer():
+        raise field_error(
+            "schedule.decay_steps",
+            c.decay_steps,
+            f"resolves to {decay:g}; Megatron needs a whole number of {suffix}",
+        )
+    return [
+        f"--lr-wsd-decay-style={_WSD_STYLE_OF_SHAPE[shape]}",
+        f"--lr-wsd-decay-{suffix}={int(decay)}",
+    ]
 
 
 def _num(x: float) -> str:
@@ -302,22 +434,43 @@ def _branch_as_wsd(s: Schedule) -> ScheduleConfig:
     """A single branch of a constant or stable-phase WSD parent is a plain WSD schedule."""
     c = s.config
     if len(c.branches) != 1:
-        raise field_error("schedule.branches", len(c.branches),
-                          "Megatron flags express one cooldown; translate the last parent instead")
+        raise field_error(
+            "schedule.branches",
+            len(c.branches),
+            "Megatron flags express one cooldown; translate the last parent instead",
+        )
     b = c.branches[0]
     parent = build_schedule({**c.to_dict(), "branches": []})
     if c.units_per_step != 1:
-        raise field_error("schedule.units_per_step", c.units_per_step,
-                          "translate branches of iteration-based schedules only")
+        raise field_error(
+            "schedule.units_per_step",
+            c.units_per_step,
+            "translate branches of iteration-based schedules only",
+        )
     at = b.at_step
-    stable = parent.factor(at) == 1.0 and (c.family == "constant" or (
-        c.family == "wsd" and parent.decay_start is not None and at <= parent.decay_start))
+    stable = parent.factor(at) == 1.0 and (
+        c.family == "constant"
+        or (c.family == "wsd" and parent.decay_start is not None and at <= parent.decay_start)
+    )
     if not stable or at < parent.warmup_steps:
-        raise field_error("schedule.branches[0].at_step", at,
-                          "Megatron can express a cooldown only from the stable phase (factor 1)")
+        raise field_error(
+            "schedule.branches[0].at_step",
+            at,
+            "Megatron can express a cooldown only from the stable phase (factor 1)",
+        )
     min_ratio = c.min_ratio if b.min_ratio is None else b.min_ratio
-    return ScheduleConfig(family="wsd", total_steps=at + b.decay_steps, warmup_steps=c.warmup_steps
-                          if _length_kind(c.warmup_steps) != "fraction" else parent.warmup_steps,
-                          warmup_shape=c.warmup_shape, warmup_init=c.warmup_init,
-                          decay_steps=b.decay_steps, decay_shape=b.shape, min_ratio=min_ratio,
-                          power=b.power, half_life=b.half_life, peak_lr=c.peak_lr)
+    return ScheduleConfig(
+        family="wsd",
+        total_steps=at + b.decay_steps,
+        warmup_steps=c.warmup_steps
+        if _length_kind(c.warmup_steps) != "fraction"
+        else parent.warmup_steps,
+        warmup_shape=c.warmup_shape,
+        warmup_init=c.warmup_init,
+        decay_steps=b.decay_steps,
+        decay_shape=b.shape,
+        min_ratio=min_ratio,
+        power=b.power,
+        half_life=b.half_life,
+        peak_lr=c.peak_lr,
+    )

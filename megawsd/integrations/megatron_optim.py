@@ -44,15 +44,24 @@ def schedule_free_init_state_fn(opt: torch.optim.Optimizer, config: Any = None) 
                 opt.state[p]["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
 
 
-def schedule_free_adamw_from_config(param_groups: Any, config: Any, **sf_kwargs: Any) -> ScheduleFreeAdamW:
+def schedule_free_adamw_from_config(
+    param_groups: Any, config: Any, **sf_kwargs: Any
+) -> ScheduleFreeAdamW:
     """The inner optimizer from a megatron-core ``OptimizerConfig`` (lr, weight_decay, betas,
     eps), in train mode. ``sf_kwargs``: warmup_steps, r, weight_lr_power, backend."""
     if not getattr(config, "decoupled_weight_decay", True):
-        raise field_error("OptimizerConfig.decoupled_weight_decay", False,
-                          "schedule-free AdamW applies decoupled (AdamW) weight decay; set it True")
+        raise field_error(
+            "OptimizerConfig.decoupled_weight_decay",
+            False,
+            "schedule-free AdamW applies decoupled (AdamW) weight decay; set it True",
+        )
     opt = ScheduleFreeAdamW(
-        param_groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, weight_decay=config.weight_decay, **sf_kwargs,
+        param_groups,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        **sf_kwargs,
     )
     opt.train()
     return opt
@@ -78,26 +87,45 @@ def get_megatron_schedule_free_optimizer(
     """
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
-    dist_keys = ("per_model_buffers", "data_parallel_group", "data_parallel_group_gloo",
-                 "data_parallel_group_idx", "distributed_optimizer_instance_id")
+    dist_keys = (
+        "per_model_buffers",
+        "data_parallel_group",
+        "data_parallel_group_gloo",
+        "data_parallel_group_idx",
+        "distributed_optimizer_instance_id",
+    )
     dist_kwargs = {k: kwargs.pop(k) for k in dist_keys if k in kwargs}
     inner = schedule_free_adamw_from_config(_megatron_groups(param_groups), config, **kwargs)
     if config.fp16 and grad_scaler is None:
-        raise field_error("grad_scaler", None, "fp16 needs a grad scaler (megatron-core's "
-                          "DynamicGradScaler or ConstantGradScaler); bf16 does not")
+        raise field_error(
+            "grad_scaler",
+            None,
+            "fp16 needs a grad scaler (megatron-core's "
+            "DynamicGradScaler or ConstantGradScaler); bf16 does not",
+        )
     if config.use_distributed_optimizer:
         if any(g.get("inner_momentum", 0.0) for g in inner.param_groups):
             # Megatron's checkpoint formats have two state slots (exp_avg, exp_avg_sq); z
             # already takes the first, so a third buffer would be dropped on save.
-            raise field_error("inner_momentum", inner.param_groups[0].get("inner_momentum"),
-                              "the DistributedOptimizer's checkpoints hold two state slots, "
-                              "taken by z and exp_avg_sq; use inner_momentum=0 there, or "
-                              "use_distributed_optimizer=False")
+            raise field_error(
+                "inner_momentum",
+                inner.param_groups[0].get("inner_momentum"),
+                "the DistributedOptimizer's checkpoints hold two state slots, "
+                "taken by z and exp_avg_sq; use inner_momentum=0 there, or "
+                "use_distributed_optimizer=False",
+            )
         return ScheduleFreeDistributedOptimizer.build(
-            inner, config, grad_scaler, schedule_free_init_state_fn, model_chunks=model_chunks,
-            **dist_kwargs)
+            inner,
+            config,
+            grad_scaler,
+            schedule_free_init_state_fn,
+            model_chunks=model_chunks,
+            **dist_kwargs,
+        )
     if config.fp16 or config.bf16:
-        return Float16OptimizerWithFloat16Params(inner, config, grad_scaler, schedule_free_init_state_fn)
+        return Float16OptimizerWithFloat16Params(
+            inner, config, grad_scaler, schedule_free_init_state_fn
+        )
     return FP32Optimizer(inner, config, schedule_free_init_state_fn)
 
 
@@ -125,8 +153,11 @@ def _megatron_groups(param_groups: Any) -> list[dict[str, Any]]:
 def _inner(optimizer: Any) -> ScheduleFreeAdamW:
     inner = getattr(optimizer, "optimizer", optimizer)
     if not isinstance(inner, ScheduleFreeAdamW):
-        raise field_error("optimizer", type(inner).__name__,
-                          "megatron_eval/megatron_train need megawsd's ScheduleFreeAdamW inside")
+        raise field_error(
+            "optimizer",
+            type(inner).__name__,
+            "megatron_eval/megatron_train need megawsd's ScheduleFreeAdamW inside",
+        )
     return inner
 
 

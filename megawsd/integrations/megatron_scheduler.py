@@ -81,9 +81,17 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
         schedule: Schedule | dict | None = None,
     ) -> None:
         if lr_decay_style not in MEGATRON_DECAY_STYLES:
-            raise field_error("lr_decay_style", lr_decay_style, f"valid: {', '.join(MEGATRON_DECAY_STYLES)}")
-        if lr_decay_style == "WSD" and lr_wsd_decay_style is not None and lr_wsd_decay_style not in DECAY_SHAPES:
-            raise field_error("lr_wsd_decay_style", lr_wsd_decay_style, f"valid: {', '.join(DECAY_SHAPES)}")
+            raise field_error(
+                "lr_decay_style", lr_decay_style, f"valid: {', '.join(MEGATRON_DECAY_STYLES)}"
+            )
+        if (
+            lr_decay_style == "WSD"
+            and lr_wsd_decay_style is not None
+            and lr_wsd_decay_style not in DECAY_SHAPES
+        ):
+            raise field_error(
+                "lr_wsd_decay_style", lr_wsd_decay_style, f"valid: {', '.join(DECAY_SHAPES)}"
+            )
         self.units_per_step = int(units_per_step)
         self.decay_power = decay_power
         self.decay_half_life = decay_half_life
@@ -93,9 +101,21 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
         self._cache: dict[tuple, Schedule] = {}
         self._warned: set[str] = set()
         super().__init__(
-            optimizer, init_lr, max_lr, min_lr, lr_warmup_steps, lr_decay_steps, lr_decay_style,
-            start_wd, end_wd, wd_incr_steps, wd_incr_style, use_checkpoint_opt_param_scheduler,
-            override_opt_param_scheduler, wsd_decay_steps, lr_wsd_decay_style,
+            optimizer,
+            init_lr,
+            max_lr,
+            min_lr,
+            lr_warmup_steps,
+            lr_decay_steps,
+            lr_decay_style,
+            start_wd,
+            end_wd,
+            wd_incr_steps,
+            wd_incr_style,
+            use_checkpoint_opt_param_scheduler,
+            override_opt_param_scheduler,
+            wsd_decay_steps,
+            lr_wsd_decay_style,
         )
 
     @classmethod
@@ -120,13 +140,17 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
         """
         s = build_schedule(schedule)
         if s.peak_lr is None:
-            raise field_error("schedule.peak_lr", None, "the scheduler sets absolute LRs; set peak_lr")
+            raise field_error(
+                "schedule.peak_lr", None, "the scheduler sets absolute LRs; set peak_lr"
+            )
         c = s.config
         end = s.total_steps if s.total_steps is not None else 10**12
         decay_steps = max(int(round(end * units_per_step)), 1)
         warmup = min(s.warmup_steps * units_per_step, decay_steps - 1)
         last = c.branches[-1] if c.branches else None
-        min_ratio = last.min_ratio if last is not None and last.min_ratio is not None else c.min_ratio
+        min_ratio = (
+            last.min_ratio if last is not None and last.min_ratio is not None else c.min_ratio
+        )
         # Megatron-visible fields: the closest Megatron description (informational only; the LR
         # comes from the schedule). A branch reads as WSD with the branch's decay.
         style, wsd_steps, wsd_style = "constant", None, None
@@ -138,28 +162,49 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
         elif c.family in ("linear", "cosine", "inverse-sqrt"):
             style = {"inverse-sqrt": "inverse-square-root"}.get(c.family, c.family)
         return cls(
-            optimizer, init_lr=c.warmup_init * s.peak_lr, max_lr=s.peak_lr, min_lr=min_ratio * s.peak_lr,
-            lr_warmup_steps=warmup, lr_decay_steps=decay_steps, lr_decay_style=style,
-            start_wd=start_wd, end_wd=start_wd if end_wd is None else end_wd,
+            optimizer,
+            init_lr=c.warmup_init * s.peak_lr,
+            max_lr=s.peak_lr,
+            min_lr=min_ratio * s.peak_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=style,
+            start_wd=start_wd,
+            end_wd=start_wd if end_wd is None else end_wd,
             wd_incr_steps=decay_steps if wd_incr_steps is None else wd_incr_steps,
             wd_incr_style=wd_incr_style,
             use_checkpoint_opt_param_scheduler=use_checkpoint_opt_param_scheduler,
             override_opt_param_scheduler=override_opt_param_scheduler,
-            wsd_decay_steps=wsd_steps, lr_wsd_decay_style=wsd_style,
-            units_per_step=units_per_step, schedule=s,
+            wsd_decay_steps=wsd_steps,
+            lr_wsd_decay_style=wsd_style,
+            units_per_step=units_per_step,
+            schedule=s,
         )
 
     # -- LR ----------------------------------------------------------------------------------
 
-    def schedule(self, max_lr: float | None = None, min_lr: float | None = None, *,
-                 init_lr: float | None = None) -> Schedule:
+    def schedule(
+        self,
+        max_lr: float | None = None,
+        min_lr: float | None = None,
+        *,
+        init_lr: float | None = None,
+    ) -> Schedule:
         """The megawsd schedule this scheduler follows (for a group's max/min LR overrides)."""
         max_lr = self.max_lr if max_lr is None else float(max_lr)
         min_lr = self.min_lr if min_lr is None else float(min_lr)
         init_lr = self.init_lr if init_lr is None else float(init_lr)
-        key = (max_lr, min_lr, init_lr, self.lr_warmup_steps, self.lr_decay_steps,
-               self.lr_decay_style, self.wsd_decay_steps, self.lr_wsd_decay_style,
-               None if self._given is None else id(self._given))
+        key = (
+            max_lr,
+            min_lr,
+            init_lr,
+            self.lr_warmup_steps,
+            self.lr_decay_steps,
+            self.lr_decay_style,
+            self.wsd_decay_steps,
+            self.lr_wsd_decay_style,
+            None if self._given is None else id(self._given),
+        )
         cached = self._cache.get(key)
         if cached is not None:
             return cached
@@ -174,11 +219,19 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
                 extra["power"] = self.decay_power
             if self.decay_half_life is not None:
                 extra["half_life"] = self.decay_half_life
-            kw = dict(init_lr=init_lr, max_lr=max_lr, min_lr=min_lr,
-                      lr_warmup_steps=self.lr_warmup_steps, lr_decay_steps=self.lr_decay_steps,
-                      lr_decay_style=self.lr_decay_style, wsd_decay_steps=self.wsd_decay_steps,
-                      lr_wsd_decay_style=self.lr_wsd_decay_style)
-            sched = schedule_from_scheduler_kwargs(kw, units_per_step=self.units_per_step, extra=extra)
+            kw = dict(
+                init_lr=init_lr,
+                max_lr=max_lr,
+                min_lr=min_lr,
+                lr_warmup_steps=self.lr_warmup_steps,
+                lr_decay_steps=self.lr_decay_steps,
+                lr_decay_style=self.lr_decay_style,
+                wsd_decay_steps=self.wsd_decay_steps,
+                lr_wsd_decay_style=self.lr_wsd_decay_style,
+            )
+            sched = schedule_from_scheduler_kwargs(
+                kw, units_per_step=self.units_per_step, extra=extra
+            )
         self._cache[key] = sched
         return sched
 
@@ -211,18 +264,27 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
         if self._given is not None:
             if max_lr <= 0.0:
                 return 0.0  # a frozen group under a megawsd schedule
-            raise field_error("param_group['min_lr']", min_lr,
-                              f"a megawsd schedule decays from max_lr to min_lr; give a min_lr in "
-                              f"[0, max_lr {max_lr:g}]")
+            raise field_error(
+                "param_group['min_lr']",
+                min_lr,
+                f"a megawsd schedule decays from max_lr to min_lr; give a min_lr in "
+                f"[0, max_lr {max_lr:g}]",
+            )
         if self.lr_decay_style == "WSD" and self.lr_wsd_decay_style == "half-life":
-            raise field_error("lr_wsd_decay_style", "half-life",
-                              f"has no Megatron formula for a param group with {why}; use a "
-                              "progress shape (exponential, 1-sqrt, ...) or a group max_lr above min_lr")
+            raise field_error(
+                "lr_wsd_decay_style",
+                "half-life",
+                f"has no Megatron formula for a param group with {why}; use a "
+                "progress shape (exponential, 1-sqrt, ...) or a group max_lr above min_lr",
+            )
         if why not in self._warned:
             self._warned.add(why)
-            warnings.warn(f"param group with {why}: Megatron accepts it and its LR is not a "
-                          "decaying schedule (it can rise after warmup); megawsd follows Megatron",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                f"param group with {why}: Megatron accepts it and its LR is not a "
+                "decaying schedule (it can rise after warmup); megawsd follows Megatron",
+                UserWarning,
+                stacklevel=3,
+            )
         s, warmup = self.num_steps, self.lr_warmup_steps
         if warmup > 0 and s <= warmup:
             return self.init_lr + (max_lr - self.init_lr) * float(s) / float(warmup)
@@ -245,14 +307,18 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
             lr_wsd_decay_style=self.lr_wsd_decay_style,
             units_per_step=self.units_per_step,
             # None where no megawsd schedule describes the LRs (max_lr 0: Megatron's formula)
-            megawsd_schedule=None if self._outside_schedule(self.max_lr, self.min_lr)
+            megawsd_schedule=None
+            if self._outside_schedule(self.max_lr, self.min_lr)
             else self.schedule().to_dict(),
         )
         return sd
 
     def _check_and_set(self, cls_value, sd_value, name):  # noqa: ANN001 - Megatron's signature
-        if not self.override_opt_param_scheduler and not self.use_checkpoint_opt_param_scheduler \
-                and cls_value != sd_value:
+        if (
+            not self.override_opt_param_scheduler
+            and not self.use_checkpoint_opt_param_scheduler
+            and cls_value != sd_value
+        ):
             raise ScheduleMismatchError(
                 f"checkpoint {name} = {sd_value!r}, this run {cls_value!r}: pass "
                 "--override-opt-param-scheduler to use this run's schedule from the checkpoint's "
@@ -264,8 +330,12 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
     def load_state_dict(self, state_dict: dict) -> None:
         """Megatron's load, then the fields Megatron does not save (when the checkpoint has them)."""
         super().load_state_dict(state_dict)
-        for key, name in (("init_lr", "initial learning rate"), ("wsd_decay_steps", "WSD decay steps"),
-                          ("lr_wsd_decay_style", "WSD decay style"), ("units_per_step", "units per step")):
+        for key, name in (
+            ("init_lr", "initial learning rate"),
+            ("wsd_decay_steps", "WSD decay steps"),
+            ("lr_wsd_decay_style", "WSD decay style"),
+            ("units_per_step", "units per step"),
+        ):
             if key in state_dict:
                 setattr(self, key, self._check_and_set(getattr(self, key), state_dict[key], name))
         saved = state_dict.get("megawsd_schedule")
@@ -279,8 +349,13 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
         self.step(0)  # Megatron set LRs mid-load with the old fields; set them again
 
 
-def schedule_from_state_dict(state_dict: dict, *, wsd_decay_steps: int | None = None,
-                             lr_wsd_decay_style: str | None = None, init_lr: float = 0.0) -> Schedule:
+def schedule_from_state_dict(
+    state_dict: dict,
+    *,
+    wsd_decay_steps: int | None = None,
+    lr_wsd_decay_style: str | None = None,
+    init_lr: float = 0.0,
+) -> Schedule:
     """The megawsd schedule a Megatron scheduler checkpoint was trained with.
 
     MegawsdParamScheduler checkpoints store it; for a plain ``OptimizerParamScheduler``
@@ -293,16 +368,24 @@ def schedule_from_state_dict(state_dict: dict, *, wsd_decay_steps: int | None = 
     style = state_dict.get("lr_decay_style", state_dict.get("decay_style"))
     wsd = state_dict.get("wsd_decay_steps", wsd_decay_steps)
     if style == "WSD" and wsd is None:
-        raise field_error("wsd_decay_steps", None,
-                          "Megatron does not save the WSD decay length; pass wsd_decay_steps "
-                          "(and lr_wsd_decay_style) as the run used them")
+        raise field_error(
+            "wsd_decay_steps",
+            None,
+            "Megatron does not save the WSD decay length; pass wsd_decay_steps "
+            "(and lr_wsd_decay_style) as the run used them",
+        )
     kw = dict(
         init_lr=state_dict.get("init_lr", init_lr),
         max_lr=state_dict.get("max_lr", state_dict.get("start_lr")),
         min_lr=state_dict["min_lr"],
         lr_warmup_steps=state_dict.get("lr_warmup_steps", state_dict.get("warmup_steps")),
         lr_decay_steps=state_dict.get("lr_decay_steps", state_dict.get("decay_steps")),
-        lr_decay_style=style, wsd_decay_steps=wsd,
-        lr_wsd_decay_style=state_dict.get("lr_wsd_decay_style") or lr_wsd_decay_style or "exponential",
+        lr_decay_style=style,
+        wsd_decay_steps=wsd,
+        lr_wsd_decay_style=state_dict.get("lr_wsd_decay_style")
+        or lr_wsd_decay_style
+        or "exponential",
     )
-    return schedule_from_scheduler_kwargs(kw, units_per_step=int(state_dict.get("units_per_step", 1)))
+    return schedule_from_scheduler_kwargs(
+        kw, units_per_step=int(state_dict.get("units_per_step", 1))
+    )

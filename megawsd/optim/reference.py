@@ -67,8 +67,15 @@ def _scheduled_lr(lr: float, k: int, warmup_steps: int) -> float:
 
 
 def _coefficients(
-    *, t: int, lr_t: float, lr_max: float, weight_sum: float, beta2: float, r: float,
-    weight_lr_power: float, inner_momentum: float,
+    *,
+    t: int,
+    lr_t: float,
+    lr_max: float,
+    weight_sum: float,
+    beta2: float,
+    r: float,
+    weight_lr_power: float,
+    inner_momentum: float,
 ) -> StepScalars:
     """The one formula for step t's coefficients, from the counters as they are after step t
     (lr_max and weight_sum already include it)."""
@@ -105,8 +112,14 @@ def advance_group_scalars(
     lr_max = max(lr_t, lr_max)
     weight_sum = weight_sum + (t**r) * (lr_max**weight_lr_power)  # w_t, as _coefficients
     return _coefficients(
-        t=t, lr_t=lr_t, lr_max=lr_max, weight_sum=weight_sum, beta2=beta2, r=r,
-        weight_lr_power=weight_lr_power, inner_momentum=inner_momentum,
+        t=t,
+        lr_t=lr_t,
+        lr_max=lr_max,
+        weight_sum=weight_sum,
+        beta2=beta2,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        inner_momentum=inner_momentum,
     )
 
 
@@ -130,8 +143,13 @@ def current_step_scalars(
     if k < 1:
         raise ValueError("current_step_scalars needs a group that has stepped at least once")
     return _coefficients(
-        t=k, lr_t=_scheduled_lr(lr, k - 1, warmup_steps), lr_max=lr_max,
-        weight_sum=weight_sum, beta2=beta2, r=r, weight_lr_power=weight_lr_power,
+        t=k,
+        lr_t=_scheduled_lr(lr, k - 1, warmup_steps),
+        lr_max=lr_max,
+        weight_sum=weight_sum,
+        beta2=beta2,
+        r=r,
+        weight_lr_power=weight_lr_power,
         inner_momentum=inner_momentum,
     )
 

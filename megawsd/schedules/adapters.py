@@ -42,8 +42,12 @@ def _base_lrs(optimizer: Any, schedule: Schedule, peak_lr: float | None) -> list
     return [float(peak)] * len(groups)
 
 
-def lambda_lr(optimizer: Any, schedule: Schedule | ScheduleConfig | dict, peak_lr: float | None = None,
-              last_epoch: int = -1):
+def lambda_lr(
+    optimizer: Any,
+    schedule: Schedule | ScheduleConfig | dict,
+    peak_lr: float | None = None,
+    last_epoch: int = -1,
+):
     """``torch.optim.lr_scheduler.LambdaLR`` that follows ``schedule``.
 
     Group LRs become ``peak * factor(step)``; the peak is ``peak_lr``, else the schedule's
@@ -83,9 +87,15 @@ class DeepSpeedLRScheduler:
     to bind it to the engine's wrapped optimizer.
     """
 
-    def __init__(self, optimizer: Any, schedule: Schedule | ScheduleConfig | dict,
-                 peak_lr: float | None = None, *, last_step: int = 0,
-                 allow_schedule_change: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        schedule: Schedule | ScheduleConfig | dict,
+        peak_lr: float | None = None,
+        *,
+        last_step: int = 0,
+        allow_schedule_change: bool = False,
+    ) -> None:
         self.optimizer = optimizer
         self.schedule = build_schedule(schedule)
         self.base_lrs = _base_lrs(optimizer, self.schedule, peak_lr)
@@ -120,13 +130,16 @@ class DeepSpeedLRScheduler:
         if saved is not None and saved != self.schedule.to_dict():
             if not self.allow_schedule_change:
                 raise field_error(
-                    "lr_scheduler.schedule", saved,
+                    "lr_scheduler.schedule",
+                    saved,
                     f"the checkpoint was trained with this schedule, not {self.schedule.to_dict()!r}; "
                     "pass allow_schedule_change=True (a branch or an intended change) to continue "
                     "with the new schedule from the checkpoint's step",
                     cls=CheckpointError,
                 )
-            logger.info("schedule changed at step %d: %s", int(state["step"]), self.schedule.describe())
+            logger.info(
+                "schedule changed at step %d: %s", int(state["step"]), self.schedule.describe()
+            )
         self.last_step = int(state["step"])
         self._apply()
 
@@ -156,8 +169,11 @@ def from_transformers_wsd(
     if num_training_steps is None and num_stable_steps is None:
         raise field_error("num_training_steps", None, "give num_training_steps or num_stable_steps")
     if num_cycles != 0.5:
-        raise field_error("num_cycles", num_cycles,
-                          "only the half cosine (0.5) is a decay; megawsd has no cyclic schedules")
+        raise field_error(
+            "num_cycles",
+            num_cycles,
+            "only the half cosine (0.5) is a decay; megawsd has no cyclic schedules",
+        )
     if num_stable_steps is None:
         num_stable_steps = num_training_steps - num_warmup_steps - num_decay_steps
     total = num_warmup_steps + num_stable_steps + num_decay_steps
@@ -166,31 +182,43 @@ def from_transformers_wsd(
         compat = "transformers"
         warnings.warn(
             f"transformers' WSD with warmup {num_warmup_steps}, stable {num_stable_steps}, decay "
-            f"{num_decay_steps} steps jumps: " + (
-                "no decay, the LR drops to min_lr_ratio at step "
-                f"{total}" if num_decay_steps == 0 else
-                f"the decay starts at step {total - num_decay_steps}, before the warmup ends, so it "
-                f"is entered part-way") + "; megawsd follows transformers", UserWarning, stacklevel=2)
+            f"{num_decay_steps} steps jumps: "
+            + (
+                f"no decay, the LR drops to min_lr_ratio at step {total}"
+                if num_decay_steps == 0
+                else f"the decay starts at step {total - num_decay_steps}, before the warmup ends, so it "
+                f"is entered part-way"
+            )
+            + "; megawsd follows transformers",
+            UserWarning,
+            stacklevel=2,
+        )
     if total <= 0:
-        raise field_error("num_training_steps", num_training_steps,
-                          f"warmup + stable + decay = {total}: the schedule is min_lr_ratio at every "
-                          "step; give a positive length (or use a constant LR)")
-    return build_schedule(ScheduleConfig(
-        family="wsd",
-        total_steps=total,
-        warmup_steps=num_warmup_steps,
-        warmup_shape=warmup_type,
-        warmup_init=min_lr_ratio,
-        decay_steps=num_decay_steps,
-        decay_shape=decay_type,
-        min_ratio=min_lr_ratio,
-        peak_lr=peak_lr,
-        compat=compat,
-    ))
+        raise field_error(
+            "num_training_steps",
+            num_training_steps,
+            f"warmup + stable + decay = {total}: the schedule is min_lr_ratio at every "
+            "step; give a positive length (or use a constant LR)",
+        )
+    return build_schedule(
+        ScheduleConfig(
+            family="wsd",
+            total_steps=total,
+            warmup_steps=num_warmup_steps,
+            warmup_shape=warmup_type,
+            warmup_init=min_lr_ratio,
+            decay_steps=num_decay_steps,
+            decay_shape=decay_type,
+            min_ratio=min_lr_ratio,
+            peak_lr=peak_lr,
+            compat=compat,
+        )
+    )
 
 
-def from_deepspeed_scheduler(type_: str, params: dict[str, Any], peak_lr: float | None = None, *,
-                             optimizer: Any = None) -> Schedule:
+def from_deepspeed_scheduler(
+    type_: str, params: dict[str, Any], peak_lr: float | None = None, *, optimizer: Any = None
+) -> Schedule:
     """The megawsd schedule of a DeepSpeed ``"scheduler"`` block (WarmupLR, WarmupDecayLR,
     WarmupCosineLR), so existing DeepSpeed configs keep their schedule under megawsd.
 
@@ -202,59 +230,96 @@ def from_deepspeed_scheduler(type_: str, params: dict[str, Any], peak_lr: float 
     be at most the warmup (the LR drops to its floor when warmup ends; this warns).
     """
     if type_ not in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
-        raise field_error("scheduler.type", type_,
-                          "megawsd converts WarmupLR, WarmupDecayLR and WarmupCosineLR; "
-                          "for others use a megawsd schedule (type 'WSD')")
+        raise field_error(
+            "scheduler.type",
+            type_,
+            "megawsd converts WarmupLR, WarmupDecayLR and WarmupCosineLR; "
+            "for others use a megawsd schedule (type 'WSD')",
+        )
     p = dict(params)
     warmup = p.pop("warmup_num_steps", 1000)
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup <= 0:
-        raise field_error("scheduler.params.warmup_num_steps", warmup, "give a whole number > 0 (DeepSpeed's rule)")
+        raise field_error(
+            "scheduler.params.warmup_num_steps",
+            warmup,
+            "give a whole number > 0 (DeepSpeed's rule)",
+        )
     warmup = max(2, warmup)  # DeepSpeed's own max(2, .)
     warmup_type = p.pop("warmup_type", "log")
     if warmup_type not in ("log", "linear"):
-        warnings.warn(f"DeepSpeed's {type_} replaces warmup_type {warmup_type!r} by 'log' (it has only "
-                      "'log' and 'linear'); megawsd follows DeepSpeed", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"DeepSpeed's {type_} replaces warmup_type {warmup_type!r} by 'log' (it has only "
+            "'log' and 'linear'); megawsd follows DeepSpeed",
+            UserWarning,
+            stacklevel=2,
+        )
         warmup_type = "log"
     total = p.pop("total_num_steps", None)
     p.pop("last_batch_iteration", None)
     if type_ in ("WarmupLR", "WarmupDecayLR"):
-        min_lr = _one_lr("warmup_min_lr", p.pop("warmup_min_lr", 0.0))
-        max_lr = _one_lr("warmup_max_lr", p.pop("warmup_max_lr", None))
-        if max_lr is None and type_ == "WarmupDecayLR":
-            max_lr = peak_lr if peak_lr is not None else 0.001  # its signature's default
-        elif max_lr is None:  # DeepSpeed 0.19: WarmupLR warms each group up to its own lr
-            max_lr = peak_lr if peak_lr is not None else _group_lr(optimizer, min_lr)
-        ratio = 0.0
-        if max_lr is not None:
-            if max_lr <= 0:
-                raise field_error("scheduler.params.warmup_max_lr", max_lr, "must be > 0")
-            ratio = min_lr / max_lr
-        config = dict(family="constant" if type_ == "WarmupLR" else "linear", total_steps=total,
-                      warmup_steps=warmup, warmup_shape=warmup_type, warmup_init=ratio,
-                      min_ratio=ratio if type_ == "WarmupDecayLR" else 0.0, peak_lr=max_lr)
+        config = _warmup_lr_config(type_, p, peak_lr, optimizer)
+        config.update(total_steps=total, warmup_steps=warmup, warmup_shape=warmup_type)
     else:  # WarmupCosineLR
-        config = dict(family="cosine", total_steps=total, warmup_steps=warmup,
-                      warmup_shape=warmup_type, warmup_init=float(p.pop("warmup_min_ratio", 0.0)),
-                      min_ratio=float(p.pop("cos_min_ratio", 0.0001)), peak_lr=peak_lr)
+        config = dict(
+            family="cosine",
+            total_steps=total,
+            warmup_steps=warmup,
+            warmup_shape=warmup_type,
+            warmup_init=float(p.pop("warmup_min_ratio", 0.0)),
+            min_ratio=float(p.pop("cos_min_ratio", 0.0001)),
+            peak_lr=peak_lr,
+        )
     if p:
         key = sorted(p)[0]
-        raise field_error(f"scheduler.params.{key}", p[key], f"not a parameter of DeepSpeed's {type_}")
+        raise field_error(
+            f"scheduler.params.{key}", p[key], f"not a parameter of DeepSpeed's {type_}"
+        )
     if type_ != "WarmupLR" and isinstance(total, int) and total <= warmup:
         # DeepSpeed: warmup, then the floor (for any total <= warmup, 0 and below included)
         config.update(compat="deepspeed", total_steps=max(total, 1))
-        warnings.warn(f"DeepSpeed's {type_} with total_num_steps {total} <= warmup_num_steps {warmup} "
-                      "has no decay: the LR drops to its floor when warmup ends; megawsd follows "
-                      "DeepSpeed", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"DeepSpeed's {type_} with total_num_steps {total} <= warmup_num_steps {warmup} "
+            "has no decay: the LR drops to its floor when warmup ends; megawsd follows "
+            "DeepSpeed",
+            UserWarning,
+            stacklevel=2,
+        )
     return build_schedule(config)
+
+
+def _warmup_lr_config(type_: str, p: dict[str, Any], peak_lr, optimizer) -> dict[str, Any]:
+    """WarmupLR / WarmupDecayLR's LRs as a schedule config (pops what it reads from ``p``):
+    warmup from warmup_min_lr to warmup_max_lr (the optimizer's LR where DeepSpeed reads the
+    param groups), then constant (WarmupLR) or a linear decay back to warmup_min_lr."""
+    min_lr = _one_lr("warmup_min_lr", p.pop("warmup_min_lr", 0.0))
+    max_lr = _one_lr("warmup_max_lr", p.pop("warmup_max_lr", None))
+    if max_lr is None and type_ == "WarmupDecayLR":
+        max_lr = peak_lr if peak_lr is not None else 0.001  # its signature's default
+    elif max_lr is None:  # DeepSpeed 0.19: WarmupLR warms each group up to its own lr
+        max_lr = peak_lr if peak_lr is not None else _group_lr(optimizer, min_lr)
+    ratio = 0.0
+    if max_lr is not None:
+        if max_lr <= 0:
+            raise field_error("scheduler.params.warmup_max_lr", max_lr, "must be > 0")
+        ratio = min_lr / max_lr
+    return dict(
+        family="constant" if type_ == "WarmupLR" else "linear",
+        warmup_init=ratio,
+        min_ratio=ratio if type_ == "WarmupDecayLR" else 0.0,
+        peak_lr=max_lr,
+    )
 
 
 def _one_lr(name: str, value: Any) -> Any:
     """DeepSpeed also takes one LR per param group (a list); one schedule needs them equal."""
     if isinstance(value, (list, tuple)):
         if not value or any(v != value[0] for v in value):
-            raise field_error(f"scheduler.params.{name}", value,
-                              "per-group LRs that differ are not one schedule; give one number "
-                              "(and per-group LRs in the optimizer's param groups)")
+            raise field_error(
+                f"scheduler.params.{name}",
+                value,
+                "per-group LRs that differ are not one schedule; give one number "
+                "(and per-group LRs in the optimizer's param groups)",
+            )
         value = value[0]
     return value if value is None else float(value)
 
@@ -269,13 +334,19 @@ def _group_lr(optimizer: Any, min_lr: float) -> float | None:
         if len(lrs) == 1:
             return lrs[0]
         if min_lr != 0.0:
-            raise field_error("scheduler.params.warmup_max_lr", None,
-                              f"DeepSpeed's WarmupLR then warms each param group from warmup_min_lr "
-                              f"{min_lr:g} to its own lr ({lrs}), which is not one schedule; give "
-                              "warmup_max_lr, or warmup_min_lr 0")
+            raise field_error(
+                "scheduler.params.warmup_max_lr",
+                None,
+                f"DeepSpeed's WarmupLR then warms each param group from warmup_min_lr "
+                f"{min_lr:g} to its own lr ({lrs}), which is not one schedule; give "
+                "warmup_max_lr, or warmup_min_lr 0",
+            )
     if min_lr == 0.0:
         return None
-    raise field_error("scheduler.params.warmup_max_lr", None,
-                      f"DeepSpeed's WarmupLR then warms up from warmup_min_lr {min_lr:g} to the "
-                      "optimizer's lr; pass optimizer= (or peak_lr=) so megawsd knows it, or give "
-                      "warmup_max_lr")
+    raise field_error(
+        "scheduler.params.warmup_max_lr",
+        None,
+        f"DeepSpeed's WarmupLR then warms up from warmup_min_lr {min_lr:g} to the "
+        "optimizer's lr; pass optimizer= (or peak_lr=) so megawsd knows it, or give "
+        "warmup_max_lr",
+    )

@@ -73,7 +73,9 @@ def parse_length(name: str, value: Length | None) -> tuple[str, float] | None:
                 frac = float(text)
         except ValueError:
             raise field_error(
-                f"schedule.{name}", value, "give a step count (int), a fraction in [0, 1] or a percentage like '20%'"
+                f"schedule.{name}",
+                value,
+                "give a step count (int), a fraction in [0, 1] or a percentage like '20%'",
             ) from None
         if "." not in text and not text.endswith("%") and frac == int(frac):
             return parse_length(name, int(frac))
@@ -86,7 +88,8 @@ def parse_length(name: str, value: Length | None) -> tuple[str, float] | None:
     if float(value).is_integer():
         return ("count", float(value))
     raise field_error(
-        f"schedule.{name}", value,
+        f"schedule.{name}",
+        value,
         "a float length must be a fraction of total_steps in [0, 1]; give an int for a step count",
     )
 
@@ -114,7 +117,11 @@ class BranchConfig:
         if self.at_step < 0:
             raise field_error("branch.at_step", self.at_step, "must be >= 0")
         if self.decay_steps <= 0:
-            raise field_error("branch.decay_steps", self.decay_steps, "must be > 0 (a cooldown needs at least one step)")
+            raise field_error(
+                "branch.decay_steps",
+                self.decay_steps,
+                "must be > 0 (a cooldown needs at least one step)",
+            )
         _check_shape("branch.shape", self.shape, DECAY_SHAPES)
         if self.min_ratio is not None:
             _check_ratio("branch.min_ratio", self.min_ratio)
@@ -131,17 +138,24 @@ def _check_ratio(name: str, value: object) -> None:
         raise field_error(name, value, "must be a number in [0, 1] (a fraction of the peak LR)")
 
 
-def _check_shape_params(prefix: str, shape: str, power: float | None, half_life: float | None) -> None:
+def _check_shape_params(
+    prefix: str, shape: str, power: float | None, half_life: float | None
+) -> None:
     if shape == "power":
         if power is None:
-            raise field_error(f"{prefix}.power", None, "the 'power' shape (1 - p^a) needs power: a > 0, e.g. 2")
+            raise field_error(
+                f"{prefix}.power", None, "the 'power' shape (1 - p^a) needs power: a > 0, e.g. 2"
+            )
         _check_number(f"{prefix}.power", power, strict=True)
     elif power is not None:
         _check_number(f"{prefix}.power", power, strict=True)
     if shape == "half-life":
         if half_life is None:
-            raise field_error(f"{prefix}.half_life", None,
-                              "the 'half-life' shape needs half_life: the steps over which the LR halves")
+            raise field_error(
+                f"{prefix}.half_life",
+                None,
+                "the 'half-life' shape needs half_life: the steps over which the LR halves",
+            )
     if half_life is not None:
         _check_number(f"{prefix}.half_life", half_life, strict=True)
 
@@ -191,71 +205,121 @@ class ScheduleConfig:
         self._check_lengths()
         _check_shape("schedule.warmup_shape", self.warmup_shape, WARMUP_SHAPES)
         _check_ratio("schedule.warmup_init", self.warmup_init)
-        if self.warmup_shape == "exp" and self.warmup_init <= 0.0 and self.warmup_steps_resolved > 0:
-            raise field_error("schedule.warmup_init", self.warmup_init,
-                              "the 'exp' warmup is geometric from warmup_init to 1; give warmup_init > 0, e.g. 0.01")
+        if (
+            self.warmup_shape == "exp"
+            and self.warmup_init <= 0.0
+            and self.warmup_steps_resolved > 0
+        ):
+            raise field_error(
+                "schedule.warmup_init",
+                self.warmup_init,
+                "the 'exp' warmup is geometric from warmup_init to 1; give warmup_init > 0, e.g. 0.01",
+            )
         if self.warmup_shape == "log" and 0 < self.warmup_steps_resolved < 2:
-            raise field_error("schedule.warmup_steps", self.warmup_steps,
-                              "the 'log' warmup (DeepSpeed WarmupLR) needs warmup_steps >= 2")
+            raise field_error(
+                "schedule.warmup_steps",
+                self.warmup_steps,
+                "the 'log' warmup (DeepSpeed WarmupLR) needs warmup_steps >= 2",
+            )
         _check_ratio("schedule.min_ratio", self.min_ratio)
         if self.decay_shape is not None:
             _check_shape("schedule.decay_shape", self.decay_shape, DECAY_SHAPES)
             if self.family not in ("wsd", "cosine", "linear"):
-                raise field_error("schedule.decay_shape", self.decay_shape,
-                                  f"family {self.family!r} has no decay phase; use family 'wsd' or "
-                                  "branch() for a cooldown")
+                raise field_error(
+                    "schedule.decay_shape",
+                    self.decay_shape,
+                    f"family {self.family!r} has no decay phase; use family 'wsd' or "
+                    "branch() for a cooldown",
+                )
             if self.family in ("cosine", "linear") and self.decay_shape != self.family:
-                raise field_error("schedule.decay_shape", self.decay_shape,
-                                  f"family {self.family!r} decays with its own shape; use family 'wsd' "
-                                  f"for a {self.decay_shape!r} decay or leave decay_shape unset")
+                raise field_error(
+                    "schedule.decay_shape",
+                    self.decay_shape,
+                    f"family {self.family!r} decays with its own shape; use family 'wsd' "
+                    f"for a {self.decay_shape!r} decay or leave decay_shape unset",
+                )
         _check_shape_params("schedule", self.shape, self.power, self.half_life)
         if self.peak_lr is not None:
             _check_number("schedule.peak_lr", self.peak_lr, strict=True)
         self._check_multi_step()
-        self.branches = [b if isinstance(b, BranchConfig) else _branch_from_dict(b) for b in self.branches]
+        self.branches = [
+            b if isinstance(b, BranchConfig) else _branch_from_dict(b) for b in self.branches
+        ]
 
     # -- lengths -----------------------------------------------------------------------------
 
     def _check_lengths(self) -> None:
-        if not isinstance(self.units_per_step, int) or isinstance(self.units_per_step, bool) \
-                or self.units_per_step < 1:
-            raise field_error("schedule.units_per_step", self.units_per_step, "give a whole number >= 1")
+        if (
+            not isinstance(self.units_per_step, int)
+            or isinstance(self.units_per_step, bool)
+            or self.units_per_step < 1
+        ):
+            raise field_error(
+                "schedule.units_per_step", self.units_per_step, "give a whole number >= 1"
+            )
         if self.total_steps is None:
             if self.family not in ("constant", "inverse-sqrt"):
-                raise field_error("schedule.total_steps", None,
-                                  f"family {self.family!r} needs total_steps (where the schedule ends)")
+                raise field_error(
+                    "schedule.total_steps",
+                    None,
+                    f"family {self.family!r} needs total_steps (where the schedule ends)",
+                )
         else:
-            if _is_number(self.total_steps) and not isinstance(self.total_steps, int) \
-                    and float(self.total_steps).is_integer():
+            if (
+                _is_number(self.total_steps)
+                and not isinstance(self.total_steps, int)
+                and float(self.total_steps).is_integer()
+            ):
                 self.total_steps = int(self.total_steps)
             _check_number("schedule.total_steps", self.total_steps, strict=True)
             if not isinstance(self.total_steps, int):
-                raise field_error("schedule.total_steps", self.total_steps, "give a whole number of steps")
+                raise field_error(
+                    "schedule.total_steps", self.total_steps, "give a whole number of steps"
+                )
         w = self._resolve("warmup_steps", self.warmup_steps)
         total = self.total_steps
-        if total is not None and w >= total and self.family != "constant" \
-                and self.compat not in _WARMUP_PAST_END:
-            raise field_error("schedule.warmup_steps", self.warmup_steps,
-                              f"warmup must end before total_steps = {total}; give fewer warmup steps")
+        if (
+            total is not None
+            and w >= total
+            and self.family != "constant"
+            and self.compat not in _WARMUP_PAST_END
+        ):
+            raise field_error(
+                "schedule.warmup_steps",
+                self.warmup_steps,
+                f"warmup must end before total_steps = {total}; give fewer warmup steps",
+            )
         if self.decay_steps is not None and self.family != "wsd":
-            raise field_error("schedule.decay_steps", self.decay_steps,
-                              f"decay_steps belongs to family 'wsd'; family {self.family!r} "
-                              "decays from the end of warmup to total_steps (set total_steps instead)")
+            raise field_error(
+                "schedule.decay_steps",
+                self.decay_steps,
+                f"decay_steps belongs to family 'wsd'; family {self.family!r} "
+                "decays from the end of warmup to total_steps (set total_steps instead)",
+            )
         if self.family == "wsd":
             d = self.decay_steps_resolved
             if self.compat in _WSD_ANY_LENGTH:
                 return  # the peer takes any decay >= 0 (parse_length refused negatives)
             if d <= 0:
-                raise field_error("schedule.decay_steps", self.decay_steps,
-                                  "must be > 0; use family 'constant' for a schedule without decay")
+                raise field_error(
+                    "schedule.decay_steps",
+                    self.decay_steps,
+                    "must be > 0; use family 'constant' for a schedule without decay",
+                )
             if d > total:
-                raise field_error("schedule.decay_steps", self.decay_steps,
-                                  f"decay is longer than the run (total_steps = {total}); "
-                                  f"use at most {total} or a fraction such as 0.2")
+                raise field_error(
+                    "schedule.decay_steps",
+                    self.decay_steps,
+                    f"decay is longer than the run (total_steps = {total}); "
+                    f"use at most {total} or a fraction such as 0.2",
+                )
             if w + d > total:
-                raise field_error("schedule.decay_steps", self.decay_steps,
-                                  f"warmup ({w:g}) + decay ({d:g}) > total_steps ({total}); "
-                                  "shorten one of them or raise total_steps")
+                raise field_error(
+                    "schedule.decay_steps",
+                    self.decay_steps,
+                    f"warmup ({w:g}) + decay ({d:g}) > total_steps ({total}); "
+                    "shorten one of them or raise total_steps",
+                )
 
     def _resolve(self, name: str, value: Length | None) -> float:
         kind = parse_length(name, value)
@@ -263,8 +327,11 @@ class ScheduleConfig:
             return 0.0
         if kind[0] == "fraction":
             if self.total_steps is None:
-                raise field_error(f"schedule.{name}", value,
-                                  "a fraction needs total_steps; give a step count instead")
+                raise field_error(
+                    f"schedule.{name}",
+                    value,
+                    "a fraction needs total_steps; give a step count instead",
+                )
             return kind[1] * self.total_steps
         return kind[1]
 
@@ -289,19 +356,27 @@ class ScheduleConfig:
         if self.family != "multi-step":
             for name in ("milestones", "factors"):
                 if getattr(self, name) is not None:
-                    raise field_error(f"schedule.{name}", getattr(self, name),
-                                      "only family 'multi-step' takes milestones/factors")
+                    raise field_error(
+                        f"schedule.{name}",
+                        getattr(self, name),
+                        "only family 'multi-step' takes milestones/factors",
+                    )
             return
         milestones = [0.8, 0.9] if self.milestones is None else list(self.milestones)
         factors = [0.316, 0.1] if self.factors is None else list(self.factors)
         if len(milestones) != len(factors) or not milestones:
-            raise field_error("schedule.factors", factors,
-                              f"give one factor per milestone ({len(milestones)} milestones)")
+            raise field_error(
+                "schedule.factors",
+                factors,
+                f"give one factor per milestone ({len(milestones)} milestones)",
+            )
         resolved = [self._resolve("milestones", m) for m in milestones]
         if any(b <= a for a, b in zip(resolved, resolved[1:])):
             raise field_error("schedule.milestones", milestones, "must be strictly increasing")
         if resolved[0] < self.warmup_steps_resolved:
-            raise field_error("schedule.milestones", milestones, "the first milestone must come after warmup")
+            raise field_error(
+                "schedule.milestones", milestones, "the first milestone must come after warmup"
+            )
         for f in factors:
             _check_ratio("schedule.factors", f)
 
@@ -312,7 +387,9 @@ class ScheduleConfig:
         ``ScheduleConfig.from_dict(c.to_dict()) == c``."""
         out = dataclasses.asdict(self)
         out["branches"] = [dataclasses.asdict(b) for b in self.branches]
-        if out["compat"] is None:  # absent, so configs stored before the field existed still compare equal
+        if (
+            out["compat"] is None
+        ):  # absent, so configs stored before the field existed still compare equal
             del out["compat"]
         for key in ("milestones", "factors"):
             if out[key] is not None:
@@ -326,19 +403,27 @@ class ScheduleConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise field_error(f"schedule.{unknown[0]}", data[unknown[0]],
-                              f"unknown schedule field; valid: {', '.join(sorted(known))}")
+            raise field_error(
+                f"schedule.{unknown[0]}",
+                data[unknown[0]],
+                f"unknown schedule field; valid: {', '.join(sorted(known))}",
+            )
         return cls(**data)
 
 
 def _branch_from_dict(data: object) -> BranchConfig:
     if not isinstance(data, dict):
-        raise field_error("schedule.branches", data, "each branch is a mapping (at_step, decay_steps, shape, ...)")
+        raise field_error(
+            "schedule.branches", data, "each branch is a mapping (at_step, decay_steps, shape, ...)"
+        )
     known = {f.name for f in dataclasses.fields(BranchConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise field_error(f"branch.{unknown[0]}", data[unknown[0]],
-                          f"unknown branch field; valid: {', '.join(sorted(known))}")
+        raise field_error(
+            f"branch.{unknown[0]}",
+            data[unknown[0]],
+            f"unknown branch field; valid: {', '.join(sorted(known))}",
+        )
     try:
         return BranchConfig(**data)
     except TypeError as err:  # a missing required field

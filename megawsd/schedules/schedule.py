@@ -43,8 +43,9 @@ class _Branch:
 
     def value(self, s: float) -> float:
         x = min(s - self.at, self.length)  # past the end: hold the value at the end
-        return decay_factor(self.shape, x, self.length, self.min_ratio, self.start,
-                            self.power, self.half_life)
+        return decay_factor(
+            self.shape, x, self.length, self.min_ratio, self.start, self.power, self.half_life
+        )
 
 
 class Schedule:
@@ -77,13 +78,23 @@ class Schedule:
             min_ratio = min_ratio if b.min_ratio is None else b.min_ratio
             if start < min_ratio:
                 raise field_error(
-                    f"branches[{i}].min_ratio", min_ratio,
+                    f"branches[{i}].min_ratio",
+                    min_ratio,
                     f"the parent's factor at step {b.at_step} is only {start:.6g}; a cooldown cannot "
                     f"rise to min_ratio {min_ratio:g}; give min_ratio <= {start:.6g}",
                 )
             half_life = None if b.half_life is None else b.half_life * self.units_per_step
-            self._branches.append(_Branch(at, float(b.decay_steps * self.units_per_step), b.shape,
-                                          min_ratio, start, b.power, half_life))
+            self._branches.append(
+                _Branch(
+                    at,
+                    float(b.decay_steps * self.units_per_step),
+                    b.shape,
+                    min_ratio,
+                    start,
+                    b.power,
+                    half_life,
+                )
+            )
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -94,7 +105,9 @@ class Schedule:
     def lr_at(self, step: int) -> float:
         """peak_lr * factor(step); needs a peak LR in the config."""
         if self.config.peak_lr is None:
-            raise field_error("schedule.peak_lr", None, "set peak_lr (or use factor(step) times your LR)")
+            raise field_error(
+                "schedule.peak_lr", None, "set peak_lr (or use factor(step) times your LR)"
+            )
         return self.config.peak_lr * self.factor(step)
 
     def factor_units(self, s: float) -> float:
@@ -107,7 +120,9 @@ class Schedule:
 
     def _base(self, s: float) -> float:
         c = self.config
-        if self._warmup > 0 and (s < self._warmup or (c.compat == "megatron" and s == self._warmup)):
+        if self._warmup > 0 and (
+            s < self._warmup or (c.compat == "megatron" and s == self._warmup)
+        ):
             return warmup_factor(c.warmup_shape, s, self._warmup, c.warmup_init)
         family = c.family
         if family == "constant":
@@ -125,7 +140,9 @@ class Schedule:
                 return self._min
             warmup = max(self._warmup, 1)
             return max(self._min, warmup**0.5 / (max(s, 1) ** 0.5))
-        if c.compat == "transformers":  # half-open phases: [warmup, start) stable, [start, end) decay
+        if (
+            c.compat == "transformers"
+        ):  # half-open phases: [warmup, start) stable, [start, end) decay
             if s >= total:
                 return self._min
             return 1.0 if s < self._decay_start else self._decay_value(s - self._decay_start)
@@ -249,8 +266,14 @@ class Schedule:
         (or stable-phase WSD) schedule at S with decay D gives exactly the WSD schedule whose
         decay starts at S with length D.
         """
-        new = BranchConfig(at_step=at_step, decay_steps=decay_steps, shape=shape,
-                           min_ratio=min_ratio, power=power, half_life=half_life)
+        new = BranchConfig(
+            at_step=at_step,
+            decay_steps=decay_steps,
+            shape=shape,
+            min_ratio=min_ratio,
+            power=power,
+            half_life=half_life,
+        )
         config = dataclasses.replace(self.config, branches=[*self.config.branches, new])
         return Schedule(config)
 

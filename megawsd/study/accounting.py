@@ -49,8 +49,11 @@ def executed_steps(run_dir: str | Path, start: int) -> dict[str, Any]:
     """Steps a run directory holds as done, read from its metrics.jsonl train records (the
     contract's reader: a history a resume replaced is not counted as done):
     ``last`` (its last step - start) and ``logged`` (distinct logged steps after start)."""
-    steps = {r["step"] for r in read_metrics(run_dir).train
-             if isinstance(r["step"], int) and r["step"] > start}
+    steps = {
+        r["step"]
+        for r in read_metrics(run_dir).train
+        if isinstance(r["step"], int) and r["step"] > start
+    }
     return {"last": (max(steps) - start) if steps else 0, "logged": len(steps)}
 
 
@@ -83,20 +86,35 @@ def variant_costs(plan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             else:  # eval_at / average on a shared run: that run up to T
                 shared = max(shared, T)
             spent = shared + marginal
-            rows.append({"budget": T, "spent_steps": spent, "scratch_steps": scratch,
-                         "saving": 1.0 - spent / scratch})
+            rows.append(
+                {
+                    "budget": T,
+                    "spent_steps": spent,
+                    "scratch_steps": scratch,
+                    "saving": 1.0 - spent / scratch,
+                }
+            )
         out[vid] = rows
     return out
 
 
-def study_totals(plan: dict[str, Any], study_dir: str | Path | None = None,
-                 params: dict[str, dict[str, int] | None] | None = None) -> dict[str, Any]:
+def study_totals(
+    plan: dict[str, Any],
+    study_dir: str | Path | None = None,
+    params: dict[str, dict[str, int] | None] | None = None,
+) -> dict[str, Any]:
     """Planned and executed steps/tokens/FLOPs of the whole study vs every cell from scratch."""
     tps = plan["tokens_per_step"]
     per_model: dict[str, dict[str, Any]] = {}
     for m in plan["models"]:
-        per_model[m] = {"planned_steps": 0, "executed_steps": 0, "executed_logged": 0,
-                        "scratch_steps": 0, "runs": 0, "runs_done": 0}
+        per_model[m] = {
+            "planned_steps": 0,
+            "executed_steps": 0,
+            "executed_logged": 0,
+            "scratch_steps": 0,
+            "runs": 0,
+            "runs_done": 0,
+        }
     run_rows = []
     for r in plan["runs"]:
         acc = per_model[r["model"]]
@@ -113,8 +131,14 @@ def study_totals(plan: dict[str, Any], study_dir: str | Path | None = None,
         run_rows.append(row)
     for c in plan["cells"]:
         per_model[c["model"]]["scratch_steps"] += c["budget"]
-    total: dict[str, Any] = {"planned_steps": 0, "executed_steps": 0, "scratch_steps": 0,
-                             "planned_flops": 0.0, "executed_flops": 0.0, "scratch_flops": 0.0}
+    total: dict[str, Any] = {
+        "planned_steps": 0,
+        "executed_steps": 0,
+        "scratch_steps": 0,
+        "planned_flops": 0.0,
+        "executed_flops": 0.0,
+        "scratch_flops": 0.0,
+    }
     for m, acc in per_model.items():
         n = ((params or {}).get(m) or {}).get("total")
         acc["params"] = n
@@ -124,9 +148,12 @@ def study_totals(plan: dict[str, Any], study_dir: str | Path | None = None,
             total[f"{k}_steps"] += acc[f"{k}_steps"]
             if acc[f"{k}_flops"] is not None:
                 total[f"{k}_flops"] += acc[f"{k}_flops"]
-        acc["saving"] = 1.0 - acc["planned_steps"] / acc["scratch_steps"] if acc["scratch_steps"] else None
+        acc["saving"] = (
+            1.0 - acc["planned_steps"] / acc["scratch_steps"] if acc["scratch_steps"] else None
+        )
     for k in ("planned", "executed", "scratch"):
         total[f"{k}_tokens"] = total[f"{k}_steps"] * tps
-    total["saving"] = (1.0 - total["planned_steps"] / total["scratch_steps"]
-                       if total["scratch_steps"] else None)
+    total["saving"] = (
+        1.0 - total["planned_steps"] / total["scratch_steps"] if total["scratch_steps"] else None
+    )
     return {"tokens_per_step": tps, "per_model": per_model, "total": total, "runs": run_rows}

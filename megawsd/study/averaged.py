@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 def _val_batches(run_dir: Path):
 
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()),
-                    source=str(run_dir / "config.yaml"))
+    cfg = from_dict(
+        yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml")
+    )
     info = json.loads((run_dir / "run.json").read_text())
     world = int(info.get("world_size") or 1)
     # The training eval splits each batch of micro x world rows across ranks and averages the
@@ -51,9 +52,11 @@ def _load_state(run_dir: Path, step: int) -> dict:
 
     ckpts, tag = checkpoint_dir(run_dir), tag_for(step)
     if not is_complete(ckpts / tag):
-        raise CheckpointError(f"checkpoint = {str(ckpts / tag)!r}: missing; the "
-                              "study plans these snapshots in checkpoint.at: rerun the study "
-                              "with --resume to retrain the main run's missing part")
+        raise CheckpointError(
+            f"checkpoint = {str(ckpts / tag)!r}: missing; the "
+            "study plans these snapshots in checkpoint.at: rerun the study "
+            "with --resume to retrain the main run's missing part"
+        )
     try:
         return consolidate_checkpoint(str(ckpts), tag=tag, weights="x")
     except CheckpointError as err:
@@ -74,13 +77,15 @@ def _loss(model, batches) -> float:
     with torch.no_grad():
         for b in batches:
             logits = model(input_ids=b[:, :-1]).logits
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                     b[:, 1:].reshape(-1)).item()
+            total += F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1)
+            ).item()
     return total / max(len(batches), 1)
 
 
-def evaluate_average(run_dir: str | Path, steps: list[int], kind: str,
-                     decay: float | None = None) -> dict[str, Any]:
+def evaluate_average(
+    run_dir: str | Path, steps: list[int], kind: str, decay: float | None = None
+) -> dict[str, Any]:
     """Val loss of the SWA/EMA average of the checkpoints at ``steps`` (ascending)."""
     run_dir = Path(run_dir)
     config = load_model_config(run_dir / MODEL_CONFIG_FILE)
@@ -98,6 +103,12 @@ def evaluate_average(run_dir: str | Path, steps: list[int], kind: str,
     with avg.applied():
         averaged = _loss(model, batches)
     recorded = read_metrics(run_dir).eval_at(steps[-1])
-    return {"kind": kind, "steps": steps, "decay": decay, "snapshots": avg.num_updates,
-            "val_loss": averaged, "last_snapshot_val_loss": plain,
-            "recorded_val_loss": recorded}
+    return {
+        "kind": kind,
+        "steps": steps,
+        "decay": decay,
+        "snapshots": avg.num_updates,
+        "val_loss": averaged,
+        "last_snapshot_val_loss": plain,
+        "recorded_val_loss": recorded,
+    }

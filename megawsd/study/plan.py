@@ -99,12 +99,17 @@ class Plan:
         return {r.name: r for r in self.runs}
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": PLAN_SCHEMA, "name": self.name, "budgets": self.budgets,
-                "tokens_per_step": self.tokens_per_step, "warmup": self.warmup,
-                "models": self.models,
-                "runs": [{k: v for k, v in asdict(r).items() if k != "config"} for r in self.runs],
-                "variants": [asdict(v) for v in self.variants],
-                "cells": [asdict(c) for c in self.cells]}
+        return {
+            "schema": PLAN_SCHEMA,
+            "name": self.name,
+            "budgets": self.budgets,
+            "tokens_per_step": self.tokens_per_step,
+            "warmup": self.warmup,
+            "models": self.models,
+            "runs": [{k: v for k, v in asdict(r).items() if k != "config"} for r in self.runs],
+            "variants": [asdict(v) for v in self.variants],
+            "cells": [asdict(c) for c in self.cells],
+        }
 
 
 def _num(x: float) -> str:
@@ -122,7 +127,9 @@ def model_label(model: Any) -> str:
         over = model.get("overrides") or {}
         suffix = "".join(f"-{k[:1]}{v}" for k, v in sorted(over.items()))
         return re.sub(r"[^A-Za-z0-9._-]+", "_", base + suffix)
-    raise ConfigError(f"models = {model!r}: give a preset name, a config.json path or a model block")
+    raise ConfigError(
+        f"models = {model!r}: give a preset name, a config.json path or a model block"
+    )
 
 
 def _gcd_interval(preferred: int, points: list[int]) -> int:
@@ -144,29 +151,59 @@ def make_plan(spec: StudySpec) -> Plan:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"arms: runs {dup[:3]} are planned twice; give the arms distinct names")
-    return Plan(name=spec.name or "study", budgets=planner.budgets, tokens_per_step=planner.tps,
-                warmup=planner.warmup, models=planner.labels, runs=runs, variants=variants,
-                cells=planner.cells)
+    return Plan(
+        name=spec.name or "study",
+        budgets=planner.budgets,
+        tokens_per_step=planner.tps,
+        warmup=planner.warmup,
+        models=planner.labels,
+        runs=runs,
+        variants=variants,
+        cells=planner.cells,
+    )
 
 
 def _variants(arm: Any) -> list[Variant]:
     """The table columns of one arm: one per WSD shape x fraction, per schedule-free cooldown."""
     label = arm.label
     if arm.kind in ("cosine", "linear"):
-        return [Variant(id=label, arm=label, kind=arm.kind, label=label, shape=arm.kind,
-                        min_ratio=arm.min_ratio)]
+        return [
+            Variant(
+                id=label,
+                arm=label,
+                kind=arm.kind,
+                label=label,
+                shape=arm.kind,
+                min_ratio=arm.min_ratio,
+            )
+        ]
     if arm.kind == "wsd":
-        return [Variant(id=f"{label}/{shape}/{_num(f)}", arm=label, kind="wsd",
-                        label=f"{label} {shape} {_num(100 * f)}%", shape=shape, fraction=f,
-                        min_ratio=arm.min_ratio)
-                for shape in arm.shapes for f in arm.decay_fractions]
+        return [
+            Variant(
+                id=f"{label}/{shape}/{_num(f)}",
+                arm=label,
+                kind="wsd",
+                label=f"{label} {shape} {_num(100 * f)}%",
+                shape=shape,
+                fraction=f,
+                min_ratio=arm.min_ratio,
+            )
+            for shape in arm.shapes
+            for f in arm.decay_fractions
+        ]
     if arm.kind == "schedule-free":
-        return [Variant(id=label if f == 0 else f"{label}+cooldown/{arm.shape}/{_num(f)}",
-                        arm=label, kind="schedule-free",
-                        label=label if f == 0 else f"{label} + {arm.shape} {_num(100 * f)}% cooldown",
-                        shape=arm.shape if f else None, fraction=f or None,
-                        min_ratio=0.0 if f else None)
-                for f in arm.decay_fractions]
+        return [
+            Variant(
+                id=label if f == 0 else f"{label}+cooldown/{arm.shape}/{_num(f)}",
+                arm=label,
+                kind="schedule-free",
+                label=label if f == 0 else f"{label} + {arm.shape} {_num(100 * f)}% cooldown",
+                shape=arm.shape if f else None,
+                fraction=f or None,
+                min_ratio=0.0 if f else None,
+            )
+            for f in arm.decay_fractions
+        ]
     # constant, swa, ema
     params = {k: getattr(arm, k) for k in ("window", "every", "decay") if hasattr(arm, k)}
     return [Variant(id=label, arm=label, kind=arm.kind, label=label, params=params)]
@@ -203,13 +240,17 @@ class _Planner:
         self.budgets = spec.budget_steps(self.tps)
         self.warmup = w = spec.warmup
         if w >= self.budgets[0]:
-            raise ConfigError(f"warmup = {w}: not shorter than the smallest budget "
-                              f"({self.budgets[0]} steps); lower warmup or raise the budgets")
+            raise ConfigError(
+                f"warmup = {w}: not shorter than the smallest budget "
+                f"({self.budgets[0]} steps); lower warmup or raise the budgets"
+            )
         self.models = spec.model_blocks()
         self.labels = [model_label(m) for m in self.models]
         if len(set(self.labels)) != len(self.labels):
-            raise ConfigError(f"models = {self.models!r}: two models get the same label "
-                              f"{self.labels}; make them differ by preset or overrides")
+            raise ConfigError(
+                f"models = {self.models!r}: two models get the same label "
+                f"{self.labels}; make them differ by preset or overrides"
+            )
         self.eval_interval = spec.eval_interval or probe.eval.interval or self.budgets[0]
         self.mains: dict[tuple, _SharedRun] = {}  # (model, lr, seed) -> the constant main
         self.sfs: dict[tuple, _SharedRun] = {}  # (model, lr, seed, arm label) -> SF run
@@ -232,8 +273,15 @@ class _Planner:
         """Run names carry the model only when the study has several."""
         return f"{mlabel}-" if len(self.models) > 1 else ""
 
-    def _config(self, model: Any, lr: float, seed: int, steps: int, schedule: dict[str, Any],
-                optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _config(
+        self,
+        model: Any,
+        lr: float,
+        seed: int,
+        steps: int,
+        schedule: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The base config with what the study sets per run (copied: runs share no dicts)."""
         cfg = copy.deepcopy(self.spec.base)
         cfg["model"] = copy.deepcopy(model)
@@ -250,19 +298,40 @@ class _Planner:
         """Cosine / linear decay depends on the horizon: one full run per budget, its final."""
         for T in self.budgets:
             name = f"runs/{self._prefix(mlabel)}{arm.label}-T{T}-lr{_num(lr)}-s{seed}"
-            sched = {"family": arm.kind, "warmup_steps": self.warmup, "total_steps": T,
-                     "min_ratio": arm.min_ratio}
-            self.scratch.append(PlannedRun(
-                name=name, path=name, kind="train", model=mlabel, lr=lr, seed=seed, start=0,
-                steps=T, role="from-scratch", config=self._config(model, lr, seed, T, sched)))
+            sched = {
+                "family": arm.kind,
+                "warmup_steps": self.warmup,
+                "total_steps": T,
+                "min_ratio": arm.min_ratio,
+            }
+            self.scratch.append(
+                PlannedRun(
+                    name=name,
+                    path=name,
+                    kind="train",
+                    model=mlabel,
+                    lr=lr,
+                    seed=seed,
+                    start=0,
+                    steps=T,
+                    role="from-scratch",
+                    config=self._config(model, lr, seed, T, sched),
+                )
+            )
             self.cells.append(Cell(mlabel, arm.label, T, lr, seed, "final", name))
 
     def _on_main(self, arm: Any, model: Any, mlabel: str, lr: float, seed: int) -> None:
         """WSD, constant, SWA and EMA all read the one constant-LR main of (model, LR, seed)."""
         key = (mlabel, lr, seed)
         if key not in self.mains:
-            self.mains[key] = _SharedRun(f"runs/{self._prefix(mlabel)}main-lr{_num(lr)}-s{seed}",
-                                         model, mlabel, lr, seed, "main")
+            self.mains[key] = _SharedRun(
+                f"runs/{self._prefix(mlabel)}main-lr{_num(lr)}-s{seed}",
+                model,
+                mlabel,
+                lr,
+                seed,
+                "main",
+            )
         main = self.mains[key]
         for T in self.budgets:
             if arm.kind == "wsd":
@@ -283,9 +352,17 @@ class _Planner:
                 main.at.add(S)
                 main.steps = max(main.steps, S)
                 main.branches.append((bname, S, D, shape, arm.min_ratio))
-                self.cells.append(Cell(main.mlabel, f"{arm.label}/{shape}/{_num(f)}", T,
-                                       main.lr, main.seed, "final",
-                                       f"{main.name}/branches/{bname}"))
+                self.cells.append(
+                    Cell(
+                        main.mlabel,
+                        f"{arm.label}/{shape}/{_num(f)}",
+                        T,
+                        main.lr,
+                        main.seed,
+                        "final",
+                        f"{main.name}/branches/{bname}",
+                    )
+                )
 
     def _average(self, arm: Any, main: _SharedRun, T: int) -> None:
         """SWA / EMA at budget T: an offline average of the main's snapshots taken every
@@ -294,12 +371,16 @@ class _Planner:
         snaps = [s for s in range(T, max(start, 0), -arm.every) if s >= 1][::-1]
         main.ckpts.update(snaps)
         main.steps = max(main.steps, T)
-        avg = {"kind": arm.kind, "steps": snaps,
-               "file": f"averages/{main.name[5:]}--{arm.label}-T{T}.json"}
+        avg = {
+            "kind": arm.kind,
+            "steps": snaps,
+            "file": f"averages/{main.name[5:]}--{arm.label}-T{T}.json",
+        }
         if arm.kind == "ema":
             avg["decay"] = arm.decay
-        self.cells.append(Cell(main.mlabel, arm.label, T, main.lr, main.seed, "average",
-                               main.name, avg))
+        self.cells.append(
+            Cell(main.mlabel, arm.label, T, main.lr, main.seed, "average", main.name, avg)
+        )
 
     def _on_schedule_free(self, arm: Any, model: Any, mlabel: str, lr: float, seed: int) -> None:
         """Schedule-free has no horizon: one run to the largest budget, read (at x) at every
@@ -307,9 +388,16 @@ class _Planner:
         key = (mlabel, lr, seed, arm.label)
         if key not in self.sfs:
             self.sfs[key] = _SharedRun(
-                f"runs/{self._prefix(mlabel)}{arm.label}-lr{_num(lr)}-s{seed}", model, mlabel,
-                lr, seed, "schedule-free", {"type": "schedule_free_adamw", **arm.optimizer},
-                steps=self.budgets[-1], evals=set(self.budgets))
+                f"runs/{self._prefix(mlabel)}{arm.label}-lr{_num(lr)}-s{seed}",
+                model,
+                mlabel,
+                lr,
+                seed,
+                "schedule-free",
+                {"type": "schedule_free_adamw", **arm.optimizer},
+                steps=self.budgets[-1],
+                evals=set(self.budgets),
+            )
         run = self.sfs[key]
         for T in self.budgets:
             for f in arm.decay_fractions:
@@ -320,36 +408,72 @@ class _Planner:
                 bname = f"cooldown-{arm.shape}-f{_num(f)}-T{T}"
                 run.at.add(S)
                 run.branches.append((bname, S, D, arm.shape, 0.0))
-                self.cells.append(Cell(mlabel, f"{arm.label}+cooldown/{arm.shape}/{_num(f)}", T,
-                                       lr, seed, "final", f"{run.name}/branches/{bname}"))
+                self.cells.append(
+                    Cell(
+                        mlabel,
+                        f"{arm.label}+cooldown/{arm.shape}/{_num(f)}",
+                        T,
+                        lr,
+                        seed,
+                        "final",
+                        f"{run.name}/branches/{bname}",
+                    )
+                )
 
     def runs(self) -> list[PlannedRun]:
         """The fixed order: shared runs, their branches, then from-scratch runs (cheapest
         budgets first); within each, by model, seed, then LR."""
-        mains = sorted(self.mains.values(),
-                       key=lambda r: _order((r.mlabel, r.lr, r.seed), self.labels))
-        sfs = [run for _, run in sorted(
-            self.sfs.items(), key=lambda kv: (_order(kv[0][:3], self.labels), kv[0][3]))]
+        mains = sorted(
+            self.mains.values(), key=lambda r: _order((r.mlabel, r.lr, r.seed), self.labels)
+        )
+        sfs = [
+            run
+            for _, run in sorted(
+                self.sfs.items(), key=lambda kv: (_order(kv[0][:3], self.labels), kv[0][3])
+            )
+        ]
         shared = mains + sfs
-        scratch = sorted(self.scratch, key=lambda r: (
-            _order((r.model, r.lr, r.seed), self.labels), r.steps, r.name))
-        return ([self._train_run(r) for r in shared]
-                + [b for r in shared for b in _branch_runs(r)] + scratch)
+        scratch = sorted(
+            self.scratch,
+            key=lambda r: (_order((r.model, r.lr, r.seed), self.labels), r.steps, r.name),
+        )
+        return (
+            [self._train_run(r) for r in shared]
+            + [b for r in shared for b in _branch_runs(r)]
+            + scratch
+        )
 
     def _train_run(self, r: _SharedRun) -> PlannedRun:
         """A shared run's config: constant LR, evals landing on every step a cell reads, and a
         checkpoint at every branch point and snapshot (the last step is saved anyway)."""
-        cfg = self._config(r.model, r.lr, r.seed, r.steps,
-                           {"family": "constant", "warmup_steps": self.warmup}, r.optimizer)
-        interval = (_gcd_interval(self.eval_interval, sorted(r.evals)) if r.evals
-                    else self.eval_interval)
+        cfg = self._config(
+            r.model,
+            r.lr,
+            r.seed,
+            r.steps,
+            {"family": "constant", "warmup_steps": self.warmup},
+            r.optimizer,
+        )
+        interval = (
+            _gcd_interval(self.eval_interval, sorted(r.evals)) if r.evals else self.eval_interval
+        )
         cfg["eval"] = {**(cfg.get("eval") or {}), "interval": interval}
         ck = dict(cfg.get("checkpoint") or {})
         ck["at"] = sorted((r.at | r.ckpts) - {r.steps})
         ck["save_final"] = True  # branch points and snapshots may include the last step
         cfg["checkpoint"] = ck
-        return PlannedRun(name=r.name, path=r.name, kind="train", model=r.mlabel, lr=r.lr,
-                          seed=r.seed, start=0, steps=r.steps, role=r.role, config=cfg)
+        return PlannedRun(
+            name=r.name,
+            path=r.name,
+            kind="train",
+            model=r.mlabel,
+            lr=r.lr,
+            seed=r.seed,
+            start=0,
+            steps=r.steps,
+            role=r.role,
+            config=cfg,
+        )
 
 
 def _branch_runs(r: _SharedRun) -> list[PlannedRun]:
@@ -362,9 +486,24 @@ def _branch_runs(r: _SharedRun) -> list[PlannedRun]:
             continue
         seen.add(bname)
         path = f"{r.name}/branches/{bname}"
-        out.append(PlannedRun(name=path, path=path, kind="branch", model=r.mlabel, lr=r.lr,
-                              seed=r.seed, start=S, steps=S + D, role="branch", parent=r.name,
-                              at=S, decay=D, shape=shape, min_ratio=mr))
+        out.append(
+            PlannedRun(
+                name=path,
+                path=path,
+                kind="branch",
+                model=r.mlabel,
+                lr=r.lr,
+                seed=r.seed,
+                start=S,
+                steps=S + D,
+                role="branch",
+                parent=r.name,
+                at=S,
+                decay=D,
+                shape=shape,
+                min_ratio=mr,
+            )
+        )
     return out
 
 
@@ -378,7 +517,9 @@ def _split(T: int, f: float, warmup: int, field_name: str) -> tuple[int, int]:
     D = max(1, round(f * T))
     S = T - D
     if S <= warmup:
-        raise ConfigError(f"{field_name} = {f:g}: at budget {T} the cooldown would start at step "
-                          f"{S}, inside warmup ({warmup} steps); use a smaller fraction, a "
-                          "shorter warmup or larger budgets")
+        raise ConfigError(
+            f"{field_name} = {f:g}: at budget {T} the cooldown would start at step "
+            f"{S}, inside warmup ({warmup} steps); use a smaller fraction, a "
+            "shorter warmup or larger budgets"
+        )
     return S, D

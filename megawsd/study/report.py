@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # -- reading ---------------------------------------------------------------------------------
 
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -45,8 +46,10 @@ def load_plan(study_dir: str | Path) -> dict[str, Any]:
     p = Path(study_dir) / "plan.json"
     plan = _read_json(p)
     if plan is None:
-        raise CheckpointError(f"STUDY_DIR = {str(study_dir)!r}: no plan.json; give a directory "
-                              "written by `megawsd study` (e.g. studies/study-cpu)")
+        raise CheckpointError(
+            f"STUDY_DIR = {str(study_dir)!r}: no plan.json; give a directory "
+            "written by `megawsd study` (e.g. studies/study-cpu)"
+        )
     return plan
 
 
@@ -82,9 +85,17 @@ def collect(study_dir: str | Path) -> dict[str, Any]:
             groups[(v["model"], v["variant"], v["budget"])][v["lr"]].append(v["val_loss"])
     stats = {}
     for key, by_lr in groups.items():
-        per_lr = {lr: {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None,
-                       "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
-                  for lr, xs in sorted(by_lr.items())}
+        per_lr = {
+            lr: {
+                "mean": statistics.fmean(xs),
+                "std": statistics.stdev(xs) if len(xs) > 1 else None,
+                "min": min(xs),
+                "max": max(xs),
+                "n": len(xs),
+                "values": xs,
+            }
+            for lr, xs in sorted(by_lr.items())
+        }
         best = min(per_lr, key=lambda lr: per_lr[lr]["mean"])
         stats[key] = {"per_lr": per_lr, "best_lr": best, **per_lr[best]}
     return {"plan": plan, "cells": values, "stats": stats}
@@ -106,6 +117,7 @@ def _params(study_dir: Path, plan: dict) -> dict[str, dict | None]:
 
 
 # -- formatting ------------------------------------------------------------------------------
+
 
 def _f(x: float | None, d: int = 4) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
@@ -130,12 +142,16 @@ def _variant(plan: dict, vid: str) -> dict:
 
 
 def best_cosine(stats: dict, plan: dict, model: str, budget: int) -> tuple[str, dict] | None:
-    cands = [(v["id"], stats[(model, v["id"], budget)]) for v in plan["variants"]
-             if v["kind"] == "cosine" and (model, v["id"], budget) in stats]
+    cands = [
+        (v["id"], stats[(model, v["id"], budget)])
+        for v in plan["variants"]
+        if v["kind"] == "cosine" and (model, v["id"], budget) in stats
+    ]
     return min(cands, key=lambda c: c[1]["mean"]) if cands else None
 
 
 # -- the fit ---------------------------------------------------------------------------------
+
 
 def fit_points(stats: dict, plan: dict, model: str, vid: str) -> tuple[list[float], list[float]]:
     """(tokens, loss) of every seed at the best LR of each budget."""
@@ -176,7 +192,15 @@ def _fits(stats: dict, plan: dict, params: dict, bootstrap: int = 200) -> list[d
                     N += [n] * len(d)
                     D += d
                     L += lo
-            entry = {"variant": vid, "model": "all", "N": N, "D": D, "L": L, "fit": None, "error": None}
+            entry = {
+                "variant": vid,
+                "model": "all",
+                "N": N,
+                "D": D,
+                "L": L,
+                "fit": None,
+                "error": None,
+            }
             try:
                 entry["fit"] = fit_loss_vs_params_data(N, D, L).to_json()
             except ConfigError as err:
@@ -186,6 +210,7 @@ def _fits(stats: dict, plan: dict, params: dict, bootstrap: int = 200) -> list[d
 
 
 # -- figures ---------------------------------------------------------------------------------
+
 
 def _figures(study_dir: Path, data: dict, fits: list[dict]) -> list[str]:
     """The report's figures (figures/*.png), all for the largest model; returns their paths."""
@@ -214,8 +239,17 @@ def _plot_loss_curves(plt, study_dir: Path, data: dict, figdir: Path, made: list
         s = stats.get((m0, v["id"], Tmax))
         if not s:
             continue
-        cell = next((c for c in data["cells"] if c["model"] == m0 and c["variant"] == v["id"]
-                     and c["budget"] == Tmax and c["lr"] == s["best_lr"]), None)
+        cell = next(
+            (
+                c
+                for c in data["cells"]
+                if c["model"] == m0
+                and c["variant"] == v["id"]
+                and c["budget"] == Tmax
+                and c["lr"] == s["best_lr"]
+            ),
+            None,
+        )
         if cell is None:
             continue
         metrics: Metrics = read_metrics(study_dir / cell["run"])
@@ -239,10 +273,18 @@ def _plot_final_vs_budget(plt, data: dict, figdir: Path, made: list[str]) -> Non
     tps, m0 = plan["tokens_per_step"], plan["models"][-1]
     fig, ax = plt.subplots(figsize=(8, 5))
     for v in plan["variants"]:
-        pts = [(T * tps, stats[(m0, v["id"], T)]) for T in plan["budgets"] if (m0, v["id"], T) in stats]
+        pts = [
+            (T * tps, stats[(m0, v["id"], T)]) for T in plan["budgets"] if (m0, v["id"], T) in stats
+        ]
         if pts:
-            ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts],
-                        yerr=[p[1]["std"] or 0 for p in pts], marker="o", capsize=3, label=v["label"])
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1]["mean"] for p in pts],
+                yerr=[p[1]["std"] or 0 for p in pts],
+                marker="o",
+                capsize=3,
+                label=v["label"],
+            )
     ax.set_xscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel("final val loss (best LR, mean over seeds)")
@@ -273,15 +315,19 @@ def _plot_fit(plt, plan: dict, fits: list[dict], figdir: Path, made: list[str]) 
     good = [f for f in fits if f["fit"] and f["model"] != "all"]
     if not good:
         return
-    fig, (ax, axr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, axr) = plt.subplots(
+        2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     for f in good:
         p = f["fit"]["params"]
         D = np.asarray(f["D"])
         xs = np.geomspace(D.min() / 1.5, D.max() * 3, 100)
         lab = f"{_variant(plan, f['variant'])['label']} [{f['model']}]"
-        line = ax.plot(xs, p["E"] + p["B"] / xs ** p["beta"],
-                       label=f"{lab}: E={p['E']:.3f} beta={p['beta']:.3f}")[0]
+        line = ax.plot(
+            xs,
+            p["E"] + p["B"] / xs ** p["beta"],
+            label=f"{lab}: E={p['E']:.3f} beta={p['beta']:.3f}",
+        )[0]
         ax.scatter(D, f["L"], color=line.get_color(), s=14)
         axr.scatter(D, f["fit"]["residuals"], color=line.get_color(), s=14)
     ax.set_xscale("log")
@@ -315,6 +361,7 @@ def _finish(ax, fig, path: Path, made: list[str]) -> None:
 
 # -- the report ------------------------------------------------------------------------------
 
+
 def write_report(study_dir: str | Path, figures: bool = True, bootstrap: int = 200) -> Path:
     study_dir = Path(study_dir)
     data = collect(study_dir)
@@ -323,10 +370,13 @@ def write_report(study_dir: str | Path, figures: bool = True, bootstrap: int = 2
     tps = plan["tokens_per_step"]
     lines = [f"# Study `{plan['name']}`", ""]
     n_done = sum(1 for c in data["cells"] if c["val_loss"] is not None)
-    lines += [f"Budgets: {', '.join(f'{T} steps ({T * tps:,} tokens)' for T in plan['budgets'])}; "
-              f"warmup {plan['warmup']} steps; {tps:,} tokens/step.",
-              "Models: " + ", ".join(f"{m} ({_count(params.get(m))})" for m in plan["models"]) + ".",
-              f"Results: {n_done} of {len(data['cells'])} cells have a value.", ""]
+    lines += [
+        f"Budgets: {', '.join(f'{T} steps ({T * tps:,} tokens)' for T in plan['budgets'])}; "
+        f"warmup {plan['warmup']} steps; {tps:,} tokens/step.",
+        "Models: " + ", ".join(f"{m} ({_count(params.get(m))})" for m in plan["models"]) + ".",
+        f"Results: {n_done} of {len(data['cells'])} cells have a value.",
+        "",
+    ]
     for m in plan["models"]:
         for T in plan["budgets"]:
             lines += _budget_table(plan, stats, m, T)
@@ -340,15 +390,28 @@ def write_report(study_dir: str | Path, figures: bool = True, bootstrap: int = 2
     lines += _accounting(plan, costs, totals)
     made = _figures(study_dir, data, fits) if figures else []
     if made:
-        lines += ["## Figures", ""] + [f"![{Path(p).stem}](figures/{Path(p).name})" for p in made] + [""]
+        lines += (
+            ["## Figures", ""] + [f"![{Path(p).stem}](figures/{Path(p).name})" for p in made] + [""]
+        )
     out = study_dir / "report.md"
     out.write_text("\n".join(lines))
-    results = {"cells": data["cells"], "params": params, "fits": fits, "costs": costs,
-               "totals": totals,
-               "stats": [{"model": k[0], "variant": k[1], "budget": k[2],
-                          **{kk: vv for kk, vv in v.items() if kk != "per_lr"},
-                          "per_lr": {str(lr): s for lr, s in v["per_lr"].items()}}
-                         for k, v in stats.items()]}
+    results = {
+        "cells": data["cells"],
+        "params": params,
+        "fits": fits,
+        "costs": costs,
+        "totals": totals,
+        "stats": [
+            {
+                "model": k[0],
+                "variant": k[1],
+                "budget": k[2],
+                **{kk: vv for kk, vv in v.items() if kk != "per_lr"},
+                "per_lr": {str(lr): s for lr, s in v["per_lr"].items()},
+            }
+            for k, v in stats.items()
+        ],
+    }
     (study_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     return out
 
@@ -370,15 +433,28 @@ def _budget_table(plan, stats, m, T) -> list[str]:
             continue
         spread = "-" if s["std"] is None else f"{s['std']:.4f} ({s['min']:.4f}-{s['max']:.4f})"
         delta = None if ref is None else 100.0 * (s["mean"] - ref[1]["mean"]) / ref[1]["mean"]
-        rows.append([v["label"], f"{s['best_lr']:g}", _f(s["mean"]), spread,
-                     _f(math.exp(min(s["mean"], 50)), 2), _pct(delta), str(s["n"])])
+        rows.append(
+            [
+                v["label"],
+                f"{s['best_lr']:g}",
+                _f(s["mean"]),
+                spread,
+                _f(math.exp(min(s["mean"], 50)), 2),
+                _pct(delta),
+                str(s["n"]),
+            ]
+        )
     title = f"## Budget {T} steps ({T * plan['tokens_per_step']:,} tokens)"
     title += f", model {m}" if len(plan["models"]) > 1 else ""
-    note = (f"Δ: to the best cosine ({_variant(plan, ref[0])['label']}, lr {ref[1]['best_lr']:g})"
-            if ref else "Δ: no cosine result at this budget"
-            + ("" if any(v["kind"] == "cosine" for v in plan["variants"]) else " (no cosine arm)"))
+    note = (
+        f"Δ: to the best cosine ({_variant(plan, ref[0])['label']}, lr {ref[1]['best_lr']:g})"
+        if ref
+        else "Δ: no cosine result at this budget"
+        + ("" if any(v["kind"] == "cosine" for v in plan["variants"]) else " (no cosine arm)")
+    )
     return [title, "", note + "; spread: seed std (min-max) at the best LR.", ""] + _table(
-        ["variant", "best LR", "val loss", "seed spread", "val ppl", "Δ vs cosine", "seeds"], rows)
+        ["variant", "best LR", "val loss", "seed spread", "val ppl", "Δ vs cosine", "seeds"], rows
+    )
 
 
 def _hagele(plan, stats) -> list[str]:
@@ -395,8 +471,15 @@ def _hagele(plan, stats) -> list[str]:
                     for T in plan["budgets"]:
                         sa, sb = stats.get((m, a["id"], T)), stats.get((m, b["id"], T))
                         if sa and sb:
-                            rows.append([f"{a['arm']} {100 * a['fraction']:g}%", str(T), _f(sa["mean"]),
-                                         _f(sb["mean"]), f"{sa['mean'] - sb['mean']:+.4f}"])
+                            rows.append(
+                                [
+                                    f"{a['arm']} {100 * a['fraction']:g}%",
+                                    str(T),
+                                    _f(sa["mean"]),
+                                    _f(sb["mean"]),
+                                    f"{sa['mean'] - sb['mean']:+.4f}",
+                                ]
+                            )
     if rows:
         out += ["### 1-sqrt vs linear cooldown (best LR each)", ""]
         out += _table(["arm, fraction", "budget", "1-sqrt", "linear", "1-sqrt − linear"], rows)
@@ -412,13 +495,20 @@ def _hagele(plan, stats) -> list[str]:
         for m in plan["models"]:
             for T in plan["budgets"]:
                 vals = [stats.get((m, v["id"], T)) for v in vs]
-                rows.append([f"{arm} {shape}", str(T)] +
-                            [f"{100 * v['fraction']:g}%: {_f(s['mean']) if s else '-'}" for v, s in zip(vs, vals)])
+                rows.append(
+                    [f"{arm} {shape}", str(T)]
+                    + [
+                        f"{100 * v['fraction']:g}%: {_f(s['mean']) if s else '-'}"
+                        for v, s in zip(vs, vals)
+                    ]
+                )
     if rows:
         width = max(len(r) for r in rows)
         rows = [r + [""] * (width - len(r)) for r in rows]
         out += ["### Decay fraction (best LR each)", ""]
-        out += _table(["arm shape", "budget"] + [f"fraction {i + 1}" for i in range(width - 2)], rows)
+        out += _table(
+            ["arm shape", "budget"] + [f"fraction {i + 1}" for i in range(width - 2)], rows
+        )
     # optimal LR: constant-LR (WSD) vs cosine
     rows = []
     for m in plan["models"]:
@@ -428,9 +518,13 @@ def _hagele(plan, stats) -> list[str]:
                 s = stats.get((m, v["id"], T))
                 row.append(f"{s['best_lr']:g}" if s else "-")
             rows.append(row)
-    out += ["### Best LR per variant and budget", "",
-            "Hägele et al. find the optimal peak LR of WSD close to cosine's; a grid edge "
-            "(best LR = the smallest or largest tried) means the optimum was not bracketed.", ""]
+    out += [
+        "### Best LR per variant and budget",
+        "",
+        "Hägele et al. find the optimal peak LR of WSD close to cosine's; a grid edge "
+        "(best LR = the smallest or largest tried) means the optimum was not bracketed.",
+        "",
+    ]
     out += _table(["budget"] + [v["label"] for v in plan["variants"]], rows)
     return out
 
@@ -442,21 +536,28 @@ def _lr_table(plan, stats) -> list[str]:
         for v in plan["variants"]:
             s = stats.get((m, v["id"], T))
             if s:
-                rows.append([v["label"]] + [f"{lr:g}: {_f(x['mean'])}" for lr, x in s["per_lr"].items()])
+                rows.append(
+                    [v["label"]] + [f"{lr:g}: {_f(x['mean'])}" for lr, x in s["per_lr"].items()]
+                )
     if not rows:
         return []
     width = max(len(r) for r in rows)
     rows = [r + [""] * (width - len(r)) for r in rows]
     return [f"## LR sensitivity at {T} steps (mean val loss per LR)", ""] + _table(
-        ["variant"] + [f"LR {i + 1}" for i in range(width - 1)], rows)
+        ["variant"] + [f"LR {i + 1}" for i in range(width - 1)], rows
+    )
 
 
 def _fit_section(plan, fits) -> list[str]:
-    out = ["## Scaling fit", "",
-           "L(D) = E + B / D^beta over the budgets (D in tokens; every seed at the best LR of "
-           "its budget is a point); 95% intervals from the covariance (Student t) and from a "
-           "residual bootstrap (200 refits by default). With no more points than parameters the fit "
-           "interpolates and has no intervals.", ""]
+    out = [
+        "## Scaling fit",
+        "",
+        "L(D) = E + B / D^beta over the budgets (D in tokens; every seed at the best LR of "
+        "its budget is a point); 95% intervals from the covariance (Student t) and from a "
+        "residual bootstrap (200 refits by default). With no more points than parameters the fit "
+        "interpolates and has no intervals.",
+        "",
+    ]
     rows = []
     for f in fits:
         label = f"{_variant(plan, f['variant'])['label']} [{f['model']}]"
@@ -474,17 +575,29 @@ def _fit_section(plan, fits) -> list[str]:
             if b:
                 s += f" boot [{b[0]:.3g}, {b[1]:.3g}]"
             return s
+
         extra = ""
         if "alpha" in r["params"]:
             extra = f"A={cell('A')} alpha={cell('alpha')}"
-        rows.append([label, cell("E"), cell("B"), cell("beta"), f"{r['rmse']:.4f}",
-                     f"{r['n']} ({r['dof']} dof)", extra])
+        rows.append(
+            [
+                label,
+                cell("E"),
+                cell("B"),
+                cell("beta"),
+                f"{r['rmse']:.4f}",
+                f"{r['n']} ({r['dof']} dof)",
+                extra,
+            ]
+        )
     out += _table(["variant [model]", "E", "B", "beta", "RMSE", "points", "note"], rows)
     res_rows = []
     for f in fits:
         if f["fit"] and f["model"] != "all":
             for d, lo, r in zip(f["D"], f["L"], f["fit"]["residuals"]):
-                res_rows.append([_variant(plan, f["variant"])["label"], f"{d:,.0f}", _f(lo), f"{r:+.5f}"])
+                res_rows.append(
+                    [_variant(plan, f["variant"])["label"], f"{d:,.0f}", _f(lo), f"{r:+.5f}"]
+                )
     if res_rows:
         out += ["Residuals (observed − fitted):", ""]
         out += _table(["variant", "tokens", "val loss", "residual"], res_rows)
@@ -500,39 +613,95 @@ def _averages_check(study_dir: Path, plan) -> list[str]:
         if r is None:
             continue
         rec = r.get("recorded_val_loss")
-        rows.append([c["variant"], str(c["budget"]), f"{c['lr']:g}", str(c["seed"]),
-                     str(r["snapshots"]), _f(r["val_loss"]), _f(r["last_snapshot_val_loss"]),
-                     _f(rec), "-" if rec is None else f"{abs(rec - r['last_snapshot_val_loss']):.1e}"])
+        rows.append(
+            [
+                c["variant"],
+                str(c["budget"]),
+                f"{c['lr']:g}",
+                str(c["seed"]),
+                str(r["snapshots"]),
+                _f(r["val_loss"]),
+                _f(r["last_snapshot_val_loss"]),
+                _f(rec),
+                "-" if rec is None else f"{abs(rec - r['last_snapshot_val_loss']):.1e}",
+            ]
+        )
     if not rows:
         return []
-    return ["## Weight averaging (offline, from checkpoints)", "",
-            "SWA: uniform mean of the snapshots; EMA: per-snapshot EMA started at the window's "
-            "first snapshot. The last snapshot's offline val loss must equal the loss the run "
-            "logged at that step (|diff|): the check that offline evaluation is the training "
-            "loop's.", ""] + _table(
-        ["variant", "budget", "LR", "seed", "snapshots", "averaged", "last snapshot",
-         "logged at T", "|diff|"], rows)
+    return [
+        "## Weight averaging (offline, from checkpoints)",
+        "",
+        "SWA: uniform mean of the snapshots; EMA: per-snapshot EMA started at the window's "
+        "first snapshot. The last snapshot's offline val loss must equal the loss the run "
+        "logged at that step (|diff|): the check that offline evaluation is the training "
+        "loop's.",
+        "",
+    ] + _table(
+        [
+            "variant",
+            "budget",
+            "LR",
+            "seed",
+            "snapshots",
+            "averaged",
+            "last snapshot",
+            "logged at T",
+            "|diff|",
+        ],
+        rows,
+    )
 
 
 def _accounting(plan, costs, totals) -> list[str]:
     tps = plan["tokens_per_step"]
-    out = ["## Compute accounting", "",
-           "Per (model, LR, seed): steps spent to have results at every budget up to T, with "
-           "sharing (a WSD main run counted once, then each cooldown; schedule-free and "
-           "constant/SWA/EMA read one run), against one run per budget from scratch.", ""]
+    out = [
+        "## Compute accounting",
+        "",
+        "Per (model, LR, seed): steps spent to have results at every budget up to T, with "
+        "sharing (a WSD main run counted once, then each cooldown; schedule-free and "
+        "constant/SWA/EMA read one run), against one run per budget from scratch.",
+        "",
+    ]
     rows = []
     for v in plan["variants"]:
         for r in costs.get(v["id"], []):
-            rows.append([v["label"], str(r["budget"]), f"{r['spent_steps']:,}",
-                         f"{r['scratch_steps']:,}", f"{100 * r['saving']:.1f}%"])
+            rows.append(
+                [
+                    v["label"],
+                    str(r["budget"]),
+                    f"{r['spent_steps']:,}",
+                    f"{r['scratch_steps']:,}",
+                    f"{100 * r['saving']:.1f}%",
+                ]
+            )
     out += _table(["variant", "up to budget", "steps spent", "from scratch", "saving"], rows)
     t = totals["total"]
     out += ["Whole study (all LRs, seeds, models): FLOPs = 6 N D.", ""]
-    rows = [["planned (unique runs)", f"{t['planned_steps']:,}", f"{t['planned_tokens']:,}", _sci(t["planned_flops"] or None)],
-            ["executed (metrics.jsonl)", f"{t['executed_steps']:,}", f"{t['executed_tokens']:,}", _sci(t["executed_flops"] or None)],
-            ["every cell from scratch", f"{t['scratch_steps']:,}", f"{t['scratch_tokens']:,}", _sci(t["scratch_flops"] or None)]]
+    rows = [
+        [
+            "planned (unique runs)",
+            f"{t['planned_steps']:,}",
+            f"{t['planned_tokens']:,}",
+            _sci(t["planned_flops"] or None),
+        ],
+        [
+            "executed (metrics.jsonl)",
+            f"{t['executed_steps']:,}",
+            f"{t['executed_tokens']:,}",
+            _sci(t["executed_flops"] or None),
+        ],
+        [
+            "every cell from scratch",
+            f"{t['scratch_steps']:,}",
+            f"{t['scratch_tokens']:,}",
+            _sci(t["scratch_flops"] or None),
+        ],
+    ]
     out += _table(["", "steps", "tokens", "FLOPs"], rows)
     if t["saving"] is not None:
-        out += [f"Saving of the study's plan vs from scratch: {100 * t['saving']:.1f}% "
-                f"({tps:,} tokens/step).", ""]
+        out += [
+            f"Saving of the study's plan vs from scratch: {100 * t['saving']:.1f}% "
+            f"({tps:,} tokens/step).",
+            "",
+        ]
     return out

@@ -38,8 +38,15 @@ from megawsd.train.rundir import RunDir
 log = logging.getLogger("megawsd.study")
 
 # Config keys that may differ between a done run and the plan without changing its result.
-_NOT_RESULT_KEYS = {"run_dir", "name", "eval", "checkpoint", "logging", "micro_batch_size",
-                    "deepspeed"}
+_NOT_RESULT_KEYS = {
+    "run_dir",
+    "name",
+    "eval",
+    "checkpoint",
+    "logging",
+    "micro_batch_size",
+    "deepspeed",
+}
 
 
 def study_dir_for(spec: StudySpec, out: str | None) -> Path:
@@ -67,47 +74,83 @@ def check_done_run(study_dir: Path, r: PlannedRun) -> None:
     path = study_dir / r.path
     stored = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if r.kind == "train":
-
         want = from_dict(r.config).resolved()
-        diff = sorted(k for k in set(want) | set(stored)
-                      if k not in _NOT_RESULT_KEYS and want.get(k) != stored.get(k))
+        diff = sorted(
+            k
+            for k in set(want) | set(stored)
+            if k not in _NOT_RESULT_KEYS and want.get(k) != stored.get(k)
+        )
     else:
         b = ((stored.get("schedule") or {}).get("branches") or [{}])[-1]
-        got = {"at": b.get("at_step"), "decay": b.get("decay_steps"), "shape": b.get("shape"),
-               "steps": stored.get("steps")}
+        got = {
+            "at": b.get("at_step"),
+            "decay": b.get("decay_steps"),
+            "shape": b.get("shape"),
+            "steps": stored.get("steps"),
+        }
         exp = {"at": r.at, "decay": r.decay, "shape": r.shape, "steps": r.steps}
         diff = [k for k in exp if exp[k] != got[k]]
         mr = b.get("min_ratio")
         if mr is not None and r.min_ratio is not None and abs(mr - r.min_ratio) > 1e-12:
             diff.append("min_ratio")
     if diff:
-        raise ConfigError(f"{str(path)!r}: a finished run with another config ({', '.join(diff)}) "
-                          "than the study plans; the study changed since it ran: use another "
-                          "--out directory, or move that run away to retrain it")
+        raise ConfigError(
+            f"{str(path)!r}: a finished run with another config ({', '.join(diff)}) "
+            "than the study plans; the study changed since it ran: use another "
+            "--out directory, or move that run away to retrain it"
+        )
 
 
 def _prepare_data(spec: StudySpec, logs: Path) -> None:
     d = spec.data
     if d is None or (Path(d.out) / "meta.json").exists():
         return
-    cmd = [sys.executable, "-m", "megawsd.cli", "data", "prepare", "--input", d.input,
-           "--out", d.out, "--vocab-size", str(d.vocab_size), "--no-progress", *d.args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megawsd.cli",
+        "data",
+        "prepare",
+        "--input",
+        d.input,
+        "--out",
+        d.out,
+        "--vocab-size",
+        str(d.vocab_size),
+        "--no-progress",
+        *d.args,
+    ]
     log.info("preparing data: %s", " ".join(cmd[3:]))
     with open(logs / "data-prepare.log", "a") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise MegawsdError(f"data.input = {d.input!r}: `megawsd data prepare` failed (exit {rc}); "
-                           f"see {logs / 'data-prepare.log'}")
+        raise MegawsdError(
+            f"data.input = {d.input!r}: `megawsd data prepare` failed (exit {rc}); "
+            f"see {logs / 'data-prepare.log'}"
+        )
 
 
-def _command(study_dir: Path, r: PlannedRun, config_file: Path | None, nproc: int | None) -> list[str]:
+def _command(
+    study_dir: Path, r: PlannedRun, config_file: Path | None, nproc: int | None
+) -> list[str]:
     cmd = [sys.executable, "-m", "megawsd.cli"]
     if r.kind == "train":
         cmd += ["train", str(config_file), "--run-dir", str(study_dir / r.path)]
     else:
-        cmd += ["branch", str(study_dir / r.parent), "--at", str(r.at), "--decay", str(r.decay),
-                "--shape", r.shape, "--min-ratio", repr(float(r.min_ratio or 0.0)),
-                "--name", Path(r.path).name]
+        cmd += [
+            "branch",
+            str(study_dir / r.parent),
+            "--at",
+            str(r.at),
+            "--decay",
+            str(r.decay),
+            "--shape",
+            r.shape,
+            "--min-ratio",
+            repr(float(r.min_ratio or 0.0)),
+            "--name",
+            Path(r.path).name,
+        ]
     if nproc and nproc > 1:
         cmd += ["--nproc", str(nproc)]
     return cmd
@@ -116,7 +159,6 @@ def _command(study_dir: Path, r: PlannedRun, config_file: Path | None, nproc: in
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
     """Linux: the child gets SIGTERM (checkpoint, exit) if the study process dies."""
     try:
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -144,16 +186,18 @@ def _ready(study_dir: Path, r: PlannedRun, done: set[str]) -> bool:
     return r.at in RunDir(study_dir / r.parent).saved_steps()
 
 
-def execute(plan: Plan, study_dir: Path, *, nproc: int | None = None, jobs: int = 1,
-            dry_run: bool = False) -> dict[str, Any]:
+def execute(
+    plan: Plan, study_dir: Path, *, nproc: int | None = None, jobs: int = 1, dry_run: bool = False
+) -> dict[str, Any]:
     """Run the missing runs. Returns {"skipped": [...], "ran": [...]}."""
     logs = study_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (study_dir / "plan").mkdir(parents=True, exist_ok=True)
     done, todo = _done_and_todo(plan, study_dir)
     skipped = sorted(done)
-    log.info("study %s: %d of %d runs done, %d to run", plan.name, len(done), len(plan.runs),
-             len(todo))
+    log.info(
+        "study %s: %d of %d runs done, %d to run", plan.name, len(done), len(plan.runs), len(todo)
+    )
     if dry_run:
         return {"skipped": skipped, "ran": [], "todo": [r.name for r in todo]}
     stop = _Stop()
@@ -166,8 +210,10 @@ def execute(plan: Plan, study_dir: Path, *, nproc: int | None = None, jobs: int 
     if launcher.failure:
         raise MegawsdError(launcher.failure)
     if stop.requested:
-        raise MegawsdError(f"study {plan.name!r}: stopped by a signal; rerun with --resume to "
-                           "continue (runs checkpointed on the way out)")
+        raise MegawsdError(
+            f"study {plan.name!r}: stopped by a signal; rerun with --resume to "
+            "continue (runs checkpointed on the way out)"
+        )
     return {"skipped": skipped, "ran": launcher.ran, "todo": []}
 
 
@@ -224,8 +270,10 @@ class _Launcher:
                 continue
             self._start_ready(todo)
             if todo and not self.running:
-                raise MegawsdError(f"run {todo[0].name!r}: its parent has no checkpoint at step "
-                                   f"{todo[0].at}; rerun with --resume")
+                raise MegawsdError(
+                    f"run {todo[0].name!r}: its parent has no checkpoint at step "
+                    f"{todo[0].at}; rerun with --resume"
+                )
             time.sleep(0.2)
 
     def _reap(self, stop: _Stop) -> None:
@@ -241,9 +289,11 @@ class _Launcher:
                 self.ran.append(name)
                 log.info("done: %s", name)
             elif not stop.requested and self.failure is None:
-                self.failure = (f"run {name!r} failed (exit {proc.returncode}); see "
-                                f"{self.study_dir / 'logs' / (_flat(name) + '.log')}; fix it and "
-                                "rerun the study with --resume (finished runs are kept)")
+                self.failure = (
+                    f"run {name!r} failed (exit {proc.returncode}); see "
+                    f"{self.study_dir / 'logs' / (_flat(name) + '.log')}; fix it and "
+                    "rerun the study with --resume (finished runs are kept)"
+                )
 
     def _start_ready(self, todo: list[PlannedRun]) -> None:
         """Start runs while a job slot is free. With one job strictly in plan order; with more,
@@ -267,8 +317,13 @@ class _Launcher:
         fh = open(self.study_dir / "logs" / f"{_flat(r.name)}.log", "a")
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
-                                preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            preexec_fn=_set_pdeathsig if sys.platform == "linux" else None,
+        )
         self.running[r.name] = (proc, fh, r)
 
     def wait(self) -> None:
@@ -289,19 +344,28 @@ def compute_averages(plan: Plan, study_dir: Path) -> list[str]:
         out = study_dir / c.average["file"]
         if out.exists():
             continue
-        log.info("averaging %s: %s of %d snapshots", c.run, c.average["kind"],
-                 len(c.average["steps"]))
-        res = evaluate_average(study_dir / c.run, c.average["steps"], c.average["kind"],
-                               c.average.get("decay"))
+        log.info(
+            "averaging %s: %s of %d snapshots", c.run, c.average["kind"], len(c.average["steps"])
+        )
+        res = evaluate_average(
+            study_dir / c.run, c.average["steps"], c.average["kind"], c.average.get("decay")
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, json.dumps({**res, "run": c.run, "budget": c.budget}, indent=2) + "\n")
         made.append(str(out))
     return made
 
 
-def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | None = None,
-              resume: bool = False, jobs: int = 1, dry_run: bool = False,
-              report: bool = True) -> Path:
+def run_study(
+    spec_path: str | Path,
+    *,
+    out: str | None = None,
+    nproc: int | None = None,
+    resume: bool = False,
+    jobs: int = 1,
+    dry_run: bool = False,
+    report: bool = True,
+) -> Path:
     """`megawsd study STUDY.yaml`: plan, run what is missing, average, report."""
 
     spec = load_spec(spec_path)
@@ -311,12 +375,16 @@ def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | Non
         raise ConfigError(f"--jobs = {jobs}: give 1 or more")
     started = [r.name for r in plan.runs if run_state(study_dir, r) != "missing"]
     if started and not resume and not dry_run:
-        raise ConfigError(f"--out = {str(study_dir)!r}: holds runs of a study already "
-                          f"({len(started)} of {len(plan.runs)} started); pass --resume to "
-                          "continue it, or another --out for a new study")
+        raise ConfigError(
+            f"--out = {str(study_dir)!r}: holds runs of a study already "
+            f"({len(started)} of {len(plan.runs)} started); pass --resume to "
+            "continue it, or another --out for a new study"
+        )
     study_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(study_dir / "study.yaml",
-                 yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    atomic_write(
+        study_dir / "study.yaml",
+        yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False),
+    )
     atomic_write(study_dir / "plan.json", json.dumps(plan.to_json(), indent=1) + "\n")
     (study_dir / "logs").mkdir(exist_ok=True)
     if not dry_run:
@@ -328,7 +396,6 @@ def run_study(spec_path: str | Path, *, out: str | None = None, nproc: int | Non
         return study_dir
     compute_averages(plan, study_dir)
     if report:
-
         path = write_report(study_dir)
         log.info("report: %s", path)
     return study_dir

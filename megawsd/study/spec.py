@@ -36,9 +36,16 @@ from megawsd.schedules import DECAY_SHAPES
 from megawsd.train.config import from_dict, read_yaml_mapping
 
 KIND_ALIASES = {
-    "cosine": "cosine", "linear": "linear", "wsd": "wsd", "constant": "constant",
-    "swa": "swa", "ema": "ema", "schedule-free": "schedule-free", "schedule_free": "schedule-free",
-    "schedulefree": "schedule-free", "sf": "schedule-free",
+    "cosine": "cosine",
+    "linear": "linear",
+    "wsd": "wsd",
+    "constant": "constant",
+    "swa": "swa",
+    "ema": "ema",
+    "schedule-free": "schedule-free",
+    "schedule_free": "schedule-free",
+    "schedulefree": "schedule-free",
+    "sf": "schedule-free",
 }
 # Keys of the base run config that the study sets per run: a value there would be ignored.
 STUDY_OWNED_KEYS = ("steps", "tokens", "seed", "run_dir", "name", "init_from", "schedule")
@@ -178,8 +185,10 @@ class ScheduleFreeArm(_ArmBase):
         return _shapes([v])[0]
 
 
-Arm = Annotated[CosineArm | LinearArm | WsdArm | ConstantArm | SwaArm | EmaArm | ScheduleFreeArm,
-                Field(discriminator="kind")]
+Arm = Annotated[
+    CosineArm | LinearArm | WsdArm | ConstantArm | SwaArm | EmaArm | ScheduleFreeArm,
+    Field(discriminator="kind"),
+]
 
 
 class StudySpec(_Strict):
@@ -210,9 +219,11 @@ class StudySpec(_Strict):
                     if kind is None:
                         close = difflib.get_close_matches(str(arm["kind"]), list(KIND_ALIASES), n=1)
                         hint = f"did you mean {close[0]!r}? " if close else ""
-                        raise ValueError(f"arms[{i}].kind = {arm['kind']!r}: unknown arm kind; "
-                                         f"{hint}kinds: cosine, linear, wsd, constant, swa, ema, "
-                                         "schedule-free")
+                        raise ValueError(
+                            f"arms[{i}].kind = {arm['kind']!r}: unknown arm kind; "
+                            f"{hint}kinds: cosine, linear, wsd, constant, swa, ema, "
+                            "schedule-free"
+                        )
                     arm = {**arm, "kind": kind}
                 arms.append(arm)
             raw["arms"] = arms
@@ -228,9 +239,11 @@ class StudySpec(_Strict):
     def _base_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         owned = [k for k in STUDY_OWNED_KEYS if k in v]
         if owned:
-            raise ValueError(f"remove {owned} from the base config: the study sets steps, seed, "
-                             "the schedule, names and run directories of every run itself "
-                             "(use budgets, warmup, seeds and arms)")
+            raise ValueError(
+                f"remove {owned} from the base config: the study sets steps, seed, "
+                "the schedule, names and run directories of every run itself "
+                "(use budgets, warmup, seeds and arms)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -259,6 +272,7 @@ class StudySpec(_Strict):
 
 # -- loading ---------------------------------------------------------------------------------
 
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate STUDY.yaml; a base given as a path is read relative to the cwd or the
     study file. Raises ConfigError naming the field, the value and the fix."""
@@ -272,8 +286,10 @@ def load_spec(path: str | Path) -> StudySpec:
         try:
             raw["base"] = yaml.safe_load(base.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"base = {raw['base']!r}: run config not found (give a path to a "
-                              "run config YAML, or the run config inline)") from None
+            raise ConfigError(
+                f"base = {raw['base']!r}: run config not found (give a path to a "
+                "run config YAML, or the run config inline)"
+            ) from None
     raw.setdefault("name", p.stem)
     return spec_from_dict(raw, source=str(p))
 
@@ -302,8 +318,10 @@ def _check_base(spec: StudySpec, source: str) -> None:
         except ConfigError as err:
             data = spec.base.get("data")
             if "data" in str(err) and data is None:
-                raise ConfigError(f"{source}: base.data: missing; set base.data to a prepared "
-                                  "directory or add a `data:` block to prepare one") from None
+                raise ConfigError(
+                    f"{source}: base.data: missing; set base.data to a prepared "
+                    "directory or add a `data:` block to prepare one"
+                ) from None
             raise
 
 
@@ -322,13 +340,17 @@ def _explain(err: ValidationError, source: str) -> str:
                 out.append(part)
         field = ".".join(out) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{field} = {e['input']!r}: unknown key here; check its spelling or "
-                         "whether it belongs to another arm kind (see docs/study.md)")
+            lines.append(
+                f"{field} = {e['input']!r}: unknown key here; check its spelling or "
+                "whether it belongs to another arm kind (see docs/study.md)"
+            )
         elif e["type"] == "missing":
             lines.append(f"{field}: required, missing; add it to the study")
         elif e["type"] == "union_tag_invalid":
-            lines.append(f"{field} = {e.get('input')!r}: unknown arm kind; kinds: cosine, linear, "
-                         "wsd, constant, swa, ema, schedule-free")
+            lines.append(
+                f"{field} = {e.get('input')!r}: unknown arm kind; kinds: cosine, linear, "
+                "wsd, constant, swa, ema, schedule-free"
+            )
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{field} = {e.get('input')!r}: {msg}" if out else msg)

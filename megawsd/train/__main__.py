@@ -21,17 +21,33 @@ from megawsd.train.launcher import init_distributed, watch_parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megawsd.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m megawsd.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="run config YAML")
-    p.add_argument("--run-dir", default=None, help="run directory (default: config's run_dir "
-                   "or runs/<config name>)")
-    p.add_argument("--resume", action="store_true",
-                   help="require a checkpoint to continue from (rerunning resumes anyway)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optimizer.lr=1e-3 (repeatable)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="run directory (default: config's run_dir or runs/<config name>)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="require a checkpoint to continue from (rerunning resumes anyway)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optimizer.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the DeepSpeed launcher
     return p.parse_args(argv)
 
 
@@ -50,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     watch_parent()  # ranks launched by `megawsd train` never outlive it
     rank = init_distributed(_dist_timeout(args))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     from megawsd.train.run import run_from_args
 
     try:

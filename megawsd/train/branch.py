@@ -43,11 +43,15 @@ def parse_decay(text: str | int, at: int) -> int:
                 raise ValueError
             steps = int(value)
     except ValueError:
-        raise ConfigError(f"--decay = {text!r}: give a number of steps (800) or a percentage of "
-                          "the branch step (20%)") from None
+        raise ConfigError(
+            f"--decay = {text!r}: give a number of steps (800) or a percentage of "
+            "the branch step (20%)"
+        ) from None
     if steps < 1:
-        raise ConfigError(f"--decay = {text!r}: gives {steps} decay steps at --at {at}; "
-                          "a cooldown needs at least one step")
+        raise ConfigError(
+            f"--decay = {text!r}: gives {steps} decay steps at --at {at}; "
+            "a cooldown needs at least one step"
+        )
     return steps
 
 
@@ -55,42 +59,61 @@ def parse_at(text: str) -> list[int]:
     try:
         steps = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--at = {text!r}: give a step or a comma list (1000,2000,4000)") from None
+        raise ConfigError(
+            f"--at = {text!r}: give a step or a comma list (1000,2000,4000)"
+        ) from None
     if not steps:
         raise ConfigError(f"--at = {text!r}: give at least one step")
     return steps
 
 
-def default_name(at: int, decay: int, shape: str, min_ratio: float | None, lr: float | None,
-                 data: str | None) -> str:
+def default_name(
+    at: int, decay: int, shape: str, min_ratio: float | None, lr: float | None, data: str | None
+) -> str:
     name = f"cooldown-{at}-d{decay}-{re.sub(r'[^A-Za-z0-9]', '', shape)}"
     if min_ratio:
         name += f"-min{min_ratio:g}"
     if lr is not None:
         name += f"-lr{lr:g}"
     if data:
-        name += "-data-" + re.sub(r"[^A-Za-z0-9]+", "_", Path(str(data).split(",")[0].split(":")[0]).name)
+        name += "-data-" + re.sub(
+            r"[^A-Za-z0-9]+", "_", Path(str(data).split(",")[0].split(":")[0]).name
+        )
     return name
 
 
-def plan(parent_dir: str | Path, at: int, decay: str | int, *, shape: str = "1-sqrt",
-         min_ratio: float | None = None, data: str | None = None, lr: float | None = None,
-         name: str | None = None) -> BranchPlan:
+def plan(
+    parent_dir: str | Path,
+    at: int,
+    decay: str | int,
+    *,
+    shape: str = "1-sqrt",
+    min_ratio: float | None = None,
+    data: str | None = None,
+    lr: float | None = None,
+    name: str | None = None,
+) -> BranchPlan:
     """Validate and build the branch config; writes nothing."""
     parent = RunDir(parent_dir)
     if not parent.config_file.exists():
-        raise CheckpointError(f"RUN = {str(parent.path)!r}: not a run directory (no config.yaml); "
-                              "give the directory `megawsd train` wrote")
+        raise CheckpointError(
+            f"RUN = {str(parent.path)!r}: not a run directory (no config.yaml); "
+            "give the directory `megawsd train` wrote"
+        )
     saved = parent.saved_steps()
     if at not in saved:
         raise CheckpointError(
             f"--at = {at}: {str(parent.path)!r} has no checkpoint at step {at}; "
-            + (f"available steps: {', '.join(map(str, saved))}" if saved
-               else "it has no complete checkpoint yet")
+            + (
+                f"available steps: {', '.join(map(str, saved))}"
+                if saved
+                else "it has no complete checkpoint yet"
+            )
             + " (plan branch points with checkpoint.at or checkpoint.interval)"
         )
-    parent_cfg = from_dict(yaml.safe_load(parent.config_file.read_text()),
-                           source=str(parent.config_file))
+    parent_cfg = from_dict(
+        yaml.safe_load(parent.config_file.read_text()), source=str(parent.config_file)
+    )
     d = parse_decay(decay, at)
     schedule = parent_cfg.build_schedule().branch(at, d, shape, min_ratio)
     cfg = parent_cfg.resolved()
@@ -117,10 +140,13 @@ def plan(parent_dir: str | Path, at: int, decay: str | int, *, shape: str = "1-s
     if existing.config_file.exists():
         old = from_dict(yaml.safe_load(existing.config_file.read_text()) or {}).resolved()
         new = from_dict(cfg).resolved()
-        if {k: v for k, v in old.items() if k != "run_dir"} != \
-                {k: v for k, v in new.items() if k != "run_dir"}:
-            raise ConfigError(f"--name = {name!r}: {str(path)!r} exists with another config; "
-                              "choose another --name (rerunning the same branch resumes it)")
+        if {k: v for k, v in old.items() if k != "run_dir"} != {
+            k: v for k, v in new.items() if k != "run_dir"
+        }:
+            raise ConfigError(
+                f"--name = {name!r}: {str(path)!r} exists with another config; "
+                "choose another --name (rerunning the same branch resumes it)"
+            )
     return BranchPlan(name=name, path=path, at=at, decay_steps=d, config=cfg)
 
 
@@ -145,10 +171,18 @@ def create(p: BranchPlan, world_size: int | None = None) -> RunDir:
         run.write_config(p.config)
         info = run.read_run_json()
         if not info:
-            run.update_run_json(name=p.name, kind="branch", parent="../..", branch_step=p.at,
-                                decay_steps=p.decay_steps, schedule=p.config["schedule"],
-                                total_steps=p.config["steps"], status="created",
-                                step=p.at, world_size=world_size)
+            run.update_run_json(
+                name=p.name,
+                kind="branch",
+                parent="../..",
+                branch_step=p.at,
+                decay_steps=p.decay_steps,
+                schedule=p.config["schedule"],
+                total_steps=p.config["steps"],
+                status="created",
+                step=p.at,
+                world_size=world_size,
+            )
     except OSError as err:
         raise CheckpointError(
             f"branch = {str(p.path)!r}: cannot be created ({explain(err, p.path)}); a branch "

@@ -55,8 +55,11 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -70,8 +73,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
-         manifest: str = "sha256", inject: BaseException | None = None) -> Path:
+def save(
+    engine,
+    run: RunDir,
+    step: int,
+    state: dict[str, Any],
+    *,
+    rank: int,
+    manifest: str = "sha256",
+    inject: BaseException | None = None,
+) -> Path:
     """Save on every rank (collective); returns the final tag directory.
 
     A write error on any rank (disk full, permissions, read-only; torch reports some as
@@ -91,8 +102,9 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
             shutil.rmtree(tmp_dir)
     _barrier()
     with integrity.WriteGuard(engine, inject, where=run.ckpt_dir) as guard:
-        engine.save_checkpoint(str(run.ckpt_dir), tag=tmp_tag, save_latest=False,
-                               client_state={"megawsd_step": step})
+        engine.save_checkpoint(
+            str(run.ckpt_dir), tag=tmp_tag, save_latest=False, client_state={"megawsd_step": step}
+        )
         if guard.error is None:
             with guard.local():
                 torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
@@ -101,8 +113,9 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
         error = None
         if rank == 0:
             try:
-                atomic_write(tmp_dir / STATE_FILE,
-                             json.dumps({**state, "step": step}, indent=2) + "\n")
+                atomic_write(
+                    tmp_dir / STATE_FILE, json.dumps({**state, "step": step}, indent=2) + "\n"
+                )
             except OSError as err:
                 error = explain(err, run.ckpt_dir)
         failures = integrity.agree(error, world)
@@ -132,8 +145,9 @@ def save(engine, run: RunDir, step: int, state: dict[str, Any], *, rank: int,
     return final
 
 
-def load(engine, run: RunDir, step: int, *, rank: int, world_size: int,
-         load_optimizer: bool = True) -> dict[str, Any]:
+def load(
+    engine, run: RunDir, step: int, *, rank: int, world_size: int, load_optimizer: bool = True
+) -> dict[str, Any]:
     """Load checkpoint `step` of `run` into `engine` (collective); returns megawsd's state.
 
     On the world size it was saved with, each rank's RNG state is restored too; on another
@@ -145,8 +159,11 @@ def load(engine, run: RunDir, step: int, *, rank: int, world_size: int,
         available = run.saved_steps()
         raise CheckpointError(
             f"step = {step}: no complete checkpoint in {str(run.ckpt_dir)!r}; "
-            + (f"available steps: {', '.join(map(str, available))}" if available
-               else "the run has no complete checkpoint yet")
+            + (
+                f"available steps: {', '.join(map(str, available))}"
+                if available
+                else "the run has no complete checkpoint yet"
+            )
         )
     state = json.loads((tag_dir / STATE_FILE).read_text())
     saved_ws = int(state.get("world_size", world_size))
@@ -164,9 +181,13 @@ def load(engine, run: RunDir, step: int, *, rank: int, world_size: int,
 
     # Same world size and stage: DeepSpeed's own loader (bit-exact). Otherwise megawsd's
     # resharding of y, z, exp_avg_sq and the group scalars (the deepspeed integration).
-    path, _ = load_checkpoint(engine, str(run.ckpt_dir), tag_for(step),
-                              load_optimizer_states=load_optimizer,
-                              load_lr_scheduler_states=False)
+    path, _ = load_checkpoint(
+        engine,
+        str(run.ckpt_dir),
+        tag_for(step),
+        load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=False,
+    )
     if path is None:
         raise CheckpointError(f"checkpoint = {str(tag_dir)!r}: DeepSpeed could not load it")
     rng_file = tag_dir / f"rng_rank{rank}.pt"
@@ -213,8 +234,11 @@ def to_delete(steps: list[int], keep_last: int, keep_every: int, keep: set[int])
 def apply_retention(run: RunDir, keep_last: int, keep_every: int, keep: set[int]) -> list[int]:
     """Delete what `to_delete` says (rank 0 only), never the checkpoint `latest` names."""
     latest = run.latest_step()
-    doomed = [s for s in to_delete(run.saved_steps(), keep_last, keep_every,
-                                   keep | protected_steps(run)) if s != latest]
+    doomed = [
+        s
+        for s in to_delete(run.saved_steps(), keep_last, keep_every, keep | protected_steps(run))
+        if s != latest
+    ]
     for s in doomed:
         d = run.tag_dir(s)
         # Remove the state file first: a half-deleted checkpoint must not look complete.

@@ -56,15 +56,19 @@ class ModelConfig(_Strict):
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         if isinstance(value, str):  # `model: demo` or `model: path/to/config.json`
-            return {"config": value} if value.endswith(".json") or "/" in value else {"preset": value}
+            return (
+                {"config": value} if value.endswith(".json") or "/" in value else {"preset": value}
+            )
         return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
 
         if (self.preset is None) == (self.config is None):
-            raise ValueError("give exactly one of model.preset (a size name) or model.config "
-                             "(a transformers config.json path)")
+            raise ValueError(
+                "give exactly one of model.preset (a size name) or model.config "
+                "(a transformers config.json path)"
+            )
         if self.preset is not None and self.preset not in PRESETS:
             close = difflib.get_close_matches(self.preset, list(PRESETS), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -89,8 +93,10 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _switch_pair(self) -> DataConfig:
         if (self.switch_to is None) != (self.switch_at is None):
-            raise ValueError("data.switch_to and data.switch_at go together (a branch's new "
-                             "data mix and the step it starts at)")
+            raise ValueError(
+                "data.switch_to and data.switch_at go together (a branch's new "
+                "data mix and the step it starts at)"
+            )
         return self
 
 
@@ -189,8 +195,10 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _length(self) -> RunConfig:
         if (self.steps is None) == (self.tokens is None):
-            raise ValueError("give exactly one of `steps` (optimizer steps) or `tokens` "
-                             "(a token budget, converted to steps)")
+            raise ValueError(
+                "give exactly one of `steps` (optimizer steps) or `tokens` "
+                "(a token budget, converted to steps)"
+            )
         return self
 
     # -- derived ----------------------------------------------------------------------------
@@ -222,9 +230,11 @@ class RunConfig(_Strict):
         per_step = self.micro_batch_size * world_size
         if self.global_batch_size % per_step:
             lower = (self.global_batch_size // per_step) * per_step
-            fix = (f"use a global_batch_size that is a multiple of {per_step}"
-                   + (f" (e.g. {lower} or {lower + per_step})" if lower else f" (e.g. {per_step})")
-                   + ", or change micro_batch_size / the number of ranks")
+            fix = (
+                f"use a global_batch_size that is a multiple of {per_step}"
+                + (f" (e.g. {lower} or {lower + per_step})" if lower else f" (e.g. {per_step})")
+                + ", or change micro_batch_size / the number of ranks"
+            )
             raise ConfigError(
                 f"global_batch_size = {self.global_batch_size}: not divisible by "
                 f"micro_batch_size ({self.micro_batch_size}) x ranks ({world_size}) = {per_step}; "
@@ -248,6 +258,7 @@ class RunConfig(_Strict):
 
 # -- loading ---------------------------------------------------------------------------------
 
+
 def read_yaml_mapping(path: Path, field: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping; ConfigError naming ``field`` otherwise."""
     try:
@@ -257,8 +268,9 @@ def read_yaml_mapping(path: Path, field: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{field} = {str(path)!r}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{field} = {str(path)!r}: expected a mapping of keys, "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(
+            f"{field} = {str(path)!r}: expected a mapping of keys, got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -290,7 +302,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. --set optimizer.lr=1e-3")
+            raise ConfigError(
+                f"--set {item!r}: expected KEY.SUB=VALUE, e.g. --set optimizer.lr=1e-3"
+            )
         key, _, text = item.partition("=")
         try:
             value = yaml.safe_load(text)
@@ -302,7 +316,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             child = node.get(part)
             if isinstance(child, str) and part in ("model", "data"):
                 child = {"preset" if part == "model" else "path": child}
-                if part == "model" and (child["preset"].endswith(".json") or "/" in child["preset"]):
+                if part == "model" and (
+                    child["preset"].endswith(".json") or "/" in child["preset"]
+                ):
                     child = {"config": child["preset"]}
             if child is None:
                 child = {}
@@ -345,8 +361,11 @@ def _explain(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             options = _fields_at(RunConfig, e["loc"][:-1])
             close = difflib.get_close_matches(str(e["loc"][-1]), options, n=1, cutoff=0.5)
-            hint = f"did you mean {'.'.join([*loc[:-1], close[0]])!r}?" if close else \
-                f"valid keys here: {', '.join(options)}"
+            hint = (
+                f"did you mean {'.'.join([*loc[:-1], close[0]])!r}?"
+                if close
+                else f"valid keys here: {', '.join(options)}"
+            )
             lines.append(f"{field} = {e['input']!r}: unknown key; {hint}")
         elif e["type"] == "missing":
             lines.append(f"{field}: required, missing; add it to the config")
@@ -361,15 +380,18 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
     current: Any = model
     for part in loc:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if isinstance(part, int) or not (
+            isinstance(current, type) and issubclass(current, BaseModel)
+        ):
             return []
         info = current.model_fields.get(str(part))
         if info is None:
             return []
         ann = info.annotation
         candidates = [ann, *typing.get_args(ann)]
-        current = next((c for c in candidates
-                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []

@@ -52,14 +52,16 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module):
         try:
             return torch.optim.AdamW(groups, **common, **o.params)
         except TypeError as err:
-            raise ConfigError(f"optimizer.params = {o.params!r}: not accepted by torch AdamW ({err})") from None
+            raise ConfigError(
+                f"optimizer.params = {o.params!r}: not accepted by torch AdamW ({err})"
+            ) from None
     if o.kind == "schedule_free_adamw":
-
         try:
             return ScheduleFreeAdamW(groups, **common, **o.params)
         except TypeError as err:
-            raise ConfigError(f"optimizer.params = {o.params!r}: not accepted by "
-                              f"ScheduleFreeAdamW ({err})") from None
+            raise ConfigError(
+                f"optimizer.params = {o.params!r}: not accepted by ScheduleFreeAdamW ({err})"
+            ) from None
     return None
 
 
@@ -79,7 +81,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         if theirs != "auto" and theirs != value:
             raise ConfigError(
                 f"deepspeed.{key} = {theirs!r}: conflicts with the run config ({value} for "
-                f"{world_size} ranks); remove it or set it to \"auto\" (the run config decides)"
+                f'{world_size} ranks); remove it or set it to "auto" (the run config decides)'
             )
     ds = {**user, **ours}
     ds.setdefault("steps_per_print", 10**9)  # megawsd logs; keep DeepSpeed quiet
@@ -104,15 +106,24 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         )
     o = cfg.optimizer
     if o.kind == "deepspeed":
-        ds["optimizer"] = {"type": o.type, "params": {
-            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-            **o.params}}
+        ds["optimizer"] = {
+            "type": o.type,
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                **o.params,
+            },
+        }
     else:
         ds.pop("optimizer", None)
         ds["zero_allow_untested_optimizer"] = True
     if "scheduler" in ds:
-        raise ConfigError("deepspeed.scheduler: the LR schedule belongs in the run config's "
-                          "`schedule:` block (megawsd sets the LR every step); remove it here")
+        raise ConfigError(
+            "deepspeed.scheduler: the LR schedule belongs in the run config's "
+            "`schedule:` block (megawsd sets the LR every step); remove it here"
+        )
     return ds
 
 
@@ -132,7 +143,7 @@ def _set_precision(ds: dict[str, Any], precision: str) -> None:
         elif bool(enabled) != (precision == key):
             raise ConfigError(
                 f"deepspeed.{key}.enabled = {enabled!r}: conflicts with precision = "
-                f"{precision!r}; set the precision in the run config and leave it \"auto\" here"
+                f'{precision!r}; set the precision in the run config and leave it "auto" here'
             )
         ds[key] = block
 
@@ -147,8 +158,12 @@ def build_engine(cfg: RunConfig, stream: Stream, world_size: int):
     optimizer = build_optimizer(cfg, model)
     ds = deepspeed_config(cfg, world_size)
     engine, _, _, _ = initialize(
-        model=model, optimizer=optimizer, config=ds,
-        model_parameters=param_groups(model, cfg.optimizer.weight_decay) if optimizer is None else None,
+        model=model,
+        optimizer=optimizer,
+        config=ds,
+        model_parameters=param_groups(model, cfg.optimizer.weight_decay)
+        if optimizer is None
+        else None,
     )
     return engine, hf_config, ds
 

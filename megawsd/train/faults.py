@@ -47,10 +47,15 @@ def parse(spec: str) -> list[Fault]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         m = _SPEC.match(item)
         if m is None or m["kind"] not in KINDS:
-            raise ConfigError(f"{ENV} = {spec!r}: cannot read {item!r}; expected KIND@N[:ARG][/RANK] "
-                              f"with KIND one of {', '.join(sorted(KINDS))}")
-        faults.append(Fault(m["kind"], int(m["n"]), float(m["arg"]) if m["arg"] else None,
-                            int(m["rank"] or 0)))
+            raise ConfigError(
+                f"{ENV} = {spec!r}: cannot read {item!r}; expected KIND@N[:ARG][/RANK] "
+                f"with KIND one of {', '.join(sorted(KINDS))}"
+            )
+        faults.append(
+            Fault(
+                m["kind"], int(m["n"]), float(m["arg"]) if m["arg"] else None, int(m["rank"] or 0)
+            )
+        )
     return faults
 
 

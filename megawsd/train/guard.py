@@ -164,10 +164,11 @@ class GroupStats:
         self.zero3 = any(hasattr(p, "ds_tensor") for p in engine.module.parameters())
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        named = [(param_group(n), p) for n, p in engine.module.named_parameters()
-                 if p.requires_grad]
+        named = [
+            (param_group(n), p) for n, p in engine.module.named_parameters() if p.requires_grad
+        ]
         self.names = sorted({g for g, _ in named})
-        self.params = named if self.zero3 else named[rank::self.world]
+        self.params = named if self.zero3 else named[rank :: self.world]
         self._before: list[torch.Tensor] | None = None
 
     def _local(self, p: torch.Tensor) -> torch.Tensor:
@@ -244,16 +245,16 @@ class Outcome:
 class StabilityGuard:
     """Everything the loop asks about stability; every rank holds one and decides the same."""
 
-    def __init__(self, cfg: StabilityConfig, engine, *, rank: int, world: int,
-                 faults: Faults | None = None):
+    def __init__(
+        self, cfg: StabilityConfig, engine, *, rank: int, world: int, faults: Faults | None = None
+    ):
         self.cfg, self.engine, self.rank, self.world = cfg, engine, rank, world
         self.faults = faults if faults is not None else Faults.from_env(rank)
         self.monitor = StabilityMonitor(cfg)
         self.skips = SkipMap(cfg.skip_batches)
         self.gate = StepGate(engine) if cfg.enabled else None
         self.groups = GroupStats(engine) if cfg.enabled and cfg.stats_interval else None
-        self.probe = ActivationProbe(engine.module) if cfg.enabled and cfg.stats_interval \
-            else None
+        self.probe = ActivationProbe(engine.module) if cfg.enabled and cfg.stats_interval else None
         self._pending: dict[str, Any] = {}
 
     # -- data ---------------------------------------------------------------------------
@@ -275,8 +276,9 @@ class StabilityGuard:
             self.probe.value = None
 
     # -- around engine.step() -----------------------------------------------------------
-    def before_step(self, step: int, loss_mean: torch.Tensor, stop: bool, lr: float
-                    ) -> tuple[float, bool]:
+    def before_step(
+        self, step: int, loss_mean: torch.Tensor, stop: bool, lr: float
+    ) -> tuple[float, bool]:
         """After the last backward of 0-based step ``step``, before its ``engine.step()``.
         One collective: the mean loss, the stop flag and max |act| over ranks."""
         act = self.probe.take() if self.probe is not None and self.probe.enabled else -1.0
@@ -295,8 +297,14 @@ class StabilityGuard:
         if not self.cfg.enabled:
             return loss, stopping
         index = self.batch_index(step)
-        self._pending = {"step": step + 1, "loss": loss, "lr": lr, "index": index,
-                         "act": act if act >= 0 else None, "events": None}
+        self._pending = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr,
+            "index": index,
+            "act": act if act >= 0 else None,
+            "events": None,
+        }
         if self.groups is not None and self._stats_due(step):
             self.groups.snapshot()
 
@@ -308,8 +316,9 @@ class StabilityGuard:
 
     def _observe(self, grad_norm: float | None) -> str:
         p = self._pending
-        stats = StepStats(loss=p["loss"], grad_norm=grad_norm, max_act=p["act"], lr=p["lr"],
-                          batch=p["index"])
+        stats = StepStats(
+            loss=p["loss"], grad_norm=grad_norm, max_act=p["act"], lr=p["lr"], batch=p["index"]
+        )
         p["events"] = self.monitor.observe(p["step"], stats)
         p["grad_norm"] = grad_norm
         return decision(p["events"])
@@ -344,8 +353,13 @@ class StabilityGuard:
             stats = {}
         if p.get("act") is not None:
             stats["max_act"] = p["act"]
-        return Outcome(applied=applied, action=action, events=p["events"],
-                       grad_norm=p.get("grad_norm"), stats=stats)
+        return Outcome(
+            applied=applied,
+            action=action,
+            events=p["events"],
+            grad_norm=p.get("grad_norm"),
+            stats=stats,
+        )
 
     def skip_pending(self) -> None:
         """Never train on the batch of the step just attempted."""
@@ -353,13 +367,16 @@ class StabilityGuard:
         self.skips.add(index, index + 1)
 
     # -- rollback -----------------------------------------------------------------------
-    def rollback(self, attempted: int, target: int, target_state: dict[str, Any]) -> tuple[int, int]:
+    def rollback(
+        self, attempted: int, target: int, target_state: dict[str, Any]
+    ) -> tuple[int, int]:
         """Account for a rollback from 1-based attempt ``attempted`` to checkpoint step
         ``target``: skip the offending batches, restore the running statistics (keeping the
         rollback history), count it. Returns the skipped batch range [lo, hi)."""
         offending = self.batch_index(attempted - 1)
-        lo, hi = rollback_skip_range(offending, self.batch_index(target),
-                                     self.cfg.rollback.skip_batches)
+        lo, hi = rollback_skip_range(
+            offending, self.batch_index(target), self.cfg.rollback.skip_batches
+        )
         self.skips.add(lo, hi)
         mon = (target_state.get("stability") or {}).get("monitor")
         if mon:
@@ -405,10 +422,17 @@ class EventLog:
             append_jsonl(self._f, rec, "stability", self.path.parent)
             if self.metrics is not None:
                 self.metrics.write({"step": e.step, "stability_event": rec})
-            log.warning("stability: %s at step %d (%s) -> %s", e.type, e.step,
-                        ", ".join(f"{k}={v:.4g}" for k, v in (("value", e.value),
-                                  ("threshold", e.threshold)) if isinstance(v, float)),
-                        e.action)
+            log.warning(
+                "stability: %s at step %d (%s) -> %s",
+                e.type,
+                e.step,
+                ", ".join(
+                    f"{k}={v:.4g}"
+                    for k, v in (("value", e.value), ("threshold", e.threshold))
+                    if isinstance(v, float)
+                ),
+                e.action,
+            )
 
     def close(self) -> None:
         if self._f is not None:
@@ -420,7 +444,6 @@ class EventLog:
 
     def truncate(self, seq: int) -> None:
         """On resume: drop events of attempts after the checkpoint's (they happen again)."""
-
 
         if not self.path.exists():
             return

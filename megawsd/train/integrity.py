@@ -72,6 +72,7 @@ def remove_tree(path: str | os.PathLike) -> None:
 
 # -- hashing ---------------------------------------------------------------------------------
 
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -114,8 +115,9 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def build_manifest(tag_dir: str | os.PathLike, *, rank: int = 0, world: int = 1,
-                   level: str = "sha256") -> dict[str, Any]:
+def build_manifest(
+    tag_dir: str | os.PathLike, *, rank: int = 0, world: int = 1, level: str = "sha256"
+) -> dict[str, Any]:
     """Every file's size and sha256 (collective when world > 1: ranks hash a share each)."""
     tag_dir = Path(tag_dir)
     names = _files(tag_dir) if rank == 0 else None
@@ -134,8 +136,9 @@ def write_manifest(tag_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path
     return path
 
 
-def verify_checkpoint(tag_dir: str | os.PathLike, *, level: str = "sha256", rank: int = 0,
-                      world: int = 1) -> list[str]:
+def verify_checkpoint(
+    tag_dir: str | os.PathLike, *, level: str = "sha256", rank: int = 0, world: int = 1
+) -> list[str]:
     """Problems with a checkpoint directory (empty: intact). Collective when world > 1."""
     tag_dir = Path(tag_dir)
     problems: list[str] = []
@@ -172,9 +175,16 @@ def verify_checkpoint(tag_dir: str | os.PathLike, *, level: str = "sha256", rank
     return sorted(out)
 
 
-def choose_checkpoint(ckpt_dir: str | os.PathLike, steps: list[int], tag_of: Callable[[int], str],
-                      *, latest: int | None, level: str = "sha256", rank: int = 0,
-                      world: int = 1) -> int | None:
+def choose_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    steps: list[int],
+    tag_of: Callable[[int], str],
+    *,
+    latest: int | None,
+    level: str = "sha256",
+    rank: int = 0,
+    world: int = 1,
+) -> int | None:
     """The newest of ``steps`` (complete checkpoints) whose files match their manifest.
 
     ``latest`` is what ``checkpoints/latest`` names. Any checkpoint newer than the one chosen
@@ -184,19 +194,27 @@ def choose_checkpoint(ckpt_dir: str | os.PathLike, steps: list[int], tag_of: Cal
     ckpt_dir = Path(ckpt_dir)
     damaged: list[str] = []
     for step in sorted(steps, reverse=True):
-        problems = verify_checkpoint(ckpt_dir / tag_of(step), level=level, rank=rank,
-                                     world=world)
+        problems = verify_checkpoint(ckpt_dir / tag_of(step), level=level, rank=rank, world=world)
         if not problems:
             if damaged and rank == 0:
-                log.warning("checkpoint %s is damaged, resuming from step %d instead:\n  %s",
-                            "; ".join(d.split(":")[0] for d in damaged), step,
-                            "\n  ".join(damaged))
+                log.warning(
+                    "checkpoint %s is damaged, resuming from step %d instead:\n  %s",
+                    "; ".join(d.split(":")[0] for d in damaged),
+                    step,
+                    "\n  ".join(damaged),
+                )
             if latest is not None and step < latest and not damaged and rank == 0:
-                log.warning("checkpoints/latest names step %d, which is incomplete; resuming "
-                            "from step %d", latest, step)
+                log.warning(
+                    "checkpoints/latest names step %d, which is incomplete; resuming from step %d",
+                    latest,
+                    step,
+                )
             return step
-        damaged.append(f"step {step}: " + "; ".join(problems[:5])
-                       + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+        damaged.append(
+            f"step {step}: "
+            + "; ".join(problems[:5])
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
     if damaged:
         raise CheckpointError(
             f"checkpoints = {str(ckpt_dir)!r}: no intact checkpoint to resume from:\n  "
@@ -213,8 +231,14 @@ def choose_checkpoint(ckpt_dir: str | os.PathLike, steps: list[int], tag_of: Cal
 # OSError: a full disk is "[enforce fail at inline_container.cc:...] unexpected pos", a
 # directory that could not be created (read-only, no permission) "Parent directory ... does
 # not exist", a failed fopen "open file failed because of errno ...".
-_TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "Parent directory",
-                       "unexpected pos", "open file failed", "fopen")
+_TORCH_WRITE_ERRORS = (
+    "inline_container",
+    "PytorchStreamWriter",
+    "Parent directory",
+    "unexpected pos",
+    "open file failed",
+    "fopen",
+)
 
 
 def is_write_error(err: BaseException) -> bool:
@@ -235,8 +259,9 @@ class WriteGuard:
     rank whether any rank failed. ``inject``: an error to raise at the first write.
     """
 
-    def __init__(self, engine, inject: BaseException | None = None,
-                 where: str | os.PathLike | None = None):
+    def __init__(
+        self, engine, inject: BaseException | None = None, where: str | os.PathLike | None = None
+    ):
         self.engine, self.inject, self.where = engine, inject, where
         self.error: BaseException | None = None
         self.message: str | None = None
@@ -245,8 +270,11 @@ class WriteGuard:
     def _keep(self, err: BaseException) -> None:
         if self.error is None:
             self.error = err
-            self.message = (explain(err, self.where) if self.where is not None
-                            else f"{type(err).__name__}: {err}")
+            self.message = (
+                explain(err, self.where)
+                if self.where is not None
+                else f"{type(err).__name__}: {err}"
+            )
 
     def _wrap(self, fn, inject: bool):
         def guarded(*args, **kwargs):
@@ -261,6 +289,7 @@ class WriteGuard:
                     raise
                 self._keep(err)
                 return None
+
         return guarded
 
     def __enter__(self) -> WriteGuard:
@@ -304,11 +333,15 @@ def agree(error: BaseException | str | None, world: int) -> list[tuple[int, str]
     return [(r, m) for r, m in enumerate(_gather(msg, world)) if m is not None]
 
 
-def save_error(step: int, where: Path, failures: list[tuple[int, str]], previous: int | None
-               ) -> CheckpointSaveError:
+def save_error(
+    step: int, where: Path, failures: list[tuple[int, str]], previous: int | None
+) -> CheckpointSaveError:
     what = "; ".join(f"rank {r}: {m}" for r, m in failures[:4])
-    prev = (f"the previous checkpoints are intact (latest: step {previous})" if previous is not None
-            else "no earlier checkpoint exists")
+    prev = (
+        f"the previous checkpoints are intact (latest: step {previous})"
+        if previous is not None
+        else "no earlier checkpoint exists"
+    )
     if "read-only filesystem" in what:
         fix = f"Remount {str(where.parent)!r} read-write (or move the run directory)"
     elif "no space left" in what:
@@ -369,6 +402,7 @@ def rank0_check(fn: Callable[[], Any], world: int) -> Any:
 
 # -- data files ------------------------------------------------------------------------------
 
+
 def _meta_hashes(meta_path: Path) -> dict[str, str]:
     """sha256 per file name if meta.json records them (``files: {name: {sha256}}`` or
     ``train_sha256`` / ``val_sha256``), plus the tokenizer's."""
@@ -408,8 +442,9 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
             st = f.stat()
             old = pinned.get(key, {})
             if old and old.get("size") != st.st_size:
-                raise _data_changed(f, f"size {st.st_size} bytes, {old.get('size')} when the "
-                                    "run started")
+                raise _data_changed(
+                    f, f"size {st.st_size} bytes, {old.get('size')} when the run started"
+                )
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": old.get("sha256")}
             expected = recorded.get(f.name) or old.get("sha256")
             unchanged = old and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256")
@@ -417,8 +452,9 @@ def verify_data(metas: list, run_dir: str | os.PathLike, level: str = "sha256") 
                 entry["sha256"] = sha256_file(f)
                 if expected and entry["sha256"] != expected:
                     src = "meta.json" if f.name in recorded else "when the run started"
-                    raise _data_changed(f, f"sha256 {entry['sha256'][:12]}..., "
-                                        f"{expected[:12]}... {src}")
+                    raise _data_changed(
+                        f, f"sha256 {entry['sha256'][:12]}..., {expected[:12]}... {src}"
+                    )
             pinned[key] = entry
         check_vocab(meta)  # the embedding is sized by meta.json: it must be the tokenizer's
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,6 @@ def init_distributed(timeout_s: float | None = None) -> int:
     if not dist.is_initialized():
         kwargs = {}
         if timeout_s is not None:
-
             kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         deepspeed.init_distributed(dist_backend="gloo" if cpu_only() else None, **kwargs)
     return dist.get_rank()
@@ -94,10 +93,17 @@ def launch_env(nproc_per_node: int) -> dict[str, str]:
     return env
 
 
-def launcher_command(module_args: list[str], *, nproc: int | None = None,
-                     hostfile: str | None = None, master_port: int | None = None,
-                     master_addr: str | None = None, node_rank: int | None = None,
-                     no_ssh: bool = False, extra: list[str] | None = None) -> list[str]:
+def launcher_command(
+    module_args: list[str],
+    *,
+    nproc: int | None = None,
+    hostfile: str | None = None,
+    master_port: int | None = None,
+    master_addr: str | None = None,
+    node_rank: int | None = None,
+    no_ssh: bool = False,
+    extra: list[str] | None = None,
+) -> list[str]:
     """The `deepspeed` command line that starts `python -m megawsd.train ...` on every rank."""
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     if hostfile:
@@ -127,8 +133,12 @@ def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None =
     """
     log.info("launching: %s", " ".join(cmd))
     linux = sys.platform.startswith("linux")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent(os.getpid()) if linux else None)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()) if linux else None,
+    )
     signalled = []
 
     def forward(signum, frame):
@@ -150,11 +160,12 @@ def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None =
         for s, h in old.items():
             signal.signal(s, h)
     if signalled and status_file is not None and status_file.exists():
-
         status = json.loads(status_file.read_text()).get("status")
         if status in ("stopped", "done"):
-            log.info("stopped cleanly after %s; resume with the same command",
-                     signal.Signals(signalled[0]).name)
+            log.info(
+                "stopped cleanly after %s; resume with the same command",
+                signal.Signals(signalled[0]).name,
+            )
             return 0
     return rc
 
@@ -177,6 +188,7 @@ def _rank_processes(pid: int) -> list:
 
 
 # -- no orphaned ranks ------------------------------------------------------------------------
+
 
 def _die_with_parent(parent: int):
     """preexec_fn: SIGTERM this child when its parent dies (Linux prctl; runs after fork)."""
@@ -232,8 +244,12 @@ def watch_parent() -> threading.Thread | None:
 
     def watch() -> None:
         _wait_for_exit(int(pid))
-        log.warning("the megawsd process that launched this rank (pid %s) is gone: stopping "
-                    "(checkpoint, then exit; hard exit in %.0f s)", pid, grace)
+        log.warning(
+            "the megawsd process that launched this rank (pid %s) is gone: stopping "
+            "(checkpoint, then exit; hard exit in %.0f s)",
+            pid,
+            grace,
+        )
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace)
         log.error("still running %.0f s after the launching process died: exiting", grace)

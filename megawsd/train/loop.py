@@ -55,8 +55,9 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
-            log.warning("received %s: finishing this step, then checkpointing",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: finishing this step, then checkpointing", signal.Signals(signum).name
+            )
         self.requested = True
 
 
@@ -65,8 +66,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
     t = Trainer.build(cfg, RunDir(run_dir))
     t.step = t.restore(require_checkpoint)
     if t.step >= cfg.total_steps:
-        log.info("%s is already at step %d of %d: nothing to do", t.run.path, t.step,
-                 cfg.total_steps)
+        log.info(
+            "%s is already at step %d of %d: nothing to do", t.run.path, t.step, cfg.total_steps
+        )
         return 0
     t.open_records()
     stop = StopSignal()
@@ -125,16 +127,27 @@ class Trainer:
         rank, world = dist.get_rank(), dist.get_world_size()
         stream = build_stream(cfg)
         # Token files changed since preparation are refused before anything is built.
-        integrity.rank0_check(lambda: integrity.verify_data(
-            stream.metas, run.path, cfg.stability.verify_data), world)
+        integrity.rank0_check(
+            lambda: integrity.verify_data(stream.metas, run.path, cfg.stability.verify_data), world
+        )
         gas = cfg.check_layout(world)
         schedule = cfg.build_schedule()
         torch.manual_seed(cfg.seed)
         engine, hf_config, _ = build_engine(cfg, stream, world)
         guard = StabilityGuard(cfg.stability, engine, rank=rank, world=world)
-        return cls(cfg=cfg, run=run, stream=stream, engine=engine, guard=guard,
-                   schedule=schedule, hf_config=hf_config, rank=rank, world=world, gas=gas,
-                   schedule_free=megawsd_state(engine).schedule_free)
+        return cls(
+            cfg=cfg,
+            run=run,
+            stream=stream,
+            engine=engine,
+            guard=guard,
+            schedule=schedule,
+            hf_config=hf_config,
+            rank=rank,
+            world=world,
+            gas=gas,
+            schedule_free=megawsd_state(engine).schedule_free,
+        )
 
     # -- before the first step ------------------------------------------------------------
     def restore(self, require_checkpoint: bool) -> int:
@@ -142,8 +155,14 @@ class Trainer:
         parent's, else start at step 0. Returns the number of steps already taken."""
         cfg, run = self.cfg, self.run
         own = integrity.choose_checkpoint(
-            run.ckpt_dir, run.saved_steps(), tag_for, latest=run.latest_step(),
-            level=cfg.stability.verify_checkpoints, rank=self.rank, world=self.world)
+            run.ckpt_dir,
+            run.saved_steps(),
+            tag_for,
+            latest=run.latest_step(),
+            level=cfg.stability.verify_checkpoints,
+            rank=self.rank,
+            world=self.world,
+        )
         if own is not None:
             state = ckpt.load(self.engine, run, own, rank=self.rank, world_size=self.world)
             _check_data(self.stream, state, f"{run.path}/checkpoints (resume)")
@@ -151,12 +170,15 @@ class Trainer:
             log.info("resumed %s at step %d", run.path, own)
             return own
         if require_checkpoint:
-            raise CheckpointError(f"--resume: {str(run.ckpt_dir)!r} has no complete checkpoint; "
-                                  "drop --resume to start the run")
+            raise CheckpointError(
+                f"--resume: {str(run.ckpt_dir)!r} has no complete checkpoint; "
+                "drop --resume to start the run"
+            )
         if cfg.init_from is not None:
             parent = RunDir((run.path / cfg.init_from.run).resolve())
-            state = ckpt.load(self.engine, parent, cfg.init_from.step, rank=self.rank,
-                              world_size=self.world)
+            state = ckpt.load(
+                self.engine, parent, cfg.init_from.step, rank=self.rank, world_size=self.world
+            )
             # a branch with new data: the parent read the part before the switch
             _check_data(self.stream.parent_part, state, f"parent {parent.path}")
             self.guard.load_state_dict(state.get("stability"))  # the parent's skipped batches
@@ -170,18 +192,27 @@ class Trainer:
         cfg, run = self.cfg, self.run
         if self.rank == 0:
             run.truncate_metrics(self.step)
-            run.update_run_json(status="running", step=self.step, total_steps=cfg.total_steps,
-                                schedule=self.schedule.to_dict(), optimizer=cfg.optimizer.kind,
-                                tokens_per_step=cfg.tokens_per_step, world_size=self.world,
-                                model_type=self.hf_config.model_type)
+            run.update_run_json(
+                status="running",
+                step=self.step,
+                total_steps=cfg.total_steps,
+                schedule=self.schedule.to_dict(),
+                optimizer=cfg.optimizer.kind,
+                tokens_per_step=cfg.tokens_per_step,
+                world_size=self.world,
+                model_type=self.hf_config.model_type,
+            )
             # The architecture, for export and analysis (which never rebuild it from presets).
             atomic_write(run.path / "model_config.json", self.hf_config.to_json_string())
             self.metrics = MetricsWriter(run, cfg.logging.tensorboard)
             self.events = EventLog(run.path, self.metrics)
             self.events.truncate(self.guard.monitor.seq)  # events after the checkpoint
         self.val = self.stream.val_batches(
-            cfg.eval.batches, cfg.eval.batch_size or cfg.micro_batch_size * self.world,
-            self.rank, self.world)
+            cfg.eval.batches,
+            cfg.eval.batch_size or cfg.micro_batch_size * self.world,
+            self.rank,
+            self.world,
+        )
 
     # -- one step ---------------------------------------------------------------------------
     def attempt(self, lr: float, stop: bool) -> tuple[Outcome, bool, float]:
@@ -235,9 +266,15 @@ class Trainer:
         steps = [s for s in run.saved_steps() if s < attempted]
         source, target = run, None
         if steps:
-            target = integrity.choose_checkpoint(run.ckpt_dir, steps, tag_for, latest=None,
-                                                 level=cfg.stability.verify_checkpoints,
-                                                 rank=self.rank, world=self.world)
+            target = integrity.choose_checkpoint(
+                run.ckpt_dir,
+                steps,
+                tag_for,
+                latest=None,
+                level=cfg.stability.verify_checkpoints,
+                rank=self.rank,
+                world=self.world,
+            )
         elif cfg.init_from is not None and cfg.init_from.step < attempted:
             source, target = RunDir((run.path / cfg.init_from.run).resolve()), cfg.init_from.step
         rolling = [e for e in events if e.action == "rollback"]
@@ -253,22 +290,30 @@ class Trainer:
                 e.action = "stop"
             raise
         state = ckpt.load(self.engine, source, target, rank=self.rank, world_size=self.world)
-        _check_data(self.stream if source is run else self.stream.parent_part, state,
-                    f"rollback to {source.path} step {target}")
+        _check_data(
+            self.stream if source is run else self.stream.parent_part,
+            state,
+            f"rollback to {source.path} step {target}",
+        )
         lo, hi = guard.rollback(attempted, target, state)
         for e in rolling:
             e.detail.update(rollback_to=target, skipped_batches=[lo, hi])
-        log.warning("rolled back from step %d to checkpoint step %d, skipping batches [%d, %d)",
-                    attempted, target, lo, hi)
+        log.warning(
+            "rolled back from step %d to checkpoint step %d, skipping batches [%d, %d)",
+            attempted,
+            target,
+            lo,
+            hi,
+        )
         return target
 
     # -- after an applied step --------------------------------------------------------------
-    def log_step(self, out: Outcome, lr: float, dt: float, opt_time: float,
-                 stopping: bool) -> None:
+    def log_step(self, out: Outcome, lr: float, dt: float, opt_time: float, stopping: bool) -> None:
         """Rank 0: the train record every ``logging.interval`` steps, at the last and at a stop."""
         step, cfg = self.step, self.cfg
-        if self.rank == 0 and (step % cfg.logging.interval == 0 or step == cfg.total_steps
-                               or stopping):
+        if self.rank == 0 and (
+            step % cfg.logging.interval == 0 or step == cfg.total_steps or stopping
+        ):
             record = self._train_record(lr, dt, opt_time)
             if out.grad_norm is not None:
                 record["grad_norm"] = out.grad_norm
@@ -283,29 +328,46 @@ class Trainer:
         else:  # peak resident set of this rank (kilobytes on Linux)
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         tokens = self.cfg.tokens_per_step
-        return {"step": self.step, "tokens": self.step * tokens, "loss": self.last_loss,
-                "lr": lr, "grad_norm": None if norm is None else float(norm),
-                "tok_per_s": tokens / dt, "step_time": dt, "opt_time": opt_time,
-                "mem_gb": mem,
-                "time": time.time()}
+        return {
+            "step": self.step,
+            "tokens": self.step * tokens,
+            "loss": self.last_loss,
+            "lr": lr,
+            "grad_norm": None if norm is None else float(norm),
+            "tok_per_s": tokens / dt,
+            "step_time": dt,
+            "opt_time": opt_time,
+            "mem_gb": mem,
+            "time": time.time(),
+        }
 
     def maybe_evaluate(self) -> None:
         """The val loss every ``eval.interval`` steps and at the last step."""
         e, step = self.cfg.eval, self.step
-        if not e.batches or not ((e.interval and step % e.interval == 0)
-                                 or step == self.cfg.total_steps):
+        if not e.batches or not (
+            (e.interval and step % e.interval == 0) or step == self.cfg.total_steps
+        ):
             return
         self.last_val = _evaluate(self.engine, self.val, self.schedule_free)
         if self.rank == 0:
-            self.metrics.write({"step": step, "tokens": step * self.cfg.tokens_per_step,
-                                "val_loss": self.last_val, "val_ppl": _ppl(self.last_val),
-                                "eval_mode": "x" if self.schedule_free else "params"})
+            self.metrics.write(
+                {
+                    "step": step,
+                    "tokens": step * self.cfg.tokens_per_step,
+                    "val_loss": self.last_val,
+                    "val_ppl": _ppl(self.last_val),
+                    "eval_mode": "x" if self.schedule_free else "params",
+                }
+            )
 
     def checkpoint_due(self) -> bool:
         """Every ``checkpoint.interval`` steps, at the ``checkpoint.at`` steps, at the end."""
         c, step = self.cfg.checkpoint, self.step
-        return (bool(c.interval) and step % c.interval == 0) or step in c.at or (
-            step == self.cfg.total_steps and c.save_final)
+        return (
+            (bool(c.interval) and step % c.interval == 0)
+            or step in c.at
+            or (step == self.cfg.total_steps and c.save_final)
+        )
 
     def save(self) -> None:
         """A checkpoint of step ``self.step``; a failed save stops the run or, with
@@ -313,15 +375,31 @@ class Trainer:
         t0 = time.perf_counter()
         s, step = self.cfg.stability, self.step
         try:
-            ckpt.save(self.engine, self.run, step, self._checkpoint_state(), rank=self.rank,
-                      manifest="size" if s.verify_checkpoints == "size" else "sha256",
-                      inject=self.guard.faults.save_error(step) if self.guard.faults else None)
+            ckpt.save(
+                self.engine,
+                self.run,
+                step,
+                self._checkpoint_state(),
+                rank=self.rank,
+                manifest="size" if s.verify_checkpoints == "size" else "sha256",
+                inject=self.guard.faults.save_error(step) if self.guard.faults else None,
+            )
         except integrity.CheckpointSaveError as err:
             if s.on_save_error == "stop":
                 raise
             log.warning("%s\ncontinuing without it (stability.on_save_error: warn)", err)
-            self._write_events([Event(step=step, type="save_error", action="warn", value=None,
-                                      seq=self.guard.monitor.seq, detail={"error": str(err)})])
+            self._write_events(
+                [
+                    Event(
+                        step=step,
+                        type="save_error",
+                        action="warn",
+                        value=None,
+                        seq=self.guard.monitor.seq,
+                        detail={"error": str(err)},
+                    )
+                ]
+            )
             return
         if self.rank == 0:
             c = self.cfg.checkpoint
@@ -331,11 +409,18 @@ class Trainer:
 
     def _checkpoint_state(self) -> dict:
         cfg, step = self.cfg, self.step
-        return {"step": step, "tokens": step * cfg.tokens_per_step,
-                "schedule": self.schedule.to_dict(), "data": self.stream.state_dict(),
-                "world_size": self.world, "zero_stage": zero_stage(self.engine),
-                "seed": cfg.seed, "optimizer": cfg.optimizer.kind, "time": time.time(),
-                "stability": self.guard.state_dict()}
+        return {
+            "step": step,
+            "tokens": step * cfg.tokens_per_step,
+            "schedule": self.schedule.to_dict(),
+            "data": self.stream.state_dict(),
+            "world_size": self.world,
+            "zero_stage": zero_stage(self.engine),
+            "seed": cfg.seed,
+            "optimizer": cfg.optimizer.kind,
+            "time": time.time(),
+            "stability": self.guard.state_dict(),
+        }
 
     # -- the end ------------------------------------------------------------------------------
     def _write_events(self, events: list[Event]) -> None:
@@ -364,15 +449,19 @@ class Trainer:
         done = step >= total
         fields = {"status": "done" if done else "stopped", "step": step}
         if done:
-            fields["final"] = {"train_loss": self.last_loss, "val_loss": self.last_val,
-                               "val_ppl": _ppl(self.last_val) if self.last_val is not None
-                               else None,
-                               "step": step, "tokens": step * self.cfg.tokens_per_step}
+            fields["final"] = {
+                "train_loss": self.last_loss,
+                "val_loss": self.last_val,
+                "val_ppl": _ppl(self.last_val) if self.last_val is not None else None,
+                "step": step,
+                "tokens": step * self.cfg.tokens_per_step,
+            }
         self.run.update_run_json(**fields)
         log.info("%s at step %d/%d: %s", fields["status"], step, total, self.run.path)
 
 
 # -- the pieces ------------------------------------------------------------------------------
+
 
 def _lm_loss(engine, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy, mean over tokens, computed in fp32."""
@@ -422,8 +511,13 @@ class _Progress:
                 TimeRemainingColumn,
             )
 
-            self._bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self._bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
             self._bar.start()
         self._t0, self._s0 = time.time(), start
@@ -438,8 +532,13 @@ class _Progress:
             self._last = time.time()
             rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else float("inf")
-            log.info("step %d/%d %s ETA %s", step, self.total, info,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?")
+            log.info(
+                "step %d/%d %s ETA %s",
+                step,
+                self.total,
+                info,
+                time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?",
+            )
 
     def close(self) -> None:
         if self._bar is not None:

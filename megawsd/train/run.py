@@ -16,8 +16,17 @@ from megawsd.train.rundir import RunDir
 from megawsd.train.runlock import RunLock
 
 # Keys that may change between a run and its resume without changing what is computed.
-RESUMABLE_CHANGES = {"steps", "eval", "checkpoint", "logging", "run_dir", "name",
-                     "micro_batch_size", "deepspeed", "stability"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval",
+    "checkpoint",
+    "logging",
+    "run_dir",
+    "name",
+    "micro_batch_size",
+    "deepspeed",
+    "stability",
+}
 
 
 def default_run_dir(cfg: RunConfig, config_path: str | Path) -> Path:
@@ -31,8 +40,11 @@ def check_same_run(run: RunDir, resolved: dict[str, Any]) -> None:
     if not run.config_file.exists() or run.latest_step() is None:
         return
     old = yaml.safe_load(run.config_file.read_text()) or {}
-    changed = sorted(k for k in set(old) | set(resolved)
-                     if k not in RESUMABLE_CHANGES and old.get(k) != resolved.get(k))
+    changed = sorted(
+        k
+        for k in set(old) | set(resolved)
+        if k not in RESUMABLE_CHANGES and old.get(k) != resolved.get(k)
+    )
     if changed:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in changed[:4])
         raise ConfigError(
@@ -56,8 +68,10 @@ def run_from_args(config: str, run_dir: str | None, overrides: list[str], resume
     try:
         # Before hours of training: a run.json that cannot be read (never overwritten) and a
         # checkpoints directory that cannot be written are refused now, not at the first save.
-        rank0_check(lambda: (run.read_run_json(), check_writable(run.path, run.ckpt_dir)),
-                    dist.get_world_size())
+        rank0_check(
+            lambda: (run.read_run_json(), check_writable(run.path, run.ckpt_dir)),
+            dist.get_world_size(),
+        )
         check_same_run(run, resolved)
         if rank == 0:
             run.write_config(resolved)

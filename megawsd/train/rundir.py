@@ -33,8 +33,13 @@ def now() -> str:
 
 def _git_rev() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -113,8 +118,11 @@ class RunDir:
     def mark_failed(self, step: int, error: BaseException | None = None) -> dict[str, Any]:
         """status "failed" at ``step`` (the last step trained), with the newest complete
         checkpoint (where a rerun resumes, which may be older) and the error's first line."""
-        fields: dict[str, Any] = {"status": "failed", "step": step,
-                                  "checkpoint_step": self.latest_step()}
+        fields: dict[str, Any] = {
+            "status": "failed",
+            "step": step,
+            "checkpoint_step": self.latest_step(),
+        }
         if error is not None:
             first = (str(error).strip().splitlines() or [""])[0]
             fields["error"] = f"{type(error).__name__}: {first}"[:1000]
@@ -123,9 +131,16 @@ class RunDir:
     def update_run_json(self, **fields: Any) -> dict[str, Any]:
         info = self.read_run_json()
         if not info:
-            info = {"name": self.path.name, "kind": "main", "parent": None, "branch_step": None,
-                    "created": now(), "megawsd_version": __version__, "git": _git_rev(),
-                    "host": socket.gethostname()}
+            info = {
+                "name": self.path.name,
+                "kind": "main",
+                "parent": None,
+                "branch_step": None,
+                "created": now(),
+                "megawsd_version": __version__,
+                "git": _git_rev(),
+                "host": socket.gethostname(),
+            }
         if fields.get("status", "failed") != "failed":
             # a rerun that got going again is no longer failed
             info.pop("error", None)

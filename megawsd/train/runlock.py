@@ -71,15 +71,21 @@ class RunLock:
             raise self._refusal(holder)
         if holder:
             self.took_over = holder
-            log.warning("run directory %s: taking over a stale lock of pid %s on %s (started "
-                        "%s); that process is gone", self.path.parent, holder.get("pid"),
-                        holder.get("host"), holder.get("started"))
+            log.warning(
+                "run directory %s: taking over a stale lock of pid %s on %s (started "
+                "%s); that process is gone",
+                self.path.parent,
+                holder.get("pid"),
+                holder.get("host"),
+                holder.get("started"),
+            )
         self._fd = fd
         self._write()
         # the time stamp other hosts read: refreshed well within stale_after_s
         beat = max(1.0, min(300.0, self.stale_after_s / 10))
-        threading.Thread(target=self._beat, args=(beat,), daemon=True,
-                         name="megawsd-runlock").start()
+        threading.Thread(
+            target=self._beat, args=(beat,), daemon=True, name="megawsd-runlock"
+        ).start()
         return self
 
     def _beat(self, every: float) -> None:
@@ -109,9 +115,12 @@ class RunLock:
 
     # -- internals ------------------------------------------------------------------------
     def _write(self) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "command": " ".join(sys.argv)[:500]}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": " ".join(sys.argv)[:500],
+        }
         data = (json.dumps(info) + "\n").encode()
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
@@ -136,8 +145,12 @@ class RunLock:
         )
 
     def _refusal(self, holder: dict[str, Any] | None) -> RunLockedError:
-        who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
-               f" ({holder.get('command')})" if holder else "another process")
+        who = (
+            f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+            f" ({holder.get('command')})"
+            if holder
+            else "another process"
+        )
         return RunLockedError(
             f"run_dir = {str(self.path.parent)!r}: already in use by {who}. Two runs in one "
             "directory would overwrite each other's checkpoints; wait for it to finish, stop it "

@@ -49,6 +49,7 @@ class StabilityError(MegawsdError):
 
 # -- config ----------------------------------------------------------------------------------
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -105,8 +106,10 @@ class StabilityConfig(_Strict):
     def _ranges(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
         for lo, hi in v:
             if not 0 <= lo < hi:
-                raise ValueError(f"range [{lo}, {hi}) is empty or negative; give [start, end) "
-                                 "batch indices with 0 <= start < end")
+                raise ValueError(
+                    f"range [{lo}, {hi}) is empty or negative; give [start, end) "
+                    "batch indices with 0 <= start < end"
+                )
         return v
 
 
@@ -135,6 +138,7 @@ def param_group(name: str) -> str:
 
 
 # -- skipped batches -------------------------------------------------------------------------
+
 
 class SkipMap:
     """Sorted, disjoint half-open ranges of skipped batch indices; step -> batch index."""
@@ -175,6 +179,7 @@ class SkipMap:
 
 
 # -- running statistics ----------------------------------------------------------------------
+
 
 @dataclass
 class RunningStat:
@@ -271,29 +276,62 @@ class StabilityMonitor:
         """Events for attempt ``step`` (1-based) and the statistics update that follows."""
         cfg = self.cfg
         self.seq += 1
-        common = dict(step=step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr,
-                      batch=stats.batch, seq=self.seq)
+        common = dict(
+            step=step,
+            loss=stats.loss,
+            grad_norm=stats.grad_norm,
+            lr=stats.lr,
+            batch=stats.batch,
+            seq=self.seq,
+        )
         events: list[Event] = []
-        bad = [name for name, v in (("loss", stats.loss), ("grad_norm", stats.grad_norm))
-               if v is not None and not math.isfinite(v)]
+        bad = [
+            name
+            for name, v in (("loss", stats.loss), ("grad_norm", stats.grad_norm))
+            if v is not None and not math.isfinite(v)
+        ]
         if bad:
-            events.append(Event(type="nan", action=cfg.nan.action, value=None,
-                                detail={"nonfinite": bad}, **common))
-        checks = [("loss_spike", stats.loss, self.loss, cfg.loss_spike),
-                  ("grad_spike", stats.grad_norm, self.grad, cfg.grad_spike)]
+            events.append(
+                Event(
+                    type="nan",
+                    action=cfg.nan.action,
+                    value=None,
+                    detail={"nonfinite": bad},
+                    **common,
+                )
+            )
+        checks = [
+            ("loss_spike", stats.loss, self.loss, cfg.loss_spike),
+            ("grad_spike", stats.grad_norm, self.grad, cfg.grad_spike),
+        ]
         for kind, x, stat, rule in checks:
             # warm-up: statistics first (and at least 2 values for a deviation)
             if _finite(x) and stat.count >= max(cfg.warmup_steps, 2):
                 limit = stat.threshold(rule)
                 if x > limit:
-                    events.append(Event(type=kind, action=rule.action, value=x, mean=stat.mean,
-                                        std=stat.std, threshold=limit,
-                                        detail={"k": rule.k, "ratio": x / stat.mean
-                                                if stat.mean else None}, **common))
+                    events.append(
+                        Event(
+                            type=kind,
+                            action=rule.action,
+                            value=x,
+                            mean=stat.mean,
+                            std=stat.std,
+                            threshold=limit,
+                            detail={"k": rule.k, "ratio": x / stat.mean if stat.mean else None},
+                            **common,
+                        )
+                    )
         a = cfg.activation
         if a.max_abs is not None and _finite(stats.max_act) and stats.max_act > a.max_abs:
-            events.append(Event(type="activation", action=a.action, value=stats.max_act,
-                                threshold=a.max_abs, **common))
+            events.append(
+                Event(
+                    type="activation",
+                    action=a.action,
+                    value=stats.max_act,
+                    threshold=a.max_abs,
+                    **common,
+                )
+            )
         if decision(events) == "apply":
             for _, x, stat, rule in checks:
                 if _finite(x):
@@ -320,8 +358,12 @@ class StabilityMonitor:
 
     # -- checkpointed state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": asdict(self.loss), "grad": asdict(self.grad), "seq": self.seq,
-                "rollbacks": list(self.rollbacks)}
+        return {
+            "loss": asdict(self.loss),
+            "grad": asdict(self.grad),
+            "seq": self.seq,
+            "rollbacks": list(self.rollbacks),
+        }
 
     def load_state_dict(self, state: dict[str, Any], *, history: bool = True) -> None:
         """Restore the running statistics; ``history=False`` (a rollback) keeps the attempt

@@ -54,19 +54,24 @@ def micro(world: int) -> int:
 def micro_batches(batch: torch.Tensor, world: int, rank: int) -> list[torch.Tensor]:
     mb = micro(world)
     gas = GLOBAL // (mb * world)
-    return [batch[(m * world + rank) * mb:(m * world + rank + 1) * mb] for m in range(gas)]
+    return [batch[(m * world + rank) * mb : (m * world + rank + 1) * mb] for m in range(gas)]
 
 
 def config(job, world):
-    cfg = ds_config(job["stage"], "fp32" if job.get("dtype") == "fp16" else job.get("dtype", "fp32"),
-                    world)
+    cfg = ds_config(
+        job["stage"], "fp32" if job.get("dtype") == "fp16" else job.get("dtype", "fp32"), world
+    )
     cfg["zero_optimization"].update(job.get("zero", {}))  # e.g. ZeRO-Offload
     cfg["train_micro_batch_size_per_gpu"] = micro(world)
     cfg["gradient_accumulation_steps"] = GLOBAL // (micro(world) * world)
     if job.get("dtype") == "fp16":
         # 2^20 overflows on this model's first steps: the saved scale differs from the initial.
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 20, "hysteresis": 1,
-                       "loss_scale_window": 1000}
+        cfg["fp16"] = {
+            "enabled": True,
+            "initial_scale_power": 20,
+            "hysteresis": 1,
+            "loss_scale_window": 1000,
+        }
     return cfg
 
 
@@ -74,8 +79,9 @@ def make_engine(job, world):
     import megawsd.deepspeed as mds
 
     model = make_model()
-    engine, _, _, sched = mds.initialize(model=model, model_parameters=param_groups(model),
-                                         config=config(job, world))
+    engine, _, _, sched = mds.initialize(
+        model=model, model_parameters=param_groups(model), config=config(job, world)
+    )
     return engine, sched
 
 
@@ -144,20 +150,26 @@ def run_load(job, world, rank):
     opts = job.get("options", {})
     if job.get("custom_load_fn"):  # refused when resharding: report the error
         try:
-            mds.load_checkpoint(engine, job["load_dir"], job["tag"],
-                                custom_load_fn=lambda src, dst: None, **opts)
+            mds.load_checkpoint(
+                engine, job["load_dir"], job["tag"], custom_load_fn=lambda src, dst: None, **opts
+            )
             return {"error": None}
         except Exception as e:  # noqa: BLE001 - the test checks the type and message
             return {"error": f"{type(e).__name__}: {e}"}
     if job.get("direct"):  # DeepSpeed's own loader, for the cases megawsd reroutes
         path, client = engine.load_checkpoint(job["load_dir"], job["tag"], **opts)
     else:
-        path, client = mds.load_checkpoint(engine, job["load_dir"], job["tag"],
-                                           reshard=job.get("reshard", "auto"), **opts)
+        path, client = mds.load_checkpoint(
+            engine, job["load_dir"], job["tag"], reshard=job.get("reshard", "auto"), **opts
+        )
     out = {"path": os.path.basename(path or ""), "client_keys": sorted(client or {})}
     out["after_load"] = state(engine, sched)
-    save_full(engine, os.path.join(job["tmp"], f"{job['name']}_loaded.pt"), rank,
-              out["after_load"]["has_z"])
+    save_full(
+        engine,
+        os.path.join(job["tmp"], f"{job['name']}_loaded.pt"),
+        rank,
+        out["after_load"]["has_z"],
+    )
     start = int(engine.global_steps)
     out["losses"] = train(engine, start + 1, start + job.get("cont", 2), world, rank)
     out["after_cont"] = state(engine, sched)
@@ -172,7 +184,9 @@ def run_prestep(job, world, rank):
     out = {}
     for key in ("z", "exp_avg_sq"):
         got = mds.full_param_tensors(engine, key)
-        out[f"{key}_all_none"] = sorted(got) == sorted(init) and all(v is None for v in got.values())
+        out[f"{key}_all_none"] = sorted(got) == sorted(init) and all(
+            v is None for v in got.values()
+        )
     ys = mds.full_param_tensors(engine)
     x = mds.consolidated_state_dict(engine, weights="x")
     y = mds.consolidated_state_dict(engine, weights="y")
@@ -180,7 +194,8 @@ def run_prestep(job, world, rank):
         lp = job.get("dtype", "fp32") != "fp32"
         tol = {"rtol": 1e-2, "atol": 1e-2} if lp else {"rtol": 0, "atol": 0}
         out["x_is_y"] = x.keys() == y.keys() == init.keys() and all(
-            torch.equal(x[n], y[n]) and torch.equal(y[n], ys[n]) for n in x)
+            torch.equal(x[n], y[n]) and torch.equal(y[n], ys[n]) for n in x
+        )
         out["y_is_init"] = all(torch.allclose(y[n], init[n], **tol) for n in y)
     else:
         out["x_empty"] = x == {} and y == {}

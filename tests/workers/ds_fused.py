@@ -23,8 +23,13 @@ STEPS = 4
 
 
 def _config(cell: dict, world: int) -> dict:
-    cfg = ds_config(cell["stage"], cell["dtype"], world, sub_group_size=cell.get("sub_group"),
-                    sf_params={"backend": cell.get("backend", "compiled")})
+    cfg = ds_config(
+        cell["stage"],
+        cell["dtype"],
+        world,
+        sub_group_size=cell.get("sub_group"),
+        sf_params={"backend": cell.get("backend", "compiled")},
+    )
     cfg["gradient_clipping"] = cell.get("clip", 1.0)
     if cell["dtype"] == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}

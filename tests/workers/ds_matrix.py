@@ -36,8 +36,10 @@ STEPS, EVAL_AT, SAVE_AT = 6, 3, 3
 def groups(model):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": WD, "betas": BETAS[0]},
-            {"params": no_decay, "weight_decay": 0.0, "betas": BETAS[1]}]
+    return [
+        {"params": decay, "weight_decay": WD, "betas": BETAS[0]},
+        {"params": no_decay, "weight_decay": 0.0, "betas": BETAS[1]},
+    ]
 
 
 def sf_kwargs():
@@ -92,8 +94,12 @@ def run_reference(clip: float) -> dict:
     for g in opt.param_groups:
         for p in g["params"]:
             x[id(p)] = x_from_yz_reference(p.detach(), opt.state[p]["z"], g["betas"][0])
-    return {"losses": losses, "eval_loss": eval_loss, "k": [g["k"] for g in opt.param_groups],
-            "x": {n: x[id(p)] for n, p in model.named_parameters()}}
+    return {
+        "losses": losses,
+        "eval_loss": eval_loss,
+        "k": [g["k"] for g in opt.param_groups],
+        "x": {n: x[id(p)] for n, p in model.named_parameters()},
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,8 +121,10 @@ def ds_config(cell: Cell, world: int) -> dict:
         cfg["train_micro_batch_size_per_gpu"] = T.GLOBAL // 2
         cfg["gradient_accumulation_steps"] = 2
     if cell.opt == "config":
-        cfg["optimizer"] = {"type": "ScheduleFreeAdamW",
-                            "params": {**sf_kwargs(), "betas": list(BETAS[0]), "backend": cell.backend}}
+        cfg["optimizer"] = {
+            "type": "ScheduleFreeAdamW",
+            "params": {**sf_kwargs(), "betas": list(BETAS[0]), "backend": cell.backend},
+        }
     if cell.stage == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 200
     if cell.dtype in ("bf16", "bfloat16"):
@@ -124,8 +132,12 @@ def ds_config(cell: Cell, world: int) -> dict:
     elif cell.dtype == "fp16":
         # 2^8: no overflow in 6 steps of this model (an overflow step would be skipped, and
         # k would lag the reference); the window keeps the scale fixed.
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8,
-                       "loss_scale_window": 1000}
+        cfg["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 8,
+            "loss_scale_window": 1000,
+        }
     if cell.pipeline_cfg:
         cfg["pipeline"] = {"stages": "auto"}
     if cell.force_ds_cpu_opt:
@@ -142,8 +154,9 @@ def make_optimizer(cell: Cell, model):
     if cell.opt == "class":
         return ScheduleFreeAdamW(groups(model), backend=cell.backend, **sf_kwargs()), None
     if cell.opt == "callable":
-        return (lambda params: ScheduleFreeAdamW(params, backend=cell.backend, **sf_kwargs())), \
-            groups(model)
+        return (
+            lambda params: ScheduleFreeAdamW(params, backend=cell.backend, **sf_kwargs())
+        ), groups(model)
     if cell.opt == "stock":
         import schedulefree
 
@@ -156,16 +169,19 @@ def make_pipeline_model():
     from deepspeed.pipe import LayerSpec, PipelineModule
 
     torch.manual_seed(0)
-    return PipelineModule(layers=[LayerSpec(torch.nn.Linear, 8, 8), LayerSpec(torch.nn.Linear, 8, 8)],
-                          num_stages=2, loss_fn=torch.nn.MSELoss())
+    return PipelineModule(
+        layers=[LayerSpec(torch.nn.Linear, 8, 8), LayerSpec(torch.nn.Linear, 8, 8)],
+        num_stages=2,
+        loss_fn=torch.nn.MSELoss(),
+    )
 
 
 def train_step(engine, batch, world, rank, gas) -> float:
     per = T.GLOBAL // world
-    mine = batch[rank * per:(rank + 1) * per]
+    mine = batch[rank * per : (rank + 1) * per]
     micro = []
     for m in range(gas):
-        ids = mine[m * (per // gas):(m + 1) * (per // gas)]
+        ids = mine[m * (per // gas) : (m + 1) * (per // gas)]
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
@@ -175,7 +191,7 @@ def train_step(engine, batch, world, rank, gas) -> float:
 
 def eval_loss(engine, world, rank) -> float:
     per = T.GLOBAL // world
-    ev = T.eval_batch()[rank * per:(rank + 1) * per]
+    ev = T.eval_batch()[rank * per : (rank + 1) * per]
     with torch.no_grad():
         return T.global_mean(engine(input_ids=ev, labels=ev).loss)
 
@@ -194,9 +210,13 @@ def eval_checks(engine, world, rank) -> dict:
     train_after = eval_loss(engine, world, rank)
     after = T._snapshot(engine)
     restored = len(before) == len(after) and all(
-        a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after))
-    return {"eval": [outer, inner, outer_after], "train_around_eval": [train_before, train_after],
-            "restored_exact": restored}
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after)
+    )
+    return {
+        "eval": [outer, inner, outer_after],
+        "train_around_eval": [train_before, train_after],
+        "restored_exact": restored,
+    }
 
 
 @contextlib.contextmanager
@@ -217,11 +237,14 @@ def offload_report(engine) -> dict:
 
     opt = engine.optimizer
     masters = [sh.y for sh in ds_layout.shards(engine)]
-    return {"optimizer": bool(getattr(opt, "cpu_offload", False)
-                              or getattr(opt, "offload_optimizer", False)),
-            "param": bool(getattr(opt, "offload_param", False)),
-            "master_devices": sorted({t.device.type for t in masters}),
-            "auto_backends": sorted({resolve_backend("auto", t.device) for t in masters})}
+    return {
+        "optimizer": bool(
+            getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)
+        ),
+        "param": bool(getattr(opt, "offload_param", False)),
+        "master_devices": sorted({t.device.type for t in masters}),
+        "auto_backends": sorted({resolve_backend("auto", t.device) for t in masters}),
+    }
 
 
 @contextlib.contextmanager
@@ -253,16 +276,20 @@ def run_cell(cell: Cell, world, rank, tmp, refs) -> dict:
     model = make_pipeline_model() if cell.model == "pipeline" else T.make_model()
     opt, params = make_optimizer(cell, model)
     try:
-        engine, _, _, sched = mds.initialize(model=model, optimizer=opt, model_parameters=params,
-                                             config=ds_config(cell, world))
+        engine, _, _, sched = mds.initialize(
+            model=model, optimizer=opt, model_parameters=params, config=ds_config(cell, world)
+        )
     except ConfigError as e:
         return {"outcome": "refused", "message": str(e)}
     except Exception as e:  # noqa: BLE001 - reported, the test fails on it
         return {"outcome": "error", "message": f"{type(e).__name__}: {e}"[:2000]}
     if cell.model == "pipeline":
         return {"outcome": "initialized"}
-    out: dict = {"outcome": "initialized", "path": ds_layout.path_name(engine),
-                 "offload": offload_report(engine)}
+    out: dict = {
+        "outcome": "initialized",
+        "path": ds_layout.path_name(engine),
+        "offload": offload_report(engine),
+    }
     try:
         with record_backends(out):
             return run_engine(cell, engine, sched, world, rank, tmp, refs, out)
@@ -286,16 +313,21 @@ def run_engine(cell: Cell, engine, sched, world, rank, tmp, refs, out) -> dict:
         if cell.ckpt and s == SAVE_AT:
             engine.save_checkpoint(ckpt_dir, tag="step3")
     inner = ds_layout.inner_optimizer(engine)
-    out.update(losses=losses, k=[g["k"] for g in inner.param_groups], lr_step=sched.last_step,
-               skipped=int(engine.skipped_steps))
+    out.update(
+        losses=losses,
+        k=[g["k"] for g in inner.param_groups],
+        lr_step=sched.last_step,
+        skipped=int(engine.skipped_steps),
+    )
     x = mds.consolidated_state_dict(engine, weights="x")
     if rank == 0:
         with rank0_only(out, "x_error"):
             ref_x = refs[cell.clip]["x"]
             out["x_names_ok"] = sorted(x) == sorted(ref_x)
             out["x_maxabs"] = max(float((x[n] - ref_x[n]).abs().max()) for n in ref_x)
-            out["x_close_fp32"] = all(torch.allclose(x[n], ref_x[n], rtol=1e-4, atol=1e-6)
-                                      for n in ref_x)
+            out["x_close_fp32"] = all(
+                torch.allclose(x[n], ref_x[n], rtol=1e-4, atol=1e-6) for n in ref_x
+            )
     if cell.ckpt:
         # Load the step-3 checkpoint into this engine (now at step 6) inside eval_mode: the
         # block must then evaluate the loaded x, and training continue from the loaded y.
@@ -309,9 +341,12 @@ def run_engine(cell: Cell, engine, sched, world, rank, tmp, refs, out) -> dict:
             with rank0_only(out, "ckpt_offline_error"):
                 offline = mds.consolidate_checkpoint(ckpt_dir, "step3", weights="x")
                 out["ckpt_offline_x_equal"] = sorted(offline) == sorted(live) and all(
-                    torch.equal(offline[n], live[n]) for n in live)
-        out["ckpt_losses"] = [train_step(engine, batches[s - 1], world, rank, cell.gas)
-                              for s in range(SAVE_AT + 1, STEPS + 1)]
+                    torch.equal(offline[n], live[n]) for n in live
+                )
+        out["ckpt_losses"] = [
+            train_step(engine, batches[s - 1], world, rank, cell.gas)
+            for s in range(SAVE_AT + 1, STEPS + 1)
+        ]
         out["ckpt_k"] = [g["k"] for g in inner.param_groups]
         if any(r.startswith("offload") for r in cell.rows):
             out.update(resharded_load(cell, engine, ckpt_dir, world, rank))
@@ -329,10 +364,16 @@ def resharded_load(cell: Cell, engine, ckpt_dir, world, rank) -> dict:
         mds.load_checkpoint(engine, ckpt_dir, "step3", reshard="always")
         ev = eval_loss(engine, world, rank)
     step = int(engine.global_steps)
-    losses = [train_step(engine, batches[s - 1], world, rank, cell.gas)
-              for s in range(SAVE_AT + 1, STEPS + 1)]
-    return {"reshard_eval_loss": ev, "reshard_loaded_step": step, "reshard_losses": losses,
-            "reshard_k": [g["k"] for g in ds_layout.inner_optimizer(engine).param_groups]}
+    losses = [
+        train_step(engine, batches[s - 1], world, rank, cell.gas)
+        for s in range(SAVE_AT + 1, STEPS + 1)
+    ]
+    return {
+        "reshard_eval_loss": ev,
+        "reshard_loaded_step": step,
+        "reshard_losses": losses,
+        "reshard_k": [g["k"] for g in ds_layout.inner_optimizer(engine).param_groups],
+    }
 
 
 def main():
@@ -340,8 +381,9 @@ def main():
 
     # torch warns on every ZeRO all_gather_into_tensor/reduce_scatter_tensor call: keep the
     # log tail (what run_ranks shows on failure) readable.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     args = worker_args()
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -350,8 +392,13 @@ def main():
     refs = {}
     for clip in args.get("references", []):
         refs[clip] = run_reference(clip) if rank == 0 else None
-    out = {"reference": {str(c): {k: v for k, v in r.items() if k != "x"}
-                         for c, r in refs.items() if r is not None}}
+    out = {
+        "reference": {
+            str(c): {k: v for k, v in r.items() if k != "x"}
+            for c, r in refs.items()
+            if r is not None
+        }
+    }
     for spec in args["cells"]:
         cell = make_cell(spec["stage"], tuple(spec["rows"]))
         print(f"[rank {rank}] cell {cell.name}", file=sys.stderr, flush=True)

@@ -53,65 +53,143 @@ class Row:
 
 ROWS: list[Row] = [
     Row("fp32", "fp32 (baseline: config optimizer, clipping 1.0, 2 ranks)", {}, _ALL_EXACT),
-    Row("bf16", '`bf16: {"enabled": true}`', {"dtype": "bf16"}, _LOWP,
-        "stage 0: DeepSpeed's bf16 wrapper steps once at start-up"),
-    Row("bfloat16", '`bfloat16: {"enabled": true}` (DeepSpeed\'s alias)', {"dtype": "bfloat16"},
-        _LOWP),
-    Row("fp16", '`fp16: {"enabled": true}` (dynamic loss scale)', {"dtype": "fp16"}, _LOWP,
-        "overflow steps are skipped without advancing k or the schedule"),
+    Row(
+        "bf16",
+        '`bf16: {"enabled": true}`',
+        {"dtype": "bf16"},
+        _LOWP,
+        "stage 0: DeepSpeed's bf16 wrapper steps once at start-up",
+    ),
+    Row(
+        "bfloat16",
+        '`bfloat16: {"enabled": true}` (DeepSpeed\'s alias)',
+        {"dtype": "bfloat16"},
+        _LOWP,
+    ),
+    Row(
+        "fp16",
+        '`fp16: {"enabled": true}` (dynamic loss scale)',
+        {"dtype": "fp16"},
+        _LOWP,
+        "overflow steps are skipped without advancing k or the schedule",
+    ),
     Row("gas2", "`gradient_accumulation_steps: 2`", {"gas": 2}, _ALL_EXACT),
     Row("noclip", "`gradient_clipping: 0`", {"clip": 0.0}, _ALL_EXACT),
-    Row("subgroups", "`sub_group_size: 1200` (several sub-groups per group)",
-        {"zero": (("sub_group_size", 1200),)}, {0: None, 1: None, 2: None, 3: EXACT}),
-    Row("overlap", "`overlap_comm: true`", {"zero": (("overlap_comm", True),)},
-        {0: None, 1: EXACT, 2: EXACT, 3: EXACT}),
-    Row("noncontig", "`contiguous_gradients: false`", {"zero": (("contiguous_gradients", False),)},
-        {0: None, 1: EXACT, 2: EXACT, 3: EXACT}),
-    Row("roundrobin", "`round_robin_gradients: true`",
+    Row(
+        "subgroups",
+        "`sub_group_size: 1200` (several sub-groups per group)",
+        {"zero": (("sub_group_size", 1200),)},
+        {0: None, 1: None, 2: None, 3: EXACT},
+    ),
+    Row(
+        "overlap",
+        "`overlap_comm: true`",
+        {"zero": (("overlap_comm", True),)},
+        {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
+    ),
+    Row(
+        "noncontig",
+        "`contiguous_gradients: false`",
+        {"zero": (("contiguous_gradients", False),)},
+        {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
+    ),
+    Row(
+        "roundrobin",
+        "`round_robin_gradients: true`",
         {"zero": (("round_robin_gradients", True),)},
         {s: _refused("zero_optimization.round_robin_gradients") for s in STAGES},
-        "DeepSpeed's own fp32 fragment links are wrong with it"),
-    Row("elastic", "`elastic_checkpoint: true`", {"zero": (("elastic_checkpoint", True),)},
+        "DeepSpeed's own fp32 fragment links are wrong with it",
+    ),
+    Row(
+        "elastic",
+        "`elastic_checkpoint: true`",
+        {"zero": (("elastic_checkpoint", True),)},
         {s: _refused("zero_optimization.elastic_checkpoint") for s in STAGES},
-        "its checkpoints drop k, weight_sum, lr_max"),
-    Row("offload_opt", '`offload_optimizer: {"device": "cpu"}`',
+        "its checkpoints drop k, weight_sum, lr_max",
+    ),
+    Row(
+        "offload_opt",
+        '`offload_optimizer: {"device": "cpu"}`',
         {"zero": (("offload_optimizer", {"device": "cpu"}),)},
         {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
-        "the step runs ScheduleFreeAdamW on the CPU fp32 partitions"),
-    Row("offload_param", '`offload_param: {"device": "cpu"}`',
+        "the step runs ScheduleFreeAdamW on the CPU fp32 partitions",
+    ),
+    Row(
+        "offload_param",
+        '`offload_param: {"device": "cpu"}`',
         {"zero": (("offload_param", {"device": "cpu"}),)},
-        {0: None, 1: None, 2: None, 3: EXACT}),
-    Row("offload_auto", '`offload_optimizer` cpu with `backend: "auto"`',
+        {0: None, 1: None, 2: None, 3: EXACT},
+    ),
+    Row(
+        "offload_auto",
+        '`offload_optimizer` cpu with `backend: "auto"`',
         {"zero": (("offload_optimizer", {"device": "cpu"}),), "backend": "auto"},
         {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
-        "the offloaded step runs the compiled CPU kernel"),
-    Row("offload_forced", '`zero_force_ds_cpu_optimizer: true` with `offload_optimizer` cpu',
+        "the offloaded step runs the compiled CPU kernel",
+    ),
+    Row(
+        "offload_forced",
+        "`zero_force_ds_cpu_optimizer: true` with `offload_optimizer` cpu",
         {"zero": (("offload_optimizer", {"device": "cpu"}),), "force_ds_cpu_opt": True},
         {0: None, **{s: _refused("zero_force_ds_cpu_optimizer") for s in (1, 2, 3)}},
-        "DeepSpeed then accepts only its own CPU Adam / Lion"),
-    Row("offload_nvme", '`offload_optimizer: {"device": "nvme"}`',
+        "DeepSpeed then accepts only its own CPU Adam / Lion",
+    ),
+    Row(
+        "offload_nvme",
+        '`offload_optimizer: {"device": "nvme"}`',
         {"zero": (("offload_optimizer", {"device": "nvme", "nvme_path": "/tmp"}),)},
         {0: None, **{s: _refused("zero_optimization.offload_optimizer.device") for s in (1, 2, 3)}},
-        "NVMe swaps the partitions that eval, export and resharding read"),
-    Row("offload_param_nvme", '`offload_param: {"device": "nvme"}`',
+        "NVMe swaps the partitions that eval, export and resharding read",
+    ),
+    Row(
+        "offload_param_nvme",
+        '`offload_param: {"device": "nvme"}`',
         {"zero": (("offload_param", {"device": "nvme", "nvme_path": "/tmp"}),)},
-        {0: None, 1: None, 2: None, 3: _refused("zero_optimization.offload_param.device")}),
-    Row("offload_partial", '`offload_optimizer: {"device": "cpu", "ratio": 0.5}`',
+        {0: None, 1: None, 2: None, 3: _refused("zero_optimization.offload_param.device")},
+    ),
+    Row(
+        "offload_partial",
+        '`offload_optimizer: {"device": "cpu", "ratio": 0.5}`',
         {"zero": (("offload_optimizer", {"device": "cpu", "ratio": 0.5}),)},
         {0: None, 1: None, 2: None, 3: _refused("zero_optimization.offload_optimizer.ratio")},
-        "partial offload is untested"),
-    Row("pipecfg", '`pipeline: {"stages": "auto"}` on a plain model', {"pipeline_cfg": True},
-        _ALL_EXACT, "DeepSpeed ignores the section without a PipelineModule"),
-    Row("pipemodule", "a 2-stage `deepspeed.pipe.PipelineModule`", {"model": "pipeline"},
-        {s: _refused("model") for s in STAGES}, "pipeline parallelism"),
-    Row("opt_class", "optimizer = `megawsd.optim.ScheduleFreeAdamW` object", {"opt": "class"},
-        _ALL_EXACT),
-    Row("opt_callable", "optimizer = a callable building `ScheduleFreeAdamW`",
-        {"opt": "callable"}, _ALL_EXACT),
-    Row("opt_stock", "optimizer = stock `schedulefree.AdamWScheduleFree`", {"opt": "stock"},
-        _ALL_EXACT, "adopted into megawsd's ScheduleFreeAdamW (same state)"),
-    Row("ckpt", "save at step 3 -> load inside `eval_mode` -> continue", {"ckpt": True},
-        _ALL_EXACT),
+        "partial offload is untested",
+    ),
+    Row(
+        "pipecfg",
+        '`pipeline: {"stages": "auto"}` on a plain model',
+        {"pipeline_cfg": True},
+        _ALL_EXACT,
+        "DeepSpeed ignores the section without a PipelineModule",
+    ),
+    Row(
+        "pipemodule",
+        "a 2-stage `deepspeed.pipe.PipelineModule`",
+        {"model": "pipeline"},
+        {s: _refused("model") for s in STAGES},
+        "pipeline parallelism",
+    ),
+    Row(
+        "opt_class",
+        "optimizer = `megawsd.optim.ScheduleFreeAdamW` object",
+        {"opt": "class"},
+        _ALL_EXACT,
+    ),
+    Row(
+        "opt_callable",
+        "optimizer = a callable building `ScheduleFreeAdamW`",
+        {"opt": "callable"},
+        _ALL_EXACT,
+    ),
+    Row(
+        "opt_stock",
+        "optimizer = stock `schedulefree.AdamWScheduleFree`",
+        {"opt": "stock"},
+        _ALL_EXACT,
+        "adopted into megawsd's ScheduleFreeAdamW (same state)",
+    ),
+    Row(
+        "ckpt", "save at step 3 -> load inside `eval_mode` -> continue", {"ckpt": True}, _ALL_EXACT
+    ),
 ]
 ROW_BY_KEY = {r.key: r for r in ROWS}
 
@@ -187,13 +265,23 @@ def cells(full: bool = False) -> list[Cell]:
     """The representative slice, or (``full``) the cross product of the options that interact:
     dtype x accumulation x clipping x optimizer source x checkpoint, per stage, plus each
     ZeRO switch on every dtype."""
-    out = [make_cell(s, (r.key,)) for r in ROWS if r.key != "fp32" for s in STAGES
-           if _applies(r.key, s) and r.outcome[s] != EXACT]
+    out = [
+        make_cell(s, (r.key,))
+        for r in ROWS
+        if r.key != "fp32"
+        for s in STAGES
+        if _applies(r.key, s) and r.outcome[s] != EXACT
+    ]
     if not full:
         return out + [make_cell(s, rows) for s, rows in DEFAULT_REFUSED + DEFAULT_EXACT]
     opts = ((), ("opt_class",), ("opt_callable",), ("opt_stock",))
-    out += [make_cell(s, o + (r.key,)) for r in ROWS for s in STAGES for o in opts[1:]
-            if _applies(r.key, s) and r.outcome[s] != EXACT]
+    out += [
+        make_cell(s, o + (r.key,))
+        for r in ROWS
+        for s in STAGES
+        for o in opts[1:]
+        if _applies(r.key, s) and r.outcome[s] != EXACT
+    ]
     dtypes = ((), ("bf16",), ("fp16",))  # the bfloat16 alias: its own row and refusals
     accum = ((), ("gas2",), ("noclip",), ("gas2", "noclip"))
     for s in STAGES:
@@ -204,12 +292,15 @@ def cells(full: bool = False) -> list[Cell]:
             if _applies(key, s):
                 out += [make_cell(s, d + (key,)) for d in (dtypes if key != "bfloat16" else [()])]
         # ZeRO-Offload on every dtype, saved -> reloaded -> continued; ZeRO-3 offloads both.
-        offloads = [("offload_opt",)] + ([("offload_param",), ("offload_opt", "offload_param")]
-                                         if s == 3 else [])
+        offloads = [("offload_opt",)] + (
+            [("offload_param",), ("offload_opt", "offload_param")] if s == 3 else []
+        )
         if s > 0:
             out += [make_cell(s, d + o + ("ckpt",)) for d in dtypes for o in offloads]
-            out += [make_cell(s, ("gas2", "opt_stock", "offload_opt")),
-                    make_cell(s, ("bf16", "offload_auto", "ckpt"))]
+            out += [
+                make_cell(s, ("gas2", "opt_stock", "offload_opt")),
+                make_cell(s, ("bf16", "offload_auto", "ckpt")),
+            ]
     return list({c.name: c for c in out}.values())
 
 

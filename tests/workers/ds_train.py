@@ -70,25 +70,47 @@ def eval_batch():
 def micro_batches(batch: torch.Tensor, world: int, rank: int) -> list[torch.Tensor]:
     """This rank's micro-batches of a global batch (gradient accumulation when world < 2)."""
     gas = GLOBAL // (MB * world)
-    return [batch[(m * world + rank) * MB:(m * world + rank + 1) * MB] for m in range(gas)]
+    return [batch[(m * world + rank) * MB : (m * world + rank + 1) * MB] for m in range(gas)]
 
 
 def schedule_spec(steps: int = 8):
-    return {"type": "WSD", "params": {"total_steps": steps, "warmup_steps": 0, "decay_steps": 3,
-                                      "decay_shape": "1-sqrt", "min_ratio": 0.1}}
+    return {
+        "type": "WSD",
+        "params": {
+            "total_steps": steps,
+            "warmup_steps": 0,
+            "decay_steps": 3,
+            "decay_shape": "1-sqrt",
+            "min_ratio": 0.1,
+        },
+    }
 
 
-def ds_config(stage: int, dtype: str, world: int, sub_group_size: int | None = None,
-              sf_params: dict | None = None):
+def ds_config(
+    stage: int,
+    dtype: str,
+    world: int,
+    sub_group_size: int | None = None,
+    sf_params: dict | None = None,
+):
     cfg = {
         "train_micro_batch_size_per_gpu": MB,
         "gradient_accumulation_steps": GLOBAL // (MB * world),
         "train_batch_size": GLOBAL,
         "steps_per_print": 10**9,
         "gradient_clipping": CLIP,
-        "optimizer": {"type": "ScheduleFreeAdamW",
-                      "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
-                                 "warmup_steps": 2, "backend": "foreach", **(sf_params or {})}},
+        "optimizer": {
+            "type": "ScheduleFreeAdamW",
+            "params": {
+                "lr": LR,
+                "betas": list(BETAS),
+                "eps": 1e-8,
+                "weight_decay": WD,
+                "warmup_steps": 2,
+                "backend": "foreach",
+                **(sf_params or {}),
+            },
+        },
         "scheduler": schedule_spec(),
         "zero_optimization": {"stage": stage},
         "wall_clock_breakdown": False,
@@ -123,8 +145,16 @@ def run_reference(job, world):
     from megawsd.schedules import DeepSpeedLRScheduler, build_schedule
 
     model = make_model()
-    opt = ScheduleFreeAdamW(param_groups(model), lr=LR, betas=BETAS, eps=1e-8, weight_decay=WD,
-                            warmup_steps=2, backend="foreach", **job.get("sf_params", {}))
+    opt = ScheduleFreeAdamW(
+        param_groups(model),
+        lr=LR,
+        betas=BETAS,
+        eps=1e-8,
+        weight_decay=WD,
+        warmup_steps=2,
+        backend="foreach",
+        **job.get("sf_params", {}),
+    )
     spec = schedule_spec()
     sched = DeepSpeedLRScheduler(opt, build_schedule({"family": "wsd", **spec["params"]}))
     opt.train()
@@ -159,10 +189,16 @@ def run_reference(job, world):
     # Other reference jobs (e.g. with inner momentum) keep their files beside the main one's.
     tag = "reference" if job["name"] == "ref" else f"reference_{job['name']}"
     torch.save(x, os.path.join(job["tmp"], f"{tag}_x.pt"))
-    torch.save({n: (p.detach().clone(), opt.state[p]["z"].clone()) for n, p in model.named_parameters()},
-               os.path.join(job["tmp"], f"{tag}_yz.pt"))
-    return {"losses": losses, "eval_loss": eval_loss, "lrs": lrs,
-            "k": [g["k"] for g in opt.param_groups]}
+    torch.save(
+        {n: (p.detach().clone(), opt.state[p]["z"].clone()) for n, p in model.named_parameters()},
+        os.path.join(job["tmp"], f"{tag}_yz.pt"),
+    )
+    return {
+        "losses": losses,
+        "eval_loss": eval_loss,
+        "lrs": lrs,
+        "k": [g["k"] for g in opt.param_groups],
+    }
 
 
 def _snapshot(engine):
@@ -193,7 +229,8 @@ def run_train(job, world, rank):
     stage, dtype = job["stage"], job.get("dtype", "fp32")
     model = make_model()
     engine, _, _, sched = mds.initialize(
-        model=model, model_parameters=param_groups(model),
+        model=model,
+        model_parameters=param_groups(model),
         config=ds_config(stage, dtype, world, job.get("sub_group_size"), job.get("sf_params")),
     )
     result = {"path": ds_layout.path_name(engine), "n_shards": len(ds_layout.shards(engine))}
@@ -221,7 +258,7 @@ def run_train(job, world, rank):
         losses.append(global_mean(torch.stack(micro).mean()))
         if s == job.get("eval_at"):
             per = GLOBAL // world
-            ev = eval_batch()[rank * per:(rank + 1) * per]
+            ev = eval_batch()[rank * per : (rank + 1) * per]
             before = _snapshot(engine)
             with torch.no_grad():
                 train_loss = global_mean(engine(input_ids=ev, labels=ev).loss)
@@ -232,10 +269,16 @@ def run_train(job, world, rank):
             result["eval_loss"] = eval_loss
             result["eval_train_loss"] = [train_loss, after_loss]
             result["eval_restored_exact"] = len(before) == len(after) and all(
-                a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after))
-            result["eval_restored_diff"] = [i for i, (a, b) in enumerate(zip(before, after))
-                                            if a.shape != b.shape or not torch.equal(a, b)][:5]
-        if s in (job.get("save_at") if isinstance(job.get("save_at"), list) else [job.get("save_at")]):
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after)
+            )
+            result["eval_restored_diff"] = [
+                i
+                for i, (a, b) in enumerate(zip(before, after))
+                if a.shape != b.shape or not torch.equal(a, b)
+            ][:5]
+        if s in (
+            job.get("save_at") if isinstance(job.get("save_at"), list) else [job.get("save_at")]
+        ):
             engine.save_checkpoint(job["save_dir"], tag=f"step{s}")
     result["losses"] = losses
     result["lrs"] = lrs
@@ -252,17 +295,24 @@ def run_train(job, world, rank):
     zs = mds.full_param_tensors(engine, "z")
     vs = mds.full_param_tensors(engine, "exp_avg_sq")
     if stage > 0:
-        name, p = next((n, q) for n, q in engine.module.named_parameters()
-                       if len(getattr(q, "ds_shape", q.shape)) >= 2)
+        name, p = next(
+            (n, q)
+            for n, q in engine.module.named_parameters()
+            if len(getattr(q, "ds_shape", q.shape)) >= 2
+        )
         got_y = dsu.safe_get_full_fp32_param(p)
         got_z = dsu.safe_get_full_optimizer_state(p, "z")
         got_v = dsu.safe_get_full_optimizer_state(p, "exp_avg_sq")
         result["accessors_ok"] = bool(
-            torch.equal(got_y, ys[name]) and torch.equal(got_z, zs[name]) and torch.equal(got_v, vs[name]))
+            torch.equal(got_y, ys[name])
+            and torch.equal(got_z, zs[name])
+            and torch.equal(got_v, vs[name])
+        )
         # Every parameter of every group (ZeRO-1/2 used to link only group 0's fragments).
         result["accessors_all_groups"] = all(
             dsu.safe_get_full_optimizer_state(q, "z") is not None
-            for q in engine.module.parameters())
+            for q in engine.module.parameters()
+        )
         new_z = zs[name] + 1.0
         dsu.safe_set_full_optimizer_state(p, new_z, "z")
         result["safe_set_ok"] = bool(torch.equal(dsu.safe_get_full_optimizer_state(p, "z"), new_z))
@@ -276,7 +326,9 @@ def run_train(job, world, rank):
         result["x_matches_yz"] = exact
         result["x_matches_yz_maxdiff"] = maxdiff
         torch.save(x, os.path.join(job["tmp"], f"{job['name']}_x.pt"))
-        torch.save({n: (ys[n], zs[n]) for n in ys}, os.path.join(job["tmp"], f"{job['name']}_yz.pt"))
+        torch.save(
+            {n: (ys[n], zs[n]) for n in ys}, os.path.join(job["tmp"], f"{job['name']}_yz.pt")
+        )
     return result
 
 
@@ -286,19 +338,24 @@ def run_native(job, world, rank):
     import megawsd.deepspeed as mds
 
     cfg = {
-        "train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": GLOBAL // (MB * world),
-        "train_batch_size": GLOBAL, "steps_per_print": 10**9,
+        "train_micro_batch_size_per_gpu": MB,
+        "gradient_accumulation_steps": GLOBAL // (MB * world),
+        "train_batch_size": GLOBAL,
+        "steps_per_print": 10**9,
         # torch_adam: DeepSpeed's own AdamW would JIT-compile a C++ op (minutes on 2 cores).
-        "optimizer": {"type": "AdamW",
-                      "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True},
+        },
         "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 1e-3}},
         "zero_optimization": {"stage": job["stage"]},
     }
     out = {}
     for which, init in (("megawsd", mds.initialize), ("deepspeed", deepspeed.initialize)):
         model = make_model()
-        engine, opt, _, sched = init(model=model, model_parameters=model.parameters(),
-                                     config=copy.deepcopy(cfg))
+        engine, opt, _, sched = init(
+            model=model, model_parameters=model.parameters(), config=copy.deepcopy(cfg)
+        )
         losses = []
         for s in range(3):
             for ids in micro_batches(data()[s], world, rank):
@@ -306,8 +363,12 @@ def run_native(job, world, rank):
                 engine.backward(loss)
                 engine.step()
             losses.append(global_mean(loss))
-        out[which] = {"losses": losses, "optimizer": type(opt).__name__,
-                      "scheduler": type(sched).__name__, "lr": sched.get_last_lr()}
+        out[which] = {
+            "losses": losses,
+            "optimizer": type(opt).__name__,
+            "scheduler": type(sched).__name__,
+            "lr": sched.get_last_lr(),
+        }
     return out
 
 

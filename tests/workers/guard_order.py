@@ -33,8 +33,10 @@ from tests.workers.train_common import write_config  # noqa: E402
 
 def snapshot(engine, inner):
     params = [p.detach().clone() for p in engine.module.parameters()]
-    state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
-             for st in inner.state.values()]
+    state = [
+        {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+        for st in inner.state.values()
+    ]
     groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
     return params, state, groups
 
@@ -51,13 +53,25 @@ def same(a, b) -> bool:
 
 def order() -> dict:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2))
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "train_batch_size": 2, "gradient_clipping": 1.0, "steps_per_print": 10**9,
-          "zero_optimization": {"stage": 0},
-          "optimizer": {"type": "ScheduleFreeAdamW", "params": {"lr": 1e-2, "backend": "foreach"}}}
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 2,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 0},
+        "optimizer": {"type": "ScheduleFreeAdamW", "params": {"lr": 1e-2, "backend": "foreach"}},
+    }
     engine, *_ = initialize(model=model, config=ds, model_parameters=model.parameters())
     inner = ds_layout.inner_optimizer(engine)
     hook = inner.step
@@ -92,9 +106,18 @@ def order() -> dict:
 
 
 def loop_steps(tmp: Path, data: Path) -> dict:
-    cfg = load_config(str(write_config(tmp / "run.yaml", data, steps=3,
-                                       checkpoint={"interval": 0, "save_final": False},
-                                       eval={"batches": 0})), [])
+    cfg = load_config(
+        str(
+            write_config(
+                tmp / "run.yaml",
+                data,
+                steps=3,
+                checkpoint={"interval": 0, "save_final": False},
+                eval={"batches": 0},
+            )
+        ),
+        [],
+    )
     rec = {"boundary": []}
     build_engine = loop.build_engine
 
@@ -113,8 +136,13 @@ def loop_steps(tmp: Path, data: Path) -> dict:
     loop.build_engine = spied
     assert loop.train(cfg, tmp / "run") == 0
     engine = rec.pop("engine")
-    return {**rec, "gas": engine.gradient_accumulation_steps(), "steps": cfg.total_steps,
-            "micro_steps": engine.micro_steps, "global_steps": engine.global_steps}
+    return {
+        **rec,
+        "gas": engine.gradient_accumulation_steps(),
+        "steps": cfg.total_steps,
+        "micro_steps": engine.micro_steps,
+        "global_steps": engine.global_steps,
+    }
 
 
 def main():

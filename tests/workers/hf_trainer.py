@@ -37,9 +37,16 @@ def make_model(tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                      max_position_embeddings=64, tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -65,8 +72,13 @@ class Rows(torch.utils.data.Dataset):
 
 
 def schedule_params(total="auto"):
-    return {"total_steps": total, "warmup_steps": "auto", "decay_steps": 3,
-            "decay_shape": "1-sqrt", "min_ratio": 0.1}
+    return {
+        "total_steps": total,
+        "warmup_steps": "auto",
+        "decay_steps": 3,
+        "decay_shape": "1-sqrt",
+        "min_ratio": 0.1,
+    }
 
 
 def ds_config(stage: int):
@@ -76,10 +88,17 @@ def ds_config(stage: int):
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
         "steps_per_print": 10**9,
-        "optimizer": {"type": "ScheduleFreeAdamW",
-                      "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                 "weight_decay": "auto", "warmup_steps": SF_WARMUP,
-                                 "backend": "foreach"}},
+        "optimizer": {
+            "type": "ScheduleFreeAdamW",
+            "params": {
+                "lr": "auto",
+                "betas": "auto",
+                "eps": "auto",
+                "weight_decay": "auto",
+                "warmup_steps": SF_WARMUP,
+                "backend": "foreach",
+            },
+        },
         "scheduler": {"type": "WSD", "params": schedule_params()},
         "zero_optimization": {"stage": stage},
     }
@@ -92,9 +111,10 @@ def decay_groups(model):
     import transformers
 
     decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
-    return [{"params": [p for n, p in model.named_parameters() if n in decay]},
-            {"params": [p for n, p in model.named_parameters() if n not in decay],
-             "weight_decay": 0.0}]
+    return [
+        {"params": [p for n, p in model.named_parameters() if n in decay]},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,17 +125,25 @@ def run_reference(job):
     from megawsd.schedules import DeepSpeedLRScheduler, build_schedule
 
     model = make_model()
-    opt = ScheduleFreeAdamW(decay_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                            warmup_steps=SF_WARMUP, backend="foreach")
-    sched = DeepSpeedLRScheduler(opt, build_schedule(
-        {"family": "wsd", **schedule_params(total=STEPS), "warmup_steps": 0}))
+    opt = ScheduleFreeAdamW(
+        decay_groups(model),
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=WD,
+        warmup_steps=SF_WARMUP,
+        backend="foreach",
+    )
+    sched = DeepSpeedLRScheduler(
+        opt, build_schedule({"family": "wsd", **schedule_params(total=STEPS), "warmup_steps": 0})
+    )
     opt.train()
     data = samples()
     losses, eval_loss = [], None
     from megawsd.hf.weights import torch_eval_weights
 
     for s in range(1, STEPS + 1):
-        ids = data[(s - 1) * GLOBAL:s * GLOBAL]
+        ids = data[(s - 1) * GLOBAL : s * GLOBAL]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -153,7 +181,7 @@ def _eval_loss_by_hand(trainer):
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     ev = eval_samples()
     per = GLOBAL // world
-    ev = ev[rank * per:(rank + 1) * per]
+    ev = ev[rank * per : (rank + 1) * per]
     engine = trainer._mw.engine
     model = engine if engine is not None else trainer.model
     with torch.no_grad(), eval_weights(model, trainer.optimizer):
@@ -174,13 +202,27 @@ def make_trainer(job, out_dir, **extra):
     stage = job.get("stage")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torch.distributed starts in TrainingArguments
     kwargs = dict(
-        output_dir=out_dir, per_device_train_batch_size=MB,
-        gradient_accumulation_steps=GLOBAL // (MB * world), per_device_eval_batch_size=GLOBAL // world,
-        learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS,
-        weight_decay=WD, max_grad_norm=1.0, max_steps=job.get("max_steps", STEPS),
-        logging_steps=1, save_strategy="steps", eval_strategy="steps",
-        eval_steps=job.get("eval_at") or STEPS + 1, save_steps=job.get("save_every", 3),
-        report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=out_dir,
+        per_device_train_batch_size=MB,
+        gradient_accumulation_steps=GLOBAL // (MB * world),
+        per_device_eval_batch_size=GLOBAL // world,
+        learning_rate=LR,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        adam_epsilon=EPS,
+        weight_decay=WD,
+        max_grad_norm=1.0,
+        max_steps=job.get("max_steps", STEPS),
+        logging_steps=1,
+        save_strategy="steps",
+        eval_strategy="steps",
+        eval_steps=job.get("eval_at") or STEPS + 1,
+        save_steps=job.get("save_every", 3),
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     trainer_kwargs = {}
     if stage is None:
@@ -199,8 +241,10 @@ def make_trainer(job, out_dir, **extra):
         if job.get("schedule"):
             trainer_kwargs["schedule"] = job["schedule"]
         if job.get("native_optimizer"):  # DeepSpeed's AdamW (torch's; no C++ build) + WSD
-            kwargs["deepspeed"]["optimizer"] = {"type": "AdamW", "params": {
-                "lr": "auto", "weight_decay": "auto", "torch_adam": True}}
+            kwargs["deepspeed"]["optimizer"] = {
+                "type": "AdamW",
+                "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True},
+            }
     kwargs.update(job.get("args", {}))
     args = TrainingArguments(**kwargs)
     if stage is None:
@@ -225,7 +269,8 @@ def make_trainer(job, out_dir, **extra):
             result["eval_loss"] = metrics["eval_loss"]
             result["eval_by_hand"] = _eval_loss_by_hand(trainer)
             result["y_restored_exact"] = before.keys() == after.keys() and all(
-                torch.equal(before[n], after[n]) for n in before)
+                torch.equal(before[n], after[n]) for n in before
+            )
 
     class SequentialTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -239,8 +284,14 @@ def make_trainer(job, out_dir, **extra):
     if job.get("client_optimizer"):
         trainer_kwargs["optimizers"] = (torch.optim.AdamW(model.parameters()), None)
     trainer = SequentialTrainer(
-        model=model, args=args, train_dataset=Rows(samples()),
-        eval_dataset=Rows(eval_samples()), callbacks=[EvalAt()], **trainer_kwargs, **extra)
+        model=model,
+        args=args,
+        train_dataset=Rows(samples()),
+        eval_dataset=Rows(eval_samples()),
+        callbacks=[EvalAt()],
+        **trainer_kwargs,
+        **extra,
+    )
     return trainer, result
 
 
@@ -311,8 +362,12 @@ def run_accelerate(job):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = ds_config(job["stage"])
-    cfg.update(train_micro_batch_size_per_gpu=MB, gradient_accumulation_steps=GLOBAL // (MB * world),
-               train_batch_size=GLOBAL, gradient_clipping=1.0)
+    cfg.update(
+        train_micro_batch_size_per_gpu=MB,
+        gradient_accumulation_steps=GLOBAL // (MB * world),
+        train_batch_size=GLOBAL,
+        gradient_clipping=1.0,
+    )
     cfg["optimizer"]["params"].update(lr=LR, betas=list(BETAS), eps=EPS, weight_decay=WD)
     cfg["scheduler"]["params"].update(total_steps=STEPS, warmup_steps=0)
     acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
@@ -323,7 +378,7 @@ def run_accelerate(job):
     rank = torch.distributed.get_rank()  # (acc.process_index says 0 in this worker on CPU)
     data = samples()
     # This rank's micro-batches of each global batch, as the Trainer's sharded loader gives.
-    batches = [data[k * GLOBAL + rank * MB:k * GLOBAL + (rank + 1) * MB] for k in range(STEPS)]
+    batches = [data[k * GLOBAL + rank * MB : k * GLOBAL + (rank + 1) * MB] for k in range(STEPS)]
     losses, result = [], {}
     for step, ids in enumerate(batches, start=1):
         loss = model(input_ids=ids, labels=ids).loss
@@ -333,7 +388,7 @@ def run_accelerate(job):
         opt.zero_grad()
         losses.append(global_mean(loss))
         if step == job.get("eval_at"):
-            ev = eval_samples()[rank * (GLOBAL // world):(rank + 1) * (GLOBAL // world)]
+            ev = eval_samples()[rank * (GLOBAL // world) : (rank + 1) * (GLOBAL // world)]
             opt.eval()  # accelerate's own call, as a schedule-free user writes it
             with torch.no_grad():
                 result["eval_loss"] = global_mean(model(input_ids=ev, labels=ev).loss)

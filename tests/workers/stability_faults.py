@@ -40,9 +40,15 @@ args = worker_args()
 tmp, data = Path(args["tmp"]), Path(args["data"])
 rank = dist.get_rank()
 STEPS = 10
-COMMON = dict(steps=STEPS, eval__batches=0, checkpoint__interval=3, checkpoint__keep_last=4,
-              schedule={"family": "constant", "warmup_steps": 9},
-              logging__tensorboard=False, logging__progress=False)
+COMMON = dict(
+    steps=STEPS,
+    eval__batches=0,
+    checkpoint__interval=3,
+    checkpoint__keep_last=4,
+    schedule={"family": "constant", "warmup_steps": 9},
+    logging__tensorboard=False,
+    logging__progress=False,
+)
 
 
 def run(name: str, faults: str = "", expect: type | None = None, **changes) -> dict:
@@ -70,30 +76,44 @@ def summary(name: str) -> dict:
     if (d / "stability.jsonl").exists():
         events = [json.loads(x) for x in (d / "stability.jsonl").read_text().splitlines()]
     ckpts = sorted(p.name for p in (d / "checkpoints").glob("step_*"))
-    latest = (d / "checkpoints" / "latest")
+    latest = d / "checkpoints" / "latest"
     state = {}
     if latest.exists():
-        state = json.loads((d / "checkpoints" / latest.read_text().strip() / "megawsd_state.json")
-                           .read_text())
-    return {"losses": losses(d) if (d / "metrics.jsonl").exists() else {},
-            "lrs": lrs(d) if (d / "metrics.jsonl").exists() else {},
-            "events": events, "run": json.loads((d / "run.json").read_text()),
-            "checkpoints": ckpts, "tmp_dirs": [p.name for p in (d / "checkpoints").glob(".*")],
-            "latest": latest.read_text().strip() if latest.exists() else None,
-            "stability_state": state.get("stability"),
-            "mirrored": sum(1 for x in (d / "metrics.jsonl").read_text().splitlines()
-                            if "stability_event" in x) if (d / "metrics.jsonl").exists() else 0}
+        state = json.loads(
+            (d / "checkpoints" / latest.read_text().strip() / "megawsd_state.json").read_text()
+        )
+    return {
+        "losses": losses(d) if (d / "metrics.jsonl").exists() else {},
+        "lrs": lrs(d) if (d / "metrics.jsonl").exists() else {},
+        "events": events,
+        "run": json.loads((d / "run.json").read_text()),
+        "checkpoints": ckpts,
+        "tmp_dirs": [p.name for p in (d / "checkpoints").glob(".*")],
+        "latest": latest.read_text().strip() if latest.exists() else None,
+        "stability_state": state.get("stability"),
+        "mirrored": sum(
+            1 for x in (d / "metrics.jsonl").read_text().splitlines() if "stability_event" in x
+        )
+        if (d / "metrics.jsonl").exists()
+        else 0,
+    }
 
 
 out = {}
 stab = {"warmup_steps": 3}
 run("ref-skip", stability={**stab, "skip_batches": [[4, 5], [7, 8]]})
 out["ref-skip"] = summary("ref-skip")
-run("A", "nan_grad@4,loss_spike@7:1000", stability={
-    **stab, "nan": {"action": "skip"}, "loss_spike": {"action": "rollback"}})
+run(
+    "A",
+    "nan_grad@4,loss_spike@7:1000",
+    stability={**stab, "nan": {"action": "skip"}, "loss_spike": {"action": "rollback"}},
+)
 out["A"] = summary("A")
-run("B", "nan_grad@4,loss_spike@7:1000", stability={
-    **stab, "nan": {"action": "rollback"}, "loss_spike": {"action": "skip"}})
+run(
+    "B",
+    "nan_grad@4,loss_spike@7:1000",
+    stability={**stab, "nan": {"action": "rollback"}, "loss_spike": {"action": "skip"}},
+)
 out["B"] = summary("B")
 run("ref", stability=stab)
 out["ref"] = summary("ref")
@@ -129,10 +149,16 @@ out["C-all-corrupt"] = run("C", expect=CheckpointError, stability=stab)
 holder = None
 if rank == 0:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, {!r}); "
-         "from megawsd.train.runlock import RunLock; RunLock({!r}).acquire(); print('ok', flush=True); "
-         "time.sleep(120)".format(str(Path(__file__).resolve().parents[2]), str(tmp / "locked"))],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, {!r}); "
+            "from megawsd.train.runlock import RunLock; RunLock({!r}).acquire(); print('ok', flush=True); "
+            "time.sleep(120)".format(str(Path(__file__).resolve().parents[2]), str(tmp / "locked")),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     holder.stdout.readline()
 dist.barrier()
 try:

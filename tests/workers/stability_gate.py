@@ -63,24 +63,42 @@ def same(a, b) -> bool:
 out = {}
 for stage, opt_type in args["combos"]:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, tie_word_embeddings=False))
-    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "train_batch_size": 2 * world, "gradient_clipping": 1.0,
-          "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-          "optimizer": {"type": opt_type, "params": {"lr": 1e-2, "weight_decay": 0.1}}}
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 2 * world,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "optimizer": {"type": opt_type, "params": {"lr": 1e-2, "weight_decay": 0.1}},
+    }
     if opt_type == "AdamW":
         ds.pop("optimizer")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         ds["zero_allow_untested_optimizer"] = True
     else:
         optimizer = None
-    engine, *_ = initialize(model=model, optimizer=optimizer, config=ds,
-                            model_parameters=model.parameters() if optimizer is None else None)
+    engine, *_ = initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds,
+        model_parameters=model.parameters() if optimizer is None else None,
+    )
     cfg = StabilityConfig(warmup_steps=0, nan={"action": "skip"})
-    guard = StabilityGuard(cfg, engine, rank=rank, world=world,
-                           faults=Faults([Fault("nan_grad", 2, None, 0)], rank))
+    guard = StabilityGuard(
+        cfg, engine, rank=rank, world=world, faults=Faults([Fault("nan_grad", 2, None, 0)], rank)
+    )
     gen = torch.Generator().manual_seed(100 + rank)
     res = {"norms": [], "actions": [], "applied": [], "events": []}
     for step in range(4):
@@ -92,8 +110,9 @@ for stage, opt_type in args["combos"]:
         engine.backward(loss)
         if step == 1:  # force a veto: any loss is a "spike" whose action is skip
             saved = guard.monitor.state_dict()
-            guard.monitor.cfg = cfg.model_copy(update={"loss_spike": SpikeRule(
-                k=1.0, min_rel=0, action="skip")})
+            guard.monitor.cfg = cfg.model_copy(
+                update={"loss_spike": SpikeRule(k=1.0, min_rel=0, action="skip")}
+            )
             guard.monitor.loss.count, guard.monitor.loss.mean = 5, -100.0
         if step in (1, 2):
             before_p, before_s = full_params(engine), opt_state(engine)
@@ -106,8 +125,9 @@ for stage, opt_type in args["combos"]:
             guard.monitor.cfg = cfg
             guard.monitor.load_state_dict(saved)
         if step in (1, 2):
-            res[f"unchanged_{step}"] = (same(before_p, full_params(engine))
-                                        and same(before_s, opt_state(engine)))
+            res[f"unchanged_{step}"] = same(before_p, full_params(engine)) and same(
+                before_s, opt_state(engine)
+            )
         if step == 0:
             res["stats"] = o.stats
             if stage == 0 and rank == 0:
@@ -120,7 +140,9 @@ for stage, opt_type in args["combos"]:
                     a[1] += p.detach().double().pow(2).sum().item()
                     a[2] += p.numel()
                 res["oracle"] = {f"update_rms/{g}": (a[0] / a[2]) ** 0.5 for g, a in sums.items()}
-                res["oracle"].update({f"param_rms/{g}": (a[1] / a[2]) ** 0.5 for g, a in sums.items()})
+                res["oracle"].update(
+                    {f"param_rms/{g}": (a[1] / a[2]) ** 0.5 for g, a in sums.items()}
+                )
         res["norms"].append(o.grad_norm)
         res["actions"].append(o.action)
         res["applied"].append(o.applied)

@@ -70,8 +70,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cli_env() -> dict[str, str]:
     """Environment for `megawsd` subprocesses: CPU ranks, one thread each, no progress bar."""
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-                PYTHONPATH=str(REPO), MEGAWSD_NO_BAR="1")
+    return dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=str(REPO),
+        MEGAWSD_NO_BAR="1",
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300.0) -> int:

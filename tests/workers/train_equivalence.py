@@ -28,14 +28,28 @@ out = {}
 for opt, stage in args["combos"]:
     key = f"{opt}-z{stage}"
     params = {"backend": "foreach"} if opt == "schedule_free_adamw" else {}
-    common = dict(optimizer__type=opt, optimizer__params=params, deepspeed__zero_stage=stage,
-                  eval__interval=0, checkpoint__interval=0)
+    common = dict(
+        optimizer__type=opt,
+        optimizer__params=params,
+        deepspeed__zero_stage=stage,
+        eval__interval=0,
+        checkpoint__interval=0,
+    )
     main_dir, wsd_dir = tmp / f"{key}-main", tmp / f"{key}-wsd"
     if dist.get_rank() == 0:
         write_config(tmp / f"{key}-main.yaml", data, steps=S, checkpoint__at=[S], **common)
-        write_config(tmp / f"{key}-wsd.yaml", data, steps=S + D, **common,
-                     schedule={"family": "wsd", "warmup_steps": 2, "decay_steps": D,
-                               "decay_shape": "1-sqrt"})
+        write_config(
+            tmp / f"{key}-wsd.yaml",
+            data,
+            steps=S + D,
+            **common,
+            schedule={
+                "family": "wsd",
+                "warmup_steps": 2,
+                "decay_steps": D,
+                "decay_shape": "1-sqrt",
+            },
+        )
     dist.barrier()
     run_from_args(str(tmp / f"{key}-main.yaml"), str(main_dir), [], False)
     plan = br.plan(main_dir, S, D, shape="1-sqrt")
@@ -44,7 +58,13 @@ for opt, stage in args["combos"]:
     dist.barrier()
     run_from_args(str(plan.path / "config.yaml"), str(plan.path), [], False)
     run_from_args(str(tmp / f"{key}-wsd.yaml"), str(wsd_dir), [], False)
-    out[key] = {"main": losses(main_dir), "branch": losses(plan.path), "wsd": losses(wsd_dir),
-                "main_lr": lrs(main_dir), "branch_lr": lrs(plan.path), "wsd_lr": lrs(wsd_dir),
-                "branch_dir": str(plan.path)}
+    out[key] = {
+        "main": losses(main_dir),
+        "branch": losses(plan.path),
+        "wsd": losses(wsd_dir),
+        "main_lr": lrs(main_dir),
+        "branch_lr": lrs(plan.path),
+        "wsd_lr": lrs(wsd_dir),
+        "branch_dir": str(plan.path),
+    }
 report(out)
