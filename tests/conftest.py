@@ -7,7 +7,9 @@ DS_ACCELERATOR=cpu makes DeepSpeed pick its CPU accelerator (gloo) in every spaw
 """
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -17,3 +19,21 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_deepspeed_shm():
+    """DeepSpeed's CPU shm allreduce never unlinks its /dev/shm buffers (tens of MB per rank):
+    whatever a test's ranks left there goes when the test ends, so a long test session cannot
+    fill the machine's memory (run_ranks and megawsd's launcher clean up their own too)."""
+    before = set(_shm_buffers())
+    yield
+    for path in set(_shm_buffers()) - before:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _shm_buffers():
+    return Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")

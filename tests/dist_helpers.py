@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from megawsd.train.launcher import remove_shm_buffers
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -85,36 +87,44 @@ def run_ranks(
                         text=True,
                     )
                 )
-        logs, failed = [], False
-        for rank, p in enumerate(procs):
-            note = ""
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                p.wait()
-                note = f"\n[timeout after {timeout}s]"
-                failed = True
-            with open(os.path.join(out_dir, f"rank{rank}.log"), errors="replace") as f:
-                logs.append(f.read() + note)
-            failed = failed or p.returncode != 0
-        results = []
-        for rank in range(world_size):
-            path = os.path.join(out_dir, f"rank{rank}.json")
-            if not os.path.exists(path):
-                failed = True
-                results.append(None)
-                continue
-            with open(path) as f:
-                results.append(json.load(f))
-        if failed:
-            tails = "\n".join(
-                f"----- rank {r} (exit {p.returncode}) -----\n{log[-4000:]}"
-                for r, (p, log) in enumerate(zip(procs, logs))
-            )
-            raise RuntimeError(f"{script.name} failed on {world_size} ranks:\n{tails}")
-        return results
+        try:
+            return _collect(procs, out_dir, script, world_size, timeout)
+        finally:
+            remove_shm_buffers(port)  # DeepSpeed's CPU shm allreduce never unlinks them
+
+
+def _collect(procs, out_dir, script, world_size, timeout) -> list[dict[str, Any]]:
+    """Wait for the ranks; their reports, or a RuntimeError with every rank's log tail."""
+    logs, failed = [], False
+    for rank, p in enumerate(procs):
+        note = ""
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            p.wait()
+            note = f"\n[timeout after {timeout}s]"
+            failed = True
+        with open(os.path.join(out_dir, f"rank{rank}.log"), errors="replace") as f:
+            logs.append(f.read() + note)
+        failed = failed or p.returncode != 0
+    results = []
+    for rank in range(world_size):
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        if not os.path.exists(path):
+            failed = True
+            results.append(None)
+            continue
+        with open(path) as f:
+            results.append(json.load(f))
+    if failed:
+        tails = "\n".join(
+            f"----- rank {r} (exit {p.returncode}) -----\n{log[-4000:]}"
+            for r, (p, log) in enumerate(zip(procs, logs))
+        )
+        raise RuntimeError(f"{script.name} failed on {world_size} ranks:\n{tails}")
+    return results
 
 
 def worker_args() -> dict[str, Any]:

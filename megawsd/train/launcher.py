@@ -159,6 +159,8 @@ def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None =
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if "--master_port" in cmd:
+            remove_shm_buffers(int(cmd[cmd.index("--master_port") + 1]))
     if signalled and status_file is not None and status_file.exists():
         status = json.loads(status_file.read_text()).get("status")
         if status in ("stopped", "done"):
@@ -168,6 +170,25 @@ def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None =
             )
             return 0
     return rc
+
+
+def remove_shm_buffers(port: int) -> int:
+    """Delete the shared-memory buffers DeepSpeed's CPU communication backend left for the
+    ranks that used ``port``; returns how many.
+
+    DeepSpeed 0.19.8's shm allreduce (``ops/csrc/cpu/comm/shm.cpp``) creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (tens of MB each) and
+    never unlinks it: without this, every multi-rank CPU run would leave them behind until
+    /dev/shm fills memory. Called once the ranks have exited."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"
+    removed = 0
+    for path in Path("/dev/shm").glob(pattern):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _rank_processes(pid: int) -> list:
