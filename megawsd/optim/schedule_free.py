@@ -64,6 +64,7 @@ import torch
 from megawsd.errors import ConfigError, OptimizerError, field_error
 from megawsd.kernels import BACKENDS, BackendUnavailable, contiguous, resolve_backend
 from megawsd.kernels.sf_adamw_compiled import sf_adamw_compiled_
+from megawsd.kernels.sf_adamw_cpu import sf_adamw_cpu_
 from megawsd.kernels.sf_adamw_foreach import sf_adamw_foreach_
 from megawsd.optim.reference import (
     StepScalars,
@@ -192,14 +193,15 @@ def _triton_sf_adamw(*args, **kwargs):
 
 _IMPLEMENTATIONS: dict[str, Callable[..., None]] = {
     "triton": _triton_sf_adamw,  # one kernel launch per tensor, GPU
+    "cpp": sf_adamw_cpu_,  # one hand-written C++ loop per tensor, one call per list, CPU
     "compiled": sf_adamw_compiled_,  # one Inductor loop per tensor, CPU
     "foreach": sf_adamw_foreach_,  # eager multi-tensor ops, anywhere
     "reference": _single_tensor_sf_adamw,  # the oracle
 }
 # Where a backend's tensors go when it cannot run in this process (compiling failed).
-_FALLBACK = {"compiled": "foreach"}
+_FALLBACK = {"cpp": "compiled", "compiled": "foreach"}
 # Backends that read every tensor as one flat array; other tensors take the reference.
-_NEEDS_CONTIGUOUS = ("triton", "compiled")
+_NEEDS_CONTIGUOUS = ("triton", "cpp", "compiled")
 
 
 def _pick(lists: list[list | None], idx: list[int]) -> list[list | None]:
