@@ -1,4 +1,8 @@
-"""Schedule-free AdamW step through ``torch.compile``: the CPU fast path (one fused loop).
+"""Schedule-free AdamW step through ``torch.compile``: one fused loop, on any device.
+
+On CPU "auto" runs the hand-written C++ kernel (:mod:`.sf_adamw_cpu`, the same math operation
+for operation, bit-identical results) and comes here only when that cannot build or for dtype
+combinations it is not built for; this path is also what "compiled" forces.
 
 Inductor turns :func:`_sf_adamw_math` into one C++ (OpenMP, vectorised) loop that reads y, g,
 z, v once and writes y, z, v (and optionally a low-precision copy of y) once: 28 bytes/param for
@@ -19,7 +23,8 @@ Why the shape of this file:
 
 Entry point: :func:`sf_adamw_compiled_`, with the list signature every backend shares; after
 a compile failure it raises :class:`~megawsd.kernels.BackendUnavailable` and the dispatcher
-falls back to foreach (warned once).
+falls back to foreach (warned once). :func:`pack_scalars` is shared with the C++ kernel, which
+reads the same packed tensor.
 """
 
 from __future__ import annotations

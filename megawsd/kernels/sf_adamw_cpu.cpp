@@ -11,11 +11,13 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>  // convert_to_float / convert_from_float
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -29,8 +31,31 @@ constexpr int64_t kUnit = 1024;
 // Below this many units a tensor runs on one thread (thread wake-up costs more than it saves).
 constexpr int64_t kGrainUnits = 32;
 
+// Two float vectors of 2 * Vec::size() consecutive elements: for bf16/fp16 one full-width
+// load and one widening, as ATen's FusedAdamKernel.cpp does.
 template <typename T>
-inline Vec load(const T* p, int64_t n) {
+inline void load2(const T* p, Vec& a, Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + Vec::size());
+  } else {
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + Vec::size());
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);  // round to nearest even, as Tensor.copy_
+  }
+}
+
+// The last < 2 * Vec::size() elements, one vector (or part of one) at a time.
+template <typename T>
+inline Vec load_n(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p, n);
   } else {
@@ -39,11 +64,11 @@ inline Vec load(const T* p, int64_t n) {
 }
 
 template <typename T>
-inline void store(T* p, const Vec& x, int64_t n) {
+inline void store_n(T* p, const Vec& x, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     x.store(p, n);
   } else {
-    at::vec::convert<T>(x).store(p, n);  // round to nearest even, as Tensor.copy_
+    at::vec::convert<T>(x).store(p, n);
   }
 }
 
@@ -55,34 +80,69 @@ struct Coef {
         ycoef(s[YCOEF]), gs(s[GS]), mu(s[MU]), ommu(s[OMMU]), bc1(s[BC1]), zbase(s[ZBASE] > 0) {}
 };
 
+// The update of one vector of elements, in registers: g, y in; v, z, m updated; y_new out.
+template <bool M>
+inline Vec update(const Coef& c, Vec g, Vec y32, Vec& v, Vec& z, Vec& m) {
+  const Vec g32 = g * c.gs;
+  v = v * c.b2 + c.omb2 * (g32 * g32);
+  const Vec denom = (v / c.bc2).sqrt() + c.eps;
+  Vec u;
+  if constexpr (M) {
+    m = m * c.mu + c.ommu * g32;
+    u = (m / c.bc1) / denom + c.wd * y32;
+  } else {
+    u = g32 / denom + c.wd * y32;
+  }
+  // torch.lerp(y, z, w): both sides written as base + w (z - y), see sf_adamw_compiled.
+  const Vec y_new = ((c.zbase ? z : y32) + c.w * (z - y32)) + c.ycoef * u;
+  z = z - c.lr * u;
+  return y_new;
+}
+
 // Elements [begin, end) of one tensor. O = void: no low-precision copy; M: inner momentum.
 template <typename Y, typename G, typename O, bool M>
-void step_range(Y* y, const G* g, float* z, float* v, float* m, O* out, const Coef& c,
+void step_range(Y* y, const G* g, float* z, float* v, float* m, O* out, const Coef& coef,
                 int64_t begin, int64_t end) {
-  constexpr int64_t kVec = Vec::size();
-  for (int64_t i = begin; i < end; i += kVec) {
-    const int64_t n = std::min(kVec, end - i);
-    const Vec g32 = load(g + i, n) * c.gs;
-    const Vec v_new = load(v + i, n) * c.b2 + c.omb2 * (g32 * g32);
-    const Vec denom = (v_new / c.bc2).sqrt() + c.eps;
-    const Vec y32 = load(y + i, n);
-    const Vec zi = Vec::loadu(z + i, n);
-    Vec u;
+  const Coef c = coef;  // a local copy: the stores below cannot alias it, it stays in registers
+  constexpr int64_t kStep = 2 * Vec::size();
+  int64_t i = begin;
+  for (; i + kStep <= end; i += kStep) {
+    Vec g0, g1, y0, y1, m0, m1;
+    load2(g + i, g0, g1);
+    load2(y + i, y0, y1);
+    Vec v0 = Vec::loadu(v + i), v1 = Vec::loadu(v + i + Vec::size());
+    Vec z0 = Vec::loadu(z + i), z1 = Vec::loadu(z + i + Vec::size());
     if constexpr (M) {
-      const Vec m_new = Vec::loadu(m + i, n) * c.mu + c.ommu * g32;
-      u = (m_new / c.bc1) / denom + c.wd * y32;
-      m_new.store(m + i, n);
-    } else {
-      u = g32 / denom + c.wd * y32;
+      m0 = Vec::loadu(m + i);
+      m1 = Vec::loadu(m + i + Vec::size());
     }
-    // torch.lerp(y, z, w): both sides written as base + w (z - y), see sf_adamw_compiled.
-    const Vec y_new = ((c.zbase ? zi : y32) + c.w * (zi - y32)) + c.ycoef * u;
-    const Vec z_new = zi - c.lr * u;
-    v_new.store(v + i, n);
-    z_new.store(z + i, n);
-    store(y + i, y_new, n);
+    const Vec n0 = update<M>(c, g0, y0, v0, z0, m0);
+    const Vec n1 = update<M>(c, g1, y1, v1, z1, m1);
+    store2(v + i, v0, v1);
+    store2(z + i, z0, z1);
+    if constexpr (M) {
+      store2(m + i, m0, m1);
+    }
+    store2(y + i, n0, n1);
     if constexpr (!std::is_void_v<O>) {
-      store(out + i, y_new, n);
+      store2(out + i, n0, n1);
+    }
+  }
+  for (; i < end; i += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), end - i);
+    Vec vi = Vec::loadu(v + i, n), zi = Vec::loadu(z + i, n), mi;
+    if constexpr (M) {
+      mi = Vec::loadu(m + i, n);
+    }
+    const Vec y_new = update<M>(c, load_n(g + i, n), load_n(y + i, n), vi, zi, mi);
+    vi.store(v + i, n);
+    zi.store(z + i, n);
+    if constexpr (M) {
+      mi.store(m + i, n);
+    }
+    store_n(y + i, y_new, n);
+    if constexpr (!std::is_void_v<O>) {
+      store_n(out + i, y_new, n);
     }
   }
 }

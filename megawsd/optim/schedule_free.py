@@ -14,8 +14,9 @@ schedulefree's arguments:
   (our default) -> ``backend`` decides. Combining it with any other explicit backend raises.
 
 Differences from the stock optimizer, all for training at scale:
-- ``backend``: "auto" (Triton on CUDA, ``torch.compile`` on CPU), or force "triton",
-  "compiled", "foreach", "reference". Compilation failure falls back to foreach with one warning.
+- ``backend``: "auto" (Triton on CUDA, the C++ kernel on CPU), or force "triton", "cpp",
+  "compiled" (``torch.compile``), "foreach", "reference". A build failure falls back
+  cpp -> compiled -> foreach, with one warning each.
   The fused backends agree with schedulefree to fp32 rounding (a few ulps), not bit for bit.
   ``backend`` and ``foreach`` are this process's choice: ``load_state_dict`` keeps them.
 - Groups with no params are left untouched by ``step()`` (their counters do not advance):
