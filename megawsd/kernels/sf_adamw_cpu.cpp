@@ -5,7 +5,7 @@
 // The math is sf_adamw_compiled._sf_adamw_math, operation for operation (same fp32 roundings,
 // no contraction into FMAs: built with -ffp-contract=off like Inductor), so this path and the
 // torch.compile path give the same values. The step's scalars come in the fp32 tensor built
-// by sf_adamw_compiled.pack_scalars; the indices below must match its _LR.._BC1.
+// by sf_adamw_compiled.pack_scalars; the indices below must match its _LR.._IBC1.
 //
 // Registered as torch.ops.megawsd_sf_cpu.step (no pybind: a lighter build).
 
@@ -24,7 +24,7 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-enum Scalar { LR, W, ZBASE, B2, OMB2, BC2, EPS, WD, YCOEF, GS, MU, OMMU, BC1, NSCALARS };
+enum Scalar { LR, W, ZBASE, B2, OMB2, IBC2, EPS, WD, YCOEF, GS, MU, OMMU, IBC1, NSCALARS };
 
 // Elements per parallel work unit: a whole number of vectors, so chunks never split one.
 constexpr int64_t kUnit = 1024;
@@ -73,11 +73,11 @@ inline void store_n(T* p, const Vec& x, int64_t n) {
 }
 
 struct Coef {
-  Vec lr, w, b2, omb2, bc2, eps, wd, ycoef, gs, mu, ommu, bc1;
+  Vec lr, w, b2, omb2, ibc2, eps, wd, ycoef, gs, mu, ommu, ibc1;
   bool zbase;
   explicit Coef(const float* s)
-      : lr(s[LR]), w(s[W]), b2(s[B2]), omb2(s[OMB2]), bc2(s[BC2]), eps(s[EPS]), wd(s[WD]),
-        ycoef(s[YCOEF]), gs(s[GS]), mu(s[MU]), ommu(s[OMMU]), bc1(s[BC1]), zbase(s[ZBASE] > 0) {}
+      : lr(s[LR]), w(s[W]), b2(s[B2]), omb2(s[OMB2]), ibc2(s[IBC2]), eps(s[EPS]), wd(s[WD]),
+        ycoef(s[YCOEF]), gs(s[GS]), mu(s[MU]), ommu(s[OMMU]), ibc1(s[IBC1]), zbase(s[ZBASE] > 0) {}
 };
 
 // The update of one vector of elements, in registers: g, y in; v, z, m updated; y_new out.
@@ -85,11 +85,11 @@ template <bool M>
 inline Vec update(const Coef& c, Vec g, Vec y32, Vec& v, Vec& z, Vec& m) {
   const Vec g32 = g * c.gs;
   v = v * c.b2 + c.omb2 * (g32 * g32);
-  const Vec denom = (v / c.bc2).sqrt() + c.eps;
+  const Vec denom = (v * c.ibc2).sqrt() + c.eps;
   Vec u;
   if constexpr (M) {
     m = m * c.mu + c.ommu * g32;
-    u = (m / c.bc1) / denom + c.wd * y32;
+    u = (m * c.ibc1) / denom + c.wd * y32;
   } else {
     u = g32 / denom + c.wd * y32;
   }
