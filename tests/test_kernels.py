@@ -414,3 +414,30 @@ def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch, compiled_wor
         _close(y, ry, 2e-6)
         _close(z, rz, 2e-6)
         _close(v, rv, 2e-6)
+
+
+def test_cpp_kernel_one_call_over_a_mixed_list():
+    """The whole list runs in one parallel region split by work units across tensors: sizes
+    that do not fill a unit, an empty tensor and mixed dtypes in one call, each tensor
+    against the reference (tensor boundaries must neither skip nor repeat elements)."""
+    _cpp_or_skip()
+    from megawsd.optim import sf_adamw
+
+    gen = torch.Generator().manual_seed(11)
+    spec = [(5000, torch.float32), (2047, torch.bfloat16), (0, torch.float32), (1, torch.float32),
+            (70_000, torch.float32)]
+    ys = [torch.randn(n, generator=gen).to(dt) for n, dt in spec]
+    zs, vs = [y.float().clone() for y in ys], [torch.zeros(y.numel()) for y in ys]
+    ref = [(y.clone(), z.clone(), v.clone()) for y, z, v in zip(ys, zs, vs)]
+    coef = dict(lr=0.01, ckp1=0.4, bias_correction2=0.01, **HP)
+    for _ in range(3):
+        gs = [torch.randn(y.numel(), generator=gen).to(y.dtype) for y in ys]
+        assert sf_adamw(ys, gs, zs, vs, backend="cpp", **coef) == "cpp"
+        for (ry, rz, rv), g in zip(ref, gs):
+            sf_adamw_reference_(ry, g, rz, rv, **coef)
+    for (y, z, v), (ry, rz, rv) in zip(zip(ys, zs, vs), ref):
+        if y.numel() == 0:
+            continue
+        _close(y, ry, 2.0**-8 if y.dtype == torch.bfloat16 else 2e-6)
+        _close(z, rz, 1e-5)
+        _close(v, rv, 2e-6)

@@ -17,6 +17,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -147,42 +148,40 @@ void step_range(Y* y, const G* g, float* z, float* v, float* m, O* out, const Co
   }
 }
 
+// One tensor of the list: its pointers, its first work unit in the whole list's unit range,
+// and the step_range instantiation for its dtypes.
+struct Job {
+  void* y;
+  const void* g;
+  float* z;
+  float* v;
+  float* m;
+  void* out;
+  int64_t numel, first_unit;
+  void (*run)(const Job&, const Coef&, int64_t, int64_t);
+};
+
 template <typename Y, typename G, typename O, bool M>
-void step_tensor(const at::Tensor& y, const at::Tensor& g, const at::Tensor& z,
-                 const at::Tensor& v, const at::Tensor* m, const at::Tensor* out,
-                 const Coef& c) {
-  const int64_t numel = y.numel();
-  Y* yp = static_cast<Y*>(y.data_ptr());
-  const G* gp = static_cast<const G*>(g.const_data_ptr());
-  float* zp = z.data_ptr<float>();
-  float* vp = v.data_ptr<float>();
-  float* mp = M ? m->data_ptr<float>() : nullptr;
-  O* op = nullptr;
-  if constexpr (!std::is_void_v<O>) {
-    op = static_cast<O*>(out->data_ptr());
-  }
-  const int64_t units = (numel + kUnit - 1) / kUnit;
-  at::parallel_for(0, units, kGrainUnits, [&](int64_t ub, int64_t ue) {
-    step_range<Y, G, O, M>(yp, gp, zp, vp, mp, op, c, ub * kUnit, std::min(ue * kUnit, numel));
-  });
+void run_range(const Job& j, const Coef& c, int64_t begin, int64_t end) {
+  step_range<Y, G, O, M>(static_cast<Y*>(j.y), static_cast<const G*>(j.g), j.z, j.v, j.m,
+                         static_cast<O*>(j.out), c, begin, end);
 }
 
-using StepFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, const at::Tensor*, const at::Tensor*, const Coef&);
+using RunFn = void (*)(const Job&, const Coef&, int64_t, int64_t);
 
 template <typename Y, typename G, bool M>
-StepFn pick_out(c10::optional<at::ScalarType> out) {
-  if (!out) return &step_tensor<Y, G, void, M>;
+RunFn pick_out(c10::optional<at::ScalarType> out) {
+  if (!out) return &run_range<Y, G, void, M>;
   switch (*out) {
-    case at::kFloat: return &step_tensor<Y, G, float, M>;
-    case at::kBFloat16: return &step_tensor<Y, G, c10::BFloat16, M>;
-    case at::kHalf: return &step_tensor<Y, G, c10::Half, M>;
+    case at::kFloat: return &run_range<Y, G, float, M>;
+    case at::kBFloat16: return &run_range<Y, G, c10::BFloat16, M>;
+    case at::kHalf: return &run_range<Y, G, c10::Half, M>;
     default: return nullptr;
   }
 }
 
 template <typename Y, bool M>
-StepFn pick_grad(at::ScalarType g, at::ScalarType y, c10::optional<at::ScalarType> out) {
+RunFn pick_grad(at::ScalarType g, at::ScalarType y, c10::optional<at::ScalarType> out) {
   if (g == y) return pick_out<Y, Y, M>(out);
   if constexpr (!std::is_same_v<Y, float>) {
     if (g == at::kFloat) return pick_out<Y, float, M>(out);
@@ -191,7 +190,7 @@ StepFn pick_grad(at::ScalarType g, at::ScalarType y, c10::optional<at::ScalarTyp
 }
 
 template <bool M>
-StepFn pick(at::ScalarType y, at::ScalarType g, c10::optional<at::ScalarType> out) {
+RunFn pick(at::ScalarType y, at::ScalarType g, c10::optional<at::ScalarType> out) {
   switch (y) {
     case at::kFloat: return pick_grad<float, M>(g, y, out);
     case at::kBFloat16: return pick_grad<c10::BFloat16, M>(g, y, out);
@@ -200,11 +199,24 @@ StepFn pick(at::ScalarType y, at::ScalarType g, c10::optional<at::ScalarType> ou
   }
 }
 
-StepFn pick_fn(const at::Tensor& y, const at::Tensor& g, const at::Tensor* out, bool m) {
+// Checks one tensor's buffers and builds its Job (first_unit is set by the caller).
+Job make_job(size_t i, const at::Tensor& y, const at::Tensor& g, const at::Tensor& z,
+             const at::Tensor& v, const at::Tensor* out, const at::Tensor* m) {
+  const int64_t numel = y.numel();
+  bool ok = y.is_cpu() && y.is_contiguous() && g.is_contiguous() && z.is_contiguous() &&
+            v.is_contiguous() && g.numel() == numel && z.numel() == numel &&
+            v.numel() == numel && z.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat;
+  if (out) ok = ok && out->is_contiguous() && out->numel() == numel;
+  if (m) ok = ok && m->is_contiguous() && m->numel() == numel && m->scalar_type() == at::kFloat;
+  TORCH_CHECK(ok, "megawsd_sf_cpu.step: tensor ", i,
+              " is not contiguous CPU memory of equal numel with fp32 z, v (and m)");
   c10::optional<at::ScalarType> od;
   if (out) od = out->scalar_type();
-  return m ? pick<true>(y.scalar_type(), g.scalar_type(), od)
-           : pick<false>(y.scalar_type(), g.scalar_type(), od);
+  RunFn run = m ? pick<true>(y.scalar_type(), g.scalar_type(), od)
+                : pick<false>(y.scalar_type(), g.scalar_type(), od);
+  TORCH_CHECK(run != nullptr, "megawsd_sf_cpu.step: unsupported dtypes at tensor ", i);
+  return Job{y.data_ptr(), g.const_data_ptr(), z.data_ptr<float>(), v.data_ptr<float>(),
+             m ? m->data_ptr<float>() : nullptr, out ? out->data_ptr() : nullptr, numel, 0, run};
 }
 
 void step(at::TensorList ys, at::TensorList grads, at::TensorList zs, at::TensorList vs,
@@ -219,26 +231,26 @@ void step(at::TensorList ys, at::TensorList grads, at::TensorList zs, at::Tensor
   TORCH_CHECK(ms.empty() || ms.size() == n, "megawsd_sf_cpu.step: ms length");
   const Coef c(scalars.const_data_ptr<float>());
   // Check every tensor before touching any: a refusal leaves all of them as they were.
-  std::vector<StepFn> fns(n);
+  std::vector<Job> jobs;
+  jobs.reserve(n);
+  int64_t units = 0;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor* out = outs.empty() ? nullptr : &outs[i];
-    const at::Tensor* m = ms.empty() ? nullptr : &ms[i];
-    const int64_t numel = ys[i].numel();
-    bool ok = ys[i].is_cpu() && ys[i].is_contiguous() && grads[i].is_contiguous() &&
-              zs[i].is_contiguous() && vs[i].is_contiguous() && grads[i].numel() == numel &&
-              zs[i].numel() == numel && vs[i].numel() == numel &&
-              zs[i].scalar_type() == at::kFloat && vs[i].scalar_type() == at::kFloat;
-    if (out) ok = ok && out->is_contiguous() && out->numel() == numel;
-    if (m) ok = ok && m->is_contiguous() && m->numel() == numel && m->scalar_type() == at::kFloat;
-    TORCH_CHECK(ok, "megawsd_sf_cpu.step: tensor ", i,
-                " is not contiguous CPU memory of equal numel with fp32 z, v (and m)");
-    fns[i] = pick_fn(ys[i], grads[i], out, m != nullptr);
-    TORCH_CHECK(fns[i] != nullptr, "megawsd_sf_cpu.step: unsupported dtypes at tensor ", i);
+    jobs.push_back(make_job(i, ys[i], grads[i], zs[i], vs[i], outs.empty() ? nullptr : &outs[i],
+                            ms.empty() ? nullptr : &ms[i]));
+    jobs.back().first_unit = units;
+    units += (jobs.back().numel + kUnit - 1) / kUnit;
   }
-  for (size_t i = 0; i < n; ++i) {
-    fns[i](ys[i], grads[i], zs[i], vs[i], ms.empty() ? nullptr : &ms[i],
-           outs.empty() ? nullptr : &outs[i], c);
-  }
+  // One parallel region for the whole list (not one per tensor): each thread walks the
+  // tensors its range of units overlaps.
+  at::parallel_for(0, units, kGrainUnits, [&](int64_t ub, int64_t ue) {
+    auto it = std::upper_bound(jobs.begin(), jobs.end(), ub,
+                               [](int64_t u, const Job& j) { return u < j.first_unit; });
+    for (--it; it != jobs.end() && it->first_unit < ue; ++it) {
+      const int64_t begin = std::max<int64_t>(ub - it->first_unit, 0) * kUnit;
+      const int64_t end = std::min((ue - it->first_unit) * kUnit, it->numel);
+      if (begin < end) it->run(*it, c, begin, end);
+    }
+  });
 }
 
 }  // namespace
