@@ -1,6 +1,8 @@
 // Schedule-free AdamW step on CPU: one pass over y, g, z, v (and m, the lowp copy) per tensor,
 // vectorised with at::vec and split over threads with at::parallel_for, as ATen's
-// FusedAdamKernel.cpp does for torch.optim.AdamW(fused=True).
+// FusedAdamKernel.cpp does for torch.optim.AdamW(fused=True), but with one parallel region for
+// the whole tensor list (work units of kUnit elements numbered across the tensors), handed
+// out to the threads in chunks on demand.
 //
 // The math is sf_adamw_compiled._sf_adamw_math, operation for operation (same fp32 roundings,
 // no contraction into FMAs: built with -ffp-contract=off like Inductor), so this path and the
@@ -18,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -29,8 +32,10 @@ enum Scalar { LR, W, ZBASE, B2, OMB2, IBC2, EPS, WD, YCOEF, GS, MU, OMMU, IBC1, 
 
 // Elements per parallel work unit: a whole number of vectors, so chunks never split one.
 constexpr int64_t kUnit = 1024;
-// Below this many units a tensor runs on one thread (thread wake-up costs more than it saves).
+// Below this many units a list runs on one thread (thread wake-up costs more than it saves).
 constexpr int64_t kGrainUnits = 32;
+// Units per chunk a thread takes at a time (16K elements: 64 KiB of each fp32 stream).
+constexpr int64_t kChunkUnits = 16;
 
 // Two float vectors of 2 * Vec::size() consecutive elements: for bf16/fp16 one full-width
 // load and one widening, as ATen's FusedAdamKernel.cpp does.
@@ -219,6 +224,17 @@ Job make_job(size_t i, const at::Tensor& y, const at::Tensor& g, const at::Tenso
              m ? m->data_ptr<float>() : nullptr, out ? out->data_ptr() : nullptr, numel, 0, run};
 }
 
+// Work units [ub, ue) of the list: the part of each tensor they overlap.
+void run_units(const std::vector<Job>& jobs, const Coef& c, int64_t ub, int64_t ue) {
+  auto it = std::upper_bound(jobs.begin(), jobs.end(), ub,
+                             [](int64_t u, const Job& j) { return u < j.first_unit; });
+  for (--it; it != jobs.end() && it->first_unit < ue; ++it) {
+    const int64_t begin = std::max<int64_t>(ub - it->first_unit, 0) * kUnit;
+    const int64_t end = std::min((ue - it->first_unit) * kUnit, it->numel);
+    if (begin < end) it->run(*it, c, begin, end);
+  }
+}
+
 void step(at::TensorList ys, at::TensorList grads, at::TensorList zs, at::TensorList vs,
           at::TensorList outs, at::TensorList ms, const at::Tensor& scalars) {
   TORCH_CHECK(scalars.scalar_type() == at::kFloat && scalars.numel() == NSCALARS &&
@@ -240,15 +256,17 @@ void step(at::TensorList ys, at::TensorList grads, at::TensorList zs, at::Tensor
     jobs.back().first_unit = units;
     units += (jobs.back().numel + kUnit - 1) / kUnit;
   }
-  // One parallel region for the whole list (not one per tensor): each thread walks the
-  // tensors its range of units overlaps.
-  at::parallel_for(0, units, kGrainUnits, [&](int64_t ub, int64_t ue) {
-    auto it = std::upper_bound(jobs.begin(), jobs.end(), ub,
-                               [](int64_t u, const Job& j) { return u < j.first_unit; });
-    for (--it; it != jobs.end() && it->first_unit < ue; ++it) {
-      const int64_t begin = std::max<int64_t>(ub - it->first_unit, 0) * kUnit;
-      const int64_t end = std::min((ue - it->first_unit) * kUnit, it->numel);
-      if (begin < end) it->run(*it, c, begin, end);
+  // One parallel region for the whole list (not one per tensor), and chunks handed out on
+  // demand rather than one fixed share per thread: a thread that the OS preempts (a shared
+  // or oversubscribed machine) no longer holds the whole step back, the others take its
+  // chunks. On an idle machine this costs one atomic increment per chunk.
+  const int64_t chunks = (units + kChunkUnits - 1) / kChunkUnits;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(),
+                                            (units + kGrainUnits - 1) / kGrainUnits);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next++; k < chunks; k = next++) {
+      run_units(jobs, c, k * kChunkUnits, std::min((k + 1) * kChunkUnits, units));
     }
   });
 }

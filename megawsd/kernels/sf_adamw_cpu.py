@@ -1,12 +1,15 @@
 """Schedule-free AdamW step as a hand-written C++ CPU kernel: the CPU fast path.
 
-Why not only ``torch.compile`` (:mod:`.sf_adamw_compiled`): Inductor's loop is vectorised and
-parallel, but each call pays Dynamo's guards and an OpenMP region per tensor, and at 2-16
-threads the step is partly compute bound (two divisions and a square root per element), where
-Inductor's generic loop loses 5-25% to ``torch.optim.AdamW(fused=True)``. This kernel is the
-same math, operation for operation (``sf_adamw_cpu.cpp``), written the way ATen's
-``FusedAdamKernel.cpp`` is: ``at::vec::Vectorized<float>`` and ``at::parallel_for``, every
-tensor of the list in one call.
+Why not only ``torch.compile`` (:mod:`.sf_adamw_compiled`): Inductor's loop is vectorised
+(AVX-512 on this machine) and parallel, but each tensor costs one Dynamo call (guards, ~70 us)
+and one OpenMP region, and its bf16 loop converts 16 elements at a time with masked half-width
+loads and stores; it measured 0.62-0.93x ``torch.optim.AdamW(fused=True)``. This kernel is the
+same math, operation for operation (``sf_adamw_cpu.cpp``; results bit-identical to the
+compiled path, tested), written the way ATen's ``FusedAdamKernel.cpp`` is
+(``at::vec::Vectorized<float>``, ``at::parallel_for``), with two differences that matter:
+32 elements per iteration (full-width bf16/fp16 loads and stores), and the whole tensor list
+in one call and one parallel region (fused AdamW opens one per tensor, and every region waits
+for its slowest thread: on a loaded machine that is most of the step).
 
 Build: JIT-compiled once with the host's vector ISA (the one ATen itself dispatches to) by
 ``torch.utils.cpp_extension.load`` and cached under ``TORCH_EXTENSIONS_DIR``; a build is
