@@ -8,8 +8,9 @@ same math, operation for operation (``sf_adamw_cpu.cpp``; results bit-identical 
 compiled path, tested), written the way ATen's ``FusedAdamKernel.cpp`` is
 (``at::vec::Vectorized<float>``, ``at::parallel_for``), with two differences that matter:
 32 elements per iteration (full-width bf16/fp16 loads and stores), and the whole tensor list
-in one call and one parallel region (fused AdamW opens one per tensor, and every region waits
-for its slowest thread: on a loaded machine that is most of the step).
+in one call and one parallel region whose chunks the threads take on demand (fused AdamW opens
+one region per tensor with a fixed share per thread, and every region waits for its slowest
+thread: on a shared, loaded machine that is most of the step).
 
 Build: JIT-compiled once with the host's vector ISA (the one ATen itself dispatches to) by
 ``torch.utils.cpp_extension.load`` and cached under ``TORCH_EXTENSIONS_DIR``; a build is
