@@ -3,8 +3,11 @@
 A single median on a shared machine swings 2-3x between runs (another process takes a core for
 a few seconds and every sample of one contender lands in it). So:
 
-- contenders are timed **interleaved**: one call of each, round-robin, ``calls`` times per round,
-  so a burst of outside load hits all of them alike;
+- contenders are timed **interleaved**: one call of each, ``calls`` times per round, so a burst
+  of outside load hits all of them alike; the order is **shuffled** every cycle (fixed seed),
+  because a call pays for what its predecessor left behind (dirty cache lines to write back,
+  threads asleep or spinning): with a fixed order, two identical optimizer steps measured 5%
+  apart depending on which contender ran before them;
 - each **round** yields one median per contender and one **ratio per peer** (peer median /
   baseline median of the *same* round): ratios from the same few seconds cancel most of the
   load that absolute times carry;
@@ -18,6 +21,7 @@ Nothing here imports torch: ``sync`` (e.g. ``torch.cuda.synchronize``) is passed
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -39,7 +43,8 @@ def interleaved_rounds(
     sync: Callable[[], None] = lambda: None,
     before: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Time each callable ``calls_per_round`` times per round, round-robin across callables.
+    """Time each callable ``calls_per_round`` times per round, interleaved: each cycle calls
+    every callable once, in an order shuffled per cycle (seeded: the same run, the same order).
 
     Returns ``{name: [[seconds, ...] per round]}``. ``sync`` runs after each call, inside the
     timed region (a GPU call returns before its kernel ends). ``before[name]``, if given, runs
@@ -49,11 +54,15 @@ def interleaved_rounds(
     if rounds < 1 or calls_per_round < 1:
         raise ValueError(f"rounds={rounds} and calls_per_round={calls_per_round} must be >= 1")
     samples: dict[str, list[list[float]]] = {name: [] for name in calls}
+    order = list(calls)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
         for name in calls:
             samples[name].append([])
         for _ in range(calls_per_round):
-            for name, fn in calls.items():
+            shuffle(order)
+            for name in order:
+                fn = calls[name]
                 if before and name in before:
                     before[name]()
                     sync()

@@ -9,7 +9,9 @@ For each size (total params), tensor count (``--tensors``: 1 = one flat partitio
 DeepSpeed ZeRO hands the optimizer; 8 = a few separate layers, where per-call overhead shows)
 and param dtype it reports the step time (median of per-round medians, with min and max over
 ``--rounds`` interleaved rounds; see bench/bench_timing.py for why) of
-- ``megawsd``: ``ScheduleFreeAdamW(backend="auto")`` (Triton on CUDA, torch.compile on CPU),
+- ``megawsd``: ``ScheduleFreeAdamW(backend="auto")`` (Triton on CUDA, the C++ kernel on CPU),
+- ``megawsd_compiled`` (CPU only): ``ScheduleFreeAdamW(backend="compiled")``, the
+  ``torch.compile`` path that "auto" falls back to when the C++ kernel cannot build,
 - ``schedulefree_foreach``: ``schedulefree.AdamWScheduleFree(foreach=True)``,
 - ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW(fused=True / foreach=True)``,
 - ``ds_fused_adam`` (CUDA only): DeepSpeed's ``FusedAdam``, what ``deepspeed.initialize`` builds
@@ -36,6 +38,8 @@ import time
 
 import torch
 from bench_timing import interleaved_rounds, load_average, summarize
+
+from megawsd.kernels import resolve_backend
 
 BYTES_PER_PARAM = {"fp32": 28, "bf16": 22}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,8 +98,8 @@ def _contenders(device: torch.device):
 
     from megawsd.optim import ScheduleFreeAdamW
 
-    def megawsd_sf(ps):
-        opt = ScheduleFreeAdamW(ps, lr=1e-3, weight_decay=0.1, warmup_steps=10)
+    def megawsd_sf(ps, backend="auto"):
+        opt = ScheduleFreeAdamW(ps, lr=1e-3, weight_decay=0.1, warmup_steps=10, backend=backend)
         opt.train()
         return opt
 
@@ -112,9 +116,13 @@ def _contenders(device: torch.device):
         return FusedAdam(ps, lr=1e-3, weight_decay=0.1, adam_w_mode=True)
 
     gpu_only = {"ds_fused_adam": ds_fused_adam} if device.type == "cuda" else {}
+    cpu_only = {}
+    if device.type == "cpu":
+        cpu_only["megawsd_compiled"] = lambda ps: megawsd_sf(ps, backend="compiled")
     return {
         **gpu_only,
         "megawsd": megawsd_sf,
+        **cpu_only,
         "schedulefree_foreach": sf_foreach,
         "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
         "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "repeats_per_round": args.repeats,
             "warmup": args.warmup,
-            "megawsd_backend": "triton" if device.type == "cuda" else "compiled",
+            "megawsd_backend": resolve_backend("auto", device),
         },
         "results": results,
     }

@@ -90,13 +90,13 @@ def check_cell(cell, got, refs):
         off["optimizer"] == offloads_opt and off["param"] == ("offload_param" in cell.rows),
         f"DeepSpeed's offload flags {off} for rows {cell.rows}",
     )
-    if offloads_opt:  # the offloaded step: CPU masters, the compiled CPU kernel
+    if offloads_opt:  # the offloaded step: CPU masters, the C++ CPU kernel
         want_true(
-            off["master_devices"] == ["cpu"] and off["auto_backends"] == ["compiled"],
+            off["master_devices"] == ["cpu"] and off["auto_backends"] == ["cpp"],
             f"offloaded masters {off}",
         )
-    # What the step really ran: "auto" on CPU tensors is the compiled kernel (no fallback).
-    ran = {"auto": "compiled"}.get(cell.backend, cell.backend)
+    # What the step really ran: "auto" on CPU tensors is the C++ kernel (no fallback).
+    ran = {"auto": "cpp"}.get(cell.backend, cell.backend)
     want_true(
         got["ran_backends"] == [ran],
         f"ScheduleFreeAdamW ran {got['ran_backends']}, expected {ran!r} ({cell.backend!r})",

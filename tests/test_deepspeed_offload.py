@@ -117,9 +117,9 @@ def test_callable_with_users_true_is_refused_by_name():
 
 
 def test_auto_backend_resolves_per_tensor_device():
-    """On a GPU machine the offloaded masters are CPU tensors: 'auto' must pick the compiled
-    CPU kernel for them (Triton only for CUDA tensors; no GPU needed to build the device)."""
-    assert resolve_backend("auto", torch.device("cpu")) == "compiled"
+    """On a GPU machine the offloaded masters are CPU tensors: 'auto' must pick the C++ CPU
+    kernel for them (Triton only for CUDA tensors; no GPU needed to build the device)."""
+    assert resolve_backend("auto", torch.device("cpu")) == "cpp"
     assert resolve_backend("auto", torch.device("cuda", 0)) in ("triton", "compiled")
 
 

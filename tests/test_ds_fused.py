@@ -44,7 +44,7 @@ def _params(n=3, size=1000, seed=0):
     return ps
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "compiled"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "compiled", "cpp"])
 def test_epilogue_equals_scaling_the_grad_then_copying(backend):
     """What DeepSpeed does (grad.mul_(s); step; lp.copy_(y)) == the epilogue in the kernel."""
     scale = torch.tensor([0.37])

@@ -19,12 +19,14 @@ import warnings
 import pytest
 import torch
 
+from megawsd.errors import ConfigError
 from megawsd.kernels import BACKENDS, resolve_backend, triton_runs_on, write_x
 from megawsd.kernels import sf_adamw_compiled as compiled_mod
+from megawsd.kernels import sf_adamw_cpu as cpu_mod
 from megawsd.optim import ScheduleFreeAdamW, advance_group_scalars, sf_adamw_update
 from megawsd.optim.reference import sf_adamw_reference_, x_from_yz_reference
 
-FAST = ["compiled", "foreach", "triton"]
+FAST = ["cpp", "compiled", "foreach", "triton"]
 SIZES = [2047, 5000]  # odd sizes: partial Triton blocks, vector tails in the C++ loop
 STEPS = 25
 HP = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
@@ -205,8 +207,11 @@ def test_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch, mu)
 
 def test_resolve_backend():
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) == "compiled"
+    assert resolve_backend("auto", cpu) == "cpp"
     assert resolve_backend("foreach", cpu) == "foreach"
+    assert resolve_backend("auto", torch.device("meta")) == "compiled"  # neither CPU nor CUDA
+    with pytest.raises(ConfigError, match="backend.*CPU tensors only"):
+        resolve_backend("cpp", torch.device("meta"))
     if torch.cuda.is_available():
         assert resolve_backend("auto", torch.device("cuda")) == "triton"
 
@@ -271,8 +276,9 @@ def test_grad_scale_tensor_equals_the_same_float(backend):
     the step must equal the one with that fp32 value as a float, bit for bit."""
     _skip_if_no_triton(backend)
     scale = torch.tensor([0.3712])
-    got, ref = _run(backend, 2047, torch.float32, steps=3, grad_scale=scale), _run(
-        backend, 2047, torch.float32, steps=3, grad_scale=float(scale)
+    got, ref = (
+        _run(backend, 2047, torch.float32, steps=3, grad_scale=scale),
+        _run(backend, 2047, torch.float32, steps=3, grad_scale=float(scale)),
     )
     for a, b in zip(got[:3], ref[:3]):
         assert torch.equal(a, b)
@@ -310,4 +316,134 @@ def test_compile_failure_midway_finishes_the_rest_with_foreach(monkeypatch):
         sf_adamw_reference_(ry, g, rz, rv, **coef)
         _close(y, ry, 2e-6)  # each tensor stepped exactly once
         _close(z, rz, 2e-6)
+        _close(v, rv, 2e-6)
+
+
+def _cpp_or_skip() -> None:
+    if not cpu_mod.available():
+        pytest.skip(f"the C++ CPU kernel does not build here: {cpu_mod._BROKEN}")
+
+
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mu", [0.0, 0.9])
+def test_cpp_kernel_equals_compiled_bitwise(ydtype, mu):
+    """The C++ loop is the compiled path's math operation for operation (no FMA contraction),
+    so the two agree bit for bit: y, z, v, the bf16 copy and exp_avg, clipped, odd size."""
+    _cpp_or_skip()
+    scale = torch.tensor(0.37)
+    got = _run("cpp", 5000, ydtype, steps=5, grad_scale=scale, lowp=True, mu=mu)
+    ref = _run("compiled", 5000, ydtype, steps=5, grad_scale=scale, lowp=True, mu=mu)
+    for a, b in zip(got, ref):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "ydtype, gdtype, rtol",
+    [(torch.float16, torch.float16, 2.0**-10), (torch.bfloat16, torch.float32, 2.0**-8)],
+)
+def test_cpp_kernel_other_dtypes_match_reference(ydtype, gdtype, rtol):
+    """fp16 params, and bf16 params with fp32 grads (mixed precision with fp32 grad
+    accumulation): the kernel's other instantiations, against the reference."""
+    _cpp_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(2047, generator=gen).to(ydtype)
+    z, v = y.float(), torch.zeros(2047)
+    ry, rz, rv = y.clone(), z.clone(), v.clone()
+    coef = dict(lr=0.01, ckp1=0.7, bias_correction2=0.01, **HP)
+    for _ in range(5):
+        g = torch.randn(2047, generator=gen).to(gdtype)
+        assert sf_adamw_update(y, g, z, v, backend="cpp", **coef) == "cpp"
+        sf_adamw_reference_(ry, g, rz, rv, **coef)
+    _close(y, ry, rtol)
+    assert (y != ry).float().mean() < 0.01
+    _close(z, rz, 1e-5)
+    _close(v, rv, 2e-6)
+
+
+def test_cpp_kernel_routes_other_dtypes_to_compiled(monkeypatch):
+    """fp64 params are not built into the kernel: the call goes to the compiled path whole
+    (never a silent wrong result), which then matches the fp64 reference."""
+    called = []
+    real = cpu_mod.sf_adamw_compiled_
+    monkeypatch.setattr(
+        cpu_mod, "sf_adamw_compiled_", lambda *a, **k: called.append(1) or real(*a, **k)
+    )
+    gen = torch.Generator().manual_seed(6)
+    y = torch.randn(300, generator=gen, dtype=torch.float64)
+    z, v = y.clone(), torch.zeros(300, dtype=torch.float64)
+    ry, rz, rv = y.clone(), z.clone(), v.clone()
+    g = torch.randn(300, generator=gen, dtype=torch.float64)
+    coef = dict(lr=0.01, ckp1=0.2, bias_correction2=0.01, **HP)
+    sf_adamw_update(y, g, z, v, backend="cpp", **coef)
+    sf_adamw_reference_(ry, g, rz, rv, **coef)
+    assert called == [1]
+    _close(y, ry, 1e-6)  # the compiled loop computes in fp32, as for every dtype
+    _close(z, rz, 1e-6)
+
+
+@pytest.mark.parametrize("compiled_works", [True, False])
+def test_cpp_build_failure_falls_back_with_one_warning(monkeypatch, compiled_works):
+    """No compiler: one warning, then the compiled path (or foreach when that fails too) runs
+    every tensor once, with the reference's numbers."""
+
+    def no_compiler():
+        raise RuntimeError("g++ not found (simulated)")
+
+    monkeypatch.setattr(cpu_mod, "_load", no_compiler)
+    monkeypatch.setattr(cpu_mod, "_LOADED", False)
+    monkeypatch.setattr(cpu_mod, "_BROKEN", None)
+    if not compiled_works:
+        monkeypatch.setattr(compiled_mod, "_BROKEN", "no compiler (simulated)")
+    from megawsd.optim import sf_adamw
+
+    gen = torch.Generator().manual_seed(8)
+    ys = [torch.randn(n, generator=gen) for n in (300, 301)]
+    zs, vs = [y.clone() for y in ys], [torch.zeros_like(y) for y in ys]
+    ref = [(y.clone(), z.clone(), v.clone()) for y, z, v in zip(ys, zs, vs)]
+    coef = dict(lr=0.01, ckp1=0.3, bias_correction2=0.01, **HP)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ran = set()
+        for _ in range(2):
+            gs = [torch.randn(y.numel(), generator=gen) for y in ys]
+            ran.add(sf_adamw(ys, gs, zs, vs, backend="auto", **coef))
+            for (ry, rz, rv), g in zip(ref, gs):
+                sf_adamw_reference_(ry, g, rz, rv, **coef)
+    assert ran == {"compiled" if compiled_works else "foreach"}
+    assert len([w for w in caught if "C++ CPU kernel" in str(w.message)]) == 1
+    for (y, z, v), (ry, rz, rv) in zip(zip(ys, zs, vs), ref):
+        _close(y, ry, 2e-6)
+        _close(z, rz, 2e-6)
+        _close(v, rv, 2e-6)
+
+
+def test_cpp_kernel_one_call_over_a_mixed_list():
+    """The whole list runs in one parallel region split by work units across tensors: sizes
+    that do not fill a unit, an empty tensor and mixed dtypes in one call, each tensor
+    against the reference (tensor boundaries must neither skip nor repeat elements)."""
+    _cpp_or_skip()
+    from megawsd.optim import sf_adamw
+
+    gen = torch.Generator().manual_seed(11)
+    spec = [
+        (5000, torch.float32),
+        (2047, torch.bfloat16),
+        (0, torch.float32),
+        (1, torch.float32),
+        (70_000, torch.float32),
+    ]
+    ys = [torch.randn(n, generator=gen).to(dt) for n, dt in spec]
+    zs, vs = [y.float().clone() for y in ys], [torch.zeros(y.numel()) for y in ys]
+    ref = [(y.clone(), z.clone(), v.clone()) for y, z, v in zip(ys, zs, vs)]
+    coef = dict(lr=0.01, ckp1=0.4, bias_correction2=0.01, **HP)
+    for _ in range(3):
+        gs = [torch.randn(y.numel(), generator=gen).to(y.dtype) for y in ys]
+        assert sf_adamw(ys, gs, zs, vs, backend="cpp", **coef) == "cpp"
+        for (ry, rz, rv), g in zip(ref, gs):
+            sf_adamw_reference_(ry, g, rz, rv, **coef)
+    for (y, z, v), (ry, rz, rv) in zip(zip(ys, zs, vs), ref):
+        if y.numel() == 0:
+            continue
+        _close(y, ry, 2.0**-8 if y.dtype == torch.bfloat16 else 2e-6)
+        _close(z, rz, 1e-5)
         _close(v, rv, 2e-6)

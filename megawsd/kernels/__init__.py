@@ -1,7 +1,8 @@
 """Fused implementations of the schedule-free AdamW step, one file per op.
 
 - :mod:`.sf_adamw_triton`   -- one-pass Triton kernel (GPU; CPU only under TRITON_INTERPRET=1)
-- :mod:`.sf_adamw_compiled` -- the same math through ``torch.compile`` (the CPU fast path)
+- :mod:`.sf_adamw_cpu`      -- the same math as a hand-written C++ loop (the CPU fast path)
+- :mod:`.sf_adamw_compiled` -- the same math through ``torch.compile`` (CPU fallback, any device)
 - :mod:`.sf_adamw_foreach`  -- eager ``torch._foreach_*`` fallback
 - :mod:`.sf_x_triton`       -- x = (y - (1-β1) z) / β1 into a separate buffer
 
@@ -12,7 +13,8 @@ The Triton modules are imported lazily: importing Triton is slow, needs a workin
 Public helpers:
 - ``write_x(y, z, beta1, out)``: x into ``out`` (fp32 or bf16, any device: Triton on CUDA,
   torch elsewhere), y and z untouched. Used for evaluation/export under ZeRO.
-- ``resolve_backend(backend, device)``: "auto" -> "triton" on CUDA, "compiled" elsewhere.
+- ``resolve_backend(backend, device)``: "auto" -> "triton" on CUDA, "cpp" on CPU, "compiled"
+  elsewhere.
 - ``contiguous(*tensors)``: the fused kernels' precondition (flat, dense memory).
 - ``BackendUnavailable``: raised by a backend that cannot run here (compiling failed), saying
   how many tensors it had already updated, so the dispatcher finishes the rest with the next
@@ -28,7 +30,7 @@ import torch
 
 from megawsd.errors import field_error
 
-BACKENDS = ("auto", "triton", "compiled", "foreach", "reference")
+BACKENDS = ("auto", "triton", "cpp", "compiled", "foreach", "reference")
 
 
 def triton_available() -> bool:
@@ -52,7 +54,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
-        return "compiled"
+        return "cpp" if device.type == "cpu" else "compiled"
+    if backend == "cpp" and device.type != "cpu":
+        raise field_error(
+            "backend",
+            backend,
+            f"the C++ kernel runs on CPU tensors only, not {device.type}; use 'auto' or 'compiled'",
+        )
     if backend == "triton" and not triton_runs_on(device):
         raise field_error(
             "backend",

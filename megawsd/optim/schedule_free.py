@@ -14,8 +14,9 @@ schedulefree's arguments:
   (our default) -> ``backend`` decides. Combining it with any other explicit backend raises.
 
 Differences from the stock optimizer, all for training at scale:
-- ``backend``: "auto" (Triton on CUDA, ``torch.compile`` on CPU), or force "triton",
-  "compiled", "foreach", "reference". Compilation failure falls back to foreach with one warning.
+- ``backend``: "auto" (Triton on CUDA, the C++ kernel on CPU), or force "triton", "cpp",
+  "compiled" (``torch.compile``), "foreach", "reference". A build failure falls back
+  cpp -> compiled -> foreach, with one warning each.
   The fused backends agree with schedulefree to fp32 rounding (a few ulps), not bit for bit.
   ``backend`` and ``foreach`` are this process's choice: ``load_state_dict`` keeps them.
 - Groups with no params are left untouched by ``step()`` (their counters do not advance):
@@ -64,6 +65,7 @@ import torch
 from megawsd.errors import ConfigError, OptimizerError, field_error
 from megawsd.kernels import BACKENDS, BackendUnavailable, contiguous, resolve_backend
 from megawsd.kernels.sf_adamw_compiled import sf_adamw_compiled_
+from megawsd.kernels.sf_adamw_cpu import sf_adamw_cpu_
 from megawsd.kernels.sf_adamw_foreach import sf_adamw_foreach_
 from megawsd.optim.reference import (
     StepScalars,
@@ -192,14 +194,15 @@ def _triton_sf_adamw(*args, **kwargs):
 
 _IMPLEMENTATIONS: dict[str, Callable[..., None]] = {
     "triton": _triton_sf_adamw,  # one kernel launch per tensor, GPU
+    "cpp": sf_adamw_cpu_,  # one hand-written C++ loop per tensor, one call per list, CPU
     "compiled": sf_adamw_compiled_,  # one Inductor loop per tensor, CPU
     "foreach": sf_adamw_foreach_,  # eager multi-tensor ops, anywhere
     "reference": _single_tensor_sf_adamw,  # the oracle
 }
 # Where a backend's tensors go when it cannot run in this process (compiling failed).
-_FALLBACK = {"compiled": "foreach"}
+_FALLBACK = {"cpp": "compiled", "compiled": "foreach"}
 # Backends that read every tensor as one flat array; other tensors take the reference.
-_NEEDS_CONTIGUOUS = ("triton", "compiled")
+_NEEDS_CONTIGUOUS = ("triton", "cpp", "compiled")
 
 
 def _pick(lists: list[list | None], idx: list[int]) -> list[list | None]:

@@ -125,7 +125,7 @@ ROWS: list[Row] = [
         '`offload_optimizer` cpu with `backend: "auto"`',
         {"zero": (("offload_optimizer", {"device": "cpu"}),), "backend": "auto"},
         {0: None, 1: EXACT, 2: EXACT, 3: EXACT},
-        "the offloaded step runs the compiled CPU kernel",
+        "the offloaded step runs the C++ CPU kernel",
     ),
     Row(
         "offload_forced",
