@@ -19,3 +19,4 @@ test-all: install
 
 lint:
 	ruff check .
+	ruff format --check .
