@@ -7,10 +7,11 @@ DS_ACCELERATOR=cpu makes DeepSpeed pick its CPU accelerator (gloo) in every spaw
 """
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+
+from megawsd.train.launcher import shm_buffers
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,14 +27,10 @@ def _no_leaked_deepspeed_shm():
     """DeepSpeed's CPU shm allreduce never unlinks its /dev/shm buffers (tens of MB per rank):
     whatever a test's ranks left there goes when the test ends, so a long test session cannot
     fill the machine's memory (run_ranks and megawsd's launcher clean up their own too)."""
-    before = set(_shm_buffers())
+    before = set(shm_buffers())
     yield
-    for path in set(_shm_buffers()) - before:
+    for path in set(shm_buffers()) - before:
         try:
             path.unlink()
         except OSError:
             pass
-
-
-def _shm_buffers():
-    return Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")

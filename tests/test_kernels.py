@@ -363,10 +363,12 @@ def test_cpp_kernel_other_dtypes_match_reference(ydtype, gdtype, rtol):
 def test_cpp_kernel_routes_other_dtypes_to_compiled(monkeypatch):
     """fp64 params are not built into the kernel: the call goes to the compiled path whole
     (never a silent wrong result), which then matches the fp64 reference."""
+    from megawsd.optim import schedule_free as sf
+
     called = []
-    real = cpu_mod.sf_adamw_compiled_
-    monkeypatch.setattr(
-        cpu_mod, "sf_adamw_compiled_", lambda *a, **k: called.append(1) or real(*a, **k)
+    real = sf._IMPLEMENTATIONS["compiled"]
+    monkeypatch.setitem(
+        sf._IMPLEMENTATIONS, "compiled", lambda *a, **k: called.append(1) or real(*a, **k)
     )
     gen = torch.Generator().manual_seed(6)
     y = torch.randn(300, generator=gen, dtype=torch.float64)
@@ -374,9 +376,9 @@ def test_cpp_kernel_routes_other_dtypes_to_compiled(monkeypatch):
     ry, rz, rv = y.clone(), z.clone(), v.clone()
     g = torch.randn(300, generator=gen, dtype=torch.float64)
     coef = dict(lr=0.01, ckp1=0.2, bias_correction2=0.01, **HP)
-    sf_adamw_update(y, g, z, v, backend="cpp", **coef)
+    ran = sf_adamw_update(y, g, z, v, backend="cpp", **coef)
     sf_adamw_reference_(ry, g, rz, rv, **coef)
-    assert called == [1]
+    assert called == [1] and ran == "compiled"
     _close(y, ry, 1e-6)  # the compiled loop computes in fp32, as for every dtype
     _close(z, rz, 1e-6)
 

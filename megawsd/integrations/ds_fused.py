@@ -225,16 +225,15 @@ def _install_zero12(opt, inner: ScheduleFreeAdamW) -> None:
 
     def unscale_and_clip_grads(grad_groups_flat, total_norm):
         grads = list(grad_groups_flat)
+        grad = grads[0] if len(grads) == 1 and isinstance(grads[0], torch.Tensor) else None
         masters = [
-            m
-            for m in opt.single_partition_of_fp32_groups
-            if len(grads) == 1 and isinstance(grads[0], torch.Tensor) and m.grad is grads[0]
+            m for m in opt.single_partition_of_fp32_groups if grad is not None and m.grad is grad
         ]
         if len(masters) != 1:
             return orig_unscale(grad_groups_flat, total_norm)
-        probe = _probe(grads[0])
+        probe = _probe(grad)
         orig_unscale([probe], total_norm)
-        inner.fuse_into_next_step(masters[0], FusedEpilogue(grad=grads[0], grad_scale=probe))
+        inner.fuse_into_next_step(masters[0], FusedEpilogue(grad=grad, grad_scale=probe))
 
     opt.unscale_and_clip_grads = unscale_and_clip_grads
     return None

@@ -72,8 +72,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class BackendUnavailable(RuntimeError):
-    """A backend cannot run in this process; tensors ``[0, start)`` of the call were updated,
-    the others are untouched."""
+    """A backend cannot run these tensors here (it failed to build, or does not handle their
+    dtypes); tensors ``[0, start)`` of the call were updated, the others are untouched."""
 
     def __init__(self, backend: str, start: int, reason: str) -> None:
         super().__init__(f"backend {backend!r} unavailable: {reason}")

@@ -19,7 +19,8 @@ raises :class:`~megawsd.kernels.BackendUnavailable` with one warning and the dis
 back to ``compiled``, then ``foreach``.
 
 Dtypes: y fp32/bf16/fp16, grad y's dtype or fp32, z/v (and m) fp32, a low-precision copy of
-any of the three. Any other combination goes, explicitly, to the ``compiled`` path.
+any of the three. Any other combination raises :class:`~megawsd.kernels.BackendUnavailable`
+before touching anything, so the dispatcher's fallback chain runs it on ``compiled``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import warnings
 import torch
 
 from megawsd.kernels import BackendUnavailable
-from megawsd.kernels.sf_adamw_compiled import pack_scalars, sf_adamw_compiled_
+from megawsd.kernels.sf_adamw_compiled import pack_scalars
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +128,15 @@ def sf_adamw_cpu_(
     the signature every backend of :func:`megawsd.optim.schedule_free.sf_adamw` shares.
 
     Raises :class:`~megawsd.kernels.BackendUnavailable` (start=0, nothing updated) when the
-    kernel cannot be built. Lists with a dtype combination it is not built for
-    (:func:`supports`) are handed to :func:`~.sf_adamw_compiled.sf_adamw_compiled_` whole.
+    kernel cannot be built, or when the lists hold a dtype combination it is not built for
+    (:func:`supports`): the dispatcher then runs them whole on the next backend of its
+    fallback chain (``compiled``).
     """
     if not ys:
         return
     outs = lowp_outs if lowp_outs is not None else [None] * len(ys)
     if not all(supports(y, g, o) for y, g, o in zip(ys, grads, outs, strict=True)):
-        sf_adamw_compiled_(
-            ys,
-            grads,
-            zs,
-            vs,
-            lowp_outs=lowp_outs,
-            exp_avgs=exp_avgs,
-            grad_scale=grad_scale,
-            **coef,
-        )
-        return
+        raise BackendUnavailable("cpp", 0, "a dtype combination the C++ kernel is not built for")
     if not available():
         raise BackendUnavailable("cpp", 0, _BROKEN or "not built")
     scalars = pack_scalars(grad_scale=grad_scale, device=ys[0].device, **coef)

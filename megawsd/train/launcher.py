@@ -172,6 +172,12 @@ def run_launcher(cmd: list[str], env: dict[str, str], status_file: Path | None =
     return rc
 
 
+def shm_buffers(port: int | str = "*") -> list[Path]:
+    """The /dev/shm buffers of DeepSpeed's CPU shm allreduce for ranks that used ``port``
+    (this user's; ``"*"``: every port). Named by ``ops/csrc/cpu/comm/shm.cpp``."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def remove_shm_buffers(port: int) -> int:
     """Delete the shared-memory buffers DeepSpeed's CPU communication backend left for the
     ranks that used ``port``; returns how many.
@@ -180,9 +186,8 @@ def remove_shm_buffers(port: int) -> int:
     ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (tens of MB each) and
     never unlinks it: without this, every multi-rank CPU run would leave them behind until
     /dev/shm fills memory. Called once the ranks have exited."""
-    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"
     removed = 0
-    for path in Path("/dev/shm").glob(pattern):
+    for path in shm_buffers(port):
         try:
             path.unlink()
             removed += 1
