@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 
 from tests.dist_helpers import run_ranks
 from tests.workers.train_common import (
+    cli_command,
     cli_env,
     losses,
     prepare_data,
@@ -133,17 +133,7 @@ def test_kill_rank_ends_job_then_rerun_resumes_and_matches(faults):
     tmp, data, r = faults
     cfg = tmp / "ref.yaml"  # the uninterrupted run's config, written by the worker
     run = tmp / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "megawsd.cli",
-        "train",
-        str(cfg),
-        "--nproc",
-        "2",
-        "--run-dir",
-        str(run),
-    ]
+    cmd = cli_command("train", cfg, "--nproc", 2, "--run-dir", run)
     proc = subprocess.Popen(
         cmd,
         env=cli_env(),
@@ -185,17 +175,7 @@ def test_kill_9_of_megawsd_train_takes_its_ranks_along(tmp_path_factory):
     data = prepare_data(tmp_path_factory.getbasetemp() / "train-data")
     cfg = write_config(tmp / "cfg.yaml", data, steps=2000, checkpoint__interval=1000)
     run = tmp / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "megawsd.cli",
-        "train",
-        str(cfg),
-        "--nproc",
-        "2",
-        "--run-dir",
-        str(run),
-    ]
+    cmd = cli_command("train", cfg, "--nproc", 2, "--run-dir", run)
     proc = subprocess.Popen(
         cmd,
         env=cli_env(),

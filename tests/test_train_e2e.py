@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helpers import free_port
-from tests.workers.train_common import cli_env, losses, prepare_data, wait_for_step, write_config
+from tests.workers.train_common import (
+    cli_command,
+    cli_env,
+    losses,
+    prepare_data,
+    wait_for_step,
+    write_config,
+)
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +34,7 @@ STEPS = 24
 
 def megawsd(*args, check=True, timeout=400):
     proc = subprocess.run(
-        [sys.executable, "-m", "megawsd.cli", *map(str, args)],
+        cli_command(*args),
         env=cli_env(),
         cwd=REPO,
         capture_output=True,
@@ -120,17 +127,7 @@ def _ranks(cfg: Path, run: Path, world: int = 2, extra=()) -> list:
 def test_sigterm_then_sigkill_resume_equals_straight_run(setup):
     tmp, cfg, straight = setup
     run = tmp / "interrupted"
-    cmd = [
-        sys.executable,
-        "-m",
-        "megawsd.cli",
-        "train",
-        str(cfg),
-        "--nproc",
-        "2",
-        "--run-dir",
-        str(run),
-    ]
+    cmd = cli_command("train", cfg, "--nproc", 2, "--run-dir", run)
     # 1. SIGTERM to `megawsd train`: the ranks finish the step, checkpoint, and it exits 0
     proc = subprocess.Popen(
         cmd,

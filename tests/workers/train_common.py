@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +67,11 @@ def lrs(run_dir: Path) -> dict[int, float]:
 
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_command(*args) -> list[str]:
+    """``python -m megawsd.cli ARGS...`` (arguments stringified), as a user runs `megawsd`."""
+    return [sys.executable, "-m", "megawsd.cli", *map(str, args)]
 
 
 def cli_env() -> dict[str, str]:
