@@ -234,7 +234,7 @@ def test_runs_plot_export_read_the_tree(setup):
 def test_two_nodes_through_the_launcher(setup):
     tmp, cfg, straight = setup
     hostfile = tmp / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two "nodes", one machine
     run, port = tmp / "two-nodes", free_port()
     procs = [
         subprocess.Popen(

@@ -13,12 +13,14 @@ step, save a checkpoint and exit 0.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from megawsd.errors import ConfigError
 from megawsd.train import launcher
 from megawsd.train.__main__ import main
 from megawsd.train.config import load_config
+from megawsd.train.netif import HOSTS_LOCAL_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +128,9 @@ def launch_or_run(
         nproc = _devices()
     if check_world is not None and hostfile is None:
         check_world(nproc)
+    hosts_local = False
+    if hostfile:
+        master_addr, hosts_local = launcher.master_address(hostfile, master_addr, no_ssh)
     cmd = launcher.launcher_command(
         module_args,
         nproc=nproc,
@@ -135,7 +140,13 @@ def launch_or_run(
         node_rank=node_rank,
         no_ssh=no_ssh,
     )
-    return launcher.run_launcher(cmd, launcher.launch_env(nproc or 1), run_dir / "run.json")
+    env = launcher.launch_env(nproc or 1)
+    if hosts_local:  # several "nodes" on this one machine: loopback is right for them
+        env[HOSTS_LOCAL_ENV] = "1"
+    with tempfile.TemporaryDirectory(prefix="megawsd-launch-") as tmp:
+        if hostfile and not no_ssh:  # pdsh: what the other hosts' ranks need, ssh keepalive
+            env = launcher.multinode_env(env, Path(tmp))
+        return launcher.run_launcher(cmd, env, run_dir / "run.json")
 
 
 def _devices() -> int:

@@ -17,7 +17,12 @@ import sys
 
 from megawsd.errors import MegawsdError
 from megawsd.train.config import load_config
-from megawsd.train.launcher import init_distributed, watch_parent
+from megawsd.train.launcher import (
+    already_launched,
+    init_distributed,
+    remove_shm_buffers,
+    watch_parent,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     watch_parent()  # ranks launched by `megawsd train` never outlive it
+    alone = not already_launched()  # a world of one that this process sets up itself
     rank = init_distributed(_dist_timeout(args))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        if alone:  # no launcher cleans up after a world of one (DeepSpeed never unlinks them)
+            remove_shm_buffers(int(os.environ["MASTER_PORT"]))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -28,6 +29,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from megawsd.errors import ConfigError
+from megawsd.train.netif import choose_interface, interface_for, resolve
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ def init_distributed(timeout_s: float | None = None) -> int:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if cpu_only():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    choose_interface(os.environ, cuda=not cpu_only())  # not the loopback trap of real nodes
     import deepspeed
     import torch.distributed as dist
 
@@ -86,11 +91,128 @@ def launch_env(nproc_per_node: int) -> dict[str, str]:
         threads = max(1, (os.cpu_count() or 1) // max(nproc_per_node, 1))
         env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env[PARENT_PID_ENV], env[PARENT_HOST_ENV] = str(os.getpid()), socket.gethostname()
+    env[PARENT_PID_ENV], env[PARENT_HOST_ENV] = str(os.getpid()), host_identity()
     # the package must be importable in the ranks even when run from a source checkout
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def host_identity() -> str:
+    """This host, for "is the launching process on my host": the hostname, the boot id and the
+    network namespace (two nodes may share a hostname, as containers and test hosts do)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        boot, netns = "", 0
+    return f"{socket.gethostname()}/{boot}/{netns}"
+
+
+# What the ranks on the other hosts need from the launching environment. DeepSpeed's pdsh
+# runner exports only PYTHON*, MLFLOW*, MV2*, UCX* (and the accelerator's, NCCL* on CUDA) plus
+# a .deepspeed_env file; without these the remote ranks would pick another accelerator, thread
+# count or extensions cache than the local ones. GLOO_/NCCL_SOCKET_IFNAME go only when the user
+# set them: megawsd picks each host's own interface in the rank (megawsd.train.netif).
+REMOTE_ENV_PREFIXES = (
+    "MEGAWSD_",
+    "DS_ACCELERATOR",
+    "OMP_NUM_THREADS",
+    "TORCH_EXTENSIONS_DIR",
+    "TOKENIZERS_PARALLELISM",
+    "TRITON_",
+    "HF_",
+    "TRANSFORMERS_",
+    "GLOO_",
+    "NCCL_",
+    "TORCH_DISTRIBUTED_DEBUG",
+)
+# pdsh's ssh sessions give up on a host that stopped answering (a cut link) after ~30 s
+# instead of waiting for the kernel's TCP timeout (hours).
+SSH_KEEPALIVE = "-o ServerAliveInterval=10 -o ServerAliveCountMax=3"
+
+
+def remote_env_file(env: dict[str, str], directory: Path) -> Path:
+    """A .deepspeed_env for DeepSpeed's multi-node runner (DS_ENV_FILE): the user's own file
+    first (DS_ENV_FILE, ~/.deepspeed_env, ./.deepspeed_env, which our setting would otherwise
+    hide), then the variables in REMOTE_ENV_PREFIXES."""
+    lines: list[str] = []
+    for user_file in _user_env_files(env):
+        lines += [x.rstrip("\n") for x in user_file.read_text().splitlines() if "=" in x]
+    for key, value in sorted(env.items()):
+        if key.startswith(REMOTE_ENV_PREFIXES) and "\n" not in value:
+            lines.append(f"{key}={value}")
+    path = directory / f"megawsd-deepspeed-env-{os.getpid()}"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _user_env_files(env: dict[str, str]) -> list[Path]:
+    name = env.get("DS_ENV_FILE", ".deepspeed_env")
+    found = [Path(d).expanduser() / name for d in ("~", ".")]
+    return [p for i, p in enumerate(found) if p.is_file() and p not in found[:i]]
+
+
+def multinode_env(env: dict[str, str], directory: Path) -> dict[str, str]:
+    """The launching environment of an ssh (pdsh) launch: remote env file and ssh keepalive."""
+    env = dict(env)
+    env["DS_ENV_FILE"] = str(remote_env_file(env, directory))
+    ssh_args = env.get("PDSH_SSH_ARGS_APPEND", "")
+    if "ServerAlive" not in ssh_args:
+        env["PDSH_SSH_ARGS_APPEND"] = f"{ssh_args} {SSH_KEEPALIVE}".strip()
+    return env
+
+
+def hostfile_hosts(hostfile: str | Path) -> list[str]:
+    """The host names of a DeepSpeed hostfile, in order (``host slots=N`` lines, # comments)."""
+    hosts = []
+    for line in Path(hostfile).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            hosts.append(line.split()[0])
+    return hosts
+
+
+def master_address(
+    hostfile: str | Path, given: str | None, no_ssh: bool
+) -> tuple[str | None, bool]:
+    """The master address of a hostfile launch, and whether every host of the hostfile is this
+    machine (several "nodes" on one host, where loopback is right).
+
+    Given: as given, but a loopback master for hosts that are other machines is refused (their
+    ranks would connect to themselves). Over ssh without one: left to DeepSpeed's runner (``ssh
+    FIRST_HOST hostname -I``). Without ssh DeepSpeed would still try ssh, so the first host's
+    name is resolved here, and refused when it names loopback (the first host itself, on a
+    node whose /etc/hosts maps its own name to 127.0.1.1)."""
+    hosts = hostfile_hosts(hostfile)
+    if len(hosts) < 2:
+        return given, True
+    local = all(is_this_machine(h) for h in hosts)
+    if given is None and not no_ssh:
+        return None, local
+    addr = resolve(given or hosts[0])
+    if ipaddress.ip_address(addr).is_loopback and not local:
+        what = (
+            f"--master-addr = {given!r}"
+            if given
+            else (f"--master-addr: not given, and the hostfile's first host {hosts[0]!r}")
+        )
+        raise ConfigError(
+            f"{what} resolves to {addr} (loopback) on {socket.gethostname()}, but the "
+            f"hostfile's hosts {', '.join(hosts)} are not all this machine: their ranks could "
+            "not reach it. Give --master-addr the first host's address on the network the "
+            "hosts share, the same on every host"
+        )
+    return (given or addr), local
+
+
+def is_this_machine(host: str) -> bool:
+    """``host`` resolves to loopback or to an address of one of this host's interfaces."""
+    try:
+        addr = resolve(host)
+    except ConfigError:
+        return False
+    return ipaddress.ip_address(addr).is_loopback or interface_for(addr) is not None
 
 
 def launcher_command(
@@ -264,7 +386,7 @@ def watch_parent() -> threading.Thread | None:
     Ranks on other hosts (the parent's pid means nothing there) are not watched.
     """
     pid = os.environ.get(PARENT_PID_ENV)
-    if not pid or os.environ.get(PARENT_HOST_ENV) != socket.gethostname():
+    if not pid or os.environ.get(PARENT_HOST_ENV) != host_identity():
         return None
     grace = float(os.environ.get(ORPHAN_GRACE_ENV, ORPHAN_GRACE_S))
 

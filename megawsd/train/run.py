@@ -10,6 +10,7 @@ import yaml
 
 from megawsd.errors import ConfigError
 from megawsd.train.config import RunConfig, load_config
+from megawsd.train.heartbeat import start_heartbeat
 from megawsd.train.integrity import check_writable, rank0_check
 from megawsd.train.loop import train
 from megawsd.train.rundir import RunDir
@@ -64,8 +65,10 @@ def run_from_args(config: str, run_dir: str | None, overrides: list[str], resume
     cfg.check_layout(dist.get_world_size())
     # One process group per run directory: rank 0 holds RUN/.lock, every rank learns
     # whether it got it (megawsd.train.runlock).
-    lock = rank0_check(lambda: RunLock(run.path).acquire(), dist.get_world_size())
+    heartbeat = start_heartbeat(run.path, cfg.stability)  # a lost host ends the run in seconds
+    lock = None
     try:
+        lock = rank0_check(lambda: RunLock(run.path).acquire(), dist.get_world_size())
         # Before hours of training: a run.json that cannot be read (never overwritten) and a
         # checkpoints directory that cannot be written are refused now, not at the first save.
         rank0_check(
@@ -78,5 +81,7 @@ def run_from_args(config: str, run_dir: str | None, overrides: list[str], resume
         dist.barrier()
         return train(cfg, run.path, require_checkpoint=resume)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         if lock is not None:
             lock.release()

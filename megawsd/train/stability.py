@@ -100,6 +100,10 @@ class StabilityConfig(_Strict):
     verify_checkpoints: Literal["sha256", "size", "off"] = "sha256"
     verify_data: Literal["sha256", "size"] = "sha256"
     dist_timeout_s: float = Field(1800.0, gt=0)  # a rank that stops answering ends the job
+    # A host that is lost or cut off (no socket closed) is noticed within heartbeat_timeout_s
+    # + heartbeat_s instead of dist_timeout_s (megawsd.train.heartbeat); 0 turns it off.
+    heartbeat_s: float = Field(5.0, gt=0)
+    heartbeat_timeout_s: float = Field(60.0, ge=0)
 
     @field_validator("skip_batches")
     @classmethod
