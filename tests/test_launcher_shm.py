@@ -5,12 +5,14 @@ ranks have exited, or every CPU run would keep that memory until the machine run
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from megawsd.train.launcher import remove_shm_buffers
-from tests.dist_helpers import run_ranks
+from tests.dist_helpers import free_port, run_ranks
+from tests.workers.train_common import cli_command, cli_env, prepare_data, write_config
 
 SHM = Path("/dev/shm")
 
@@ -50,3 +52,22 @@ def test_run_launcher_removes_the_buffers_of_its_master_port():
     make = f"open({str(buf)!r}, 'w').close()"
     rc = run_launcher([sys.executable, "-c", make, "--master_port", "59997"], dict(os.environ))
     assert rc == 0 and not buf.exists()
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")
+def test_a_one_rank_megawsd_train_leaves_no_shm_buffers(tmp_path):
+    """One rank runs in-process, with no launcher to clean up after it (and every
+    `megawsd study` child of one rank is such a run): it removes its own buffers."""
+    data = prepare_data(tmp_path / "data")
+    cfg = write_config(tmp_path / "run.yaml", data, steps=2, eval__interval=2)
+    port = free_port()
+    proc = subprocess.run(
+        cli_command("train", cfg, "--run-dir", tmp_path / "run"),
+        env=dict(cli_env(), MASTER_PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(SHM.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")) == []

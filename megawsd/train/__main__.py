@@ -66,17 +66,26 @@ def _dist_timeout(args: argparse.Namespace) -> float | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    watch_parent()  # ranks launched by `megawsd train` never outlive it
-    alone = not already_launched()  # a world of one that this process sets up itself
-    rank = init_distributed(_dist_timeout(args))
+def _configure_logging(rank: int) -> None:
+    """Rank 0 logs at INFO, the others at WARNING; the first rank of every host also says
+    which network interface it chose (the line that explains a multi-host launch)."""
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        logging.getLogger("megawsd.train.netif").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    alone = not already_launched()  # a world of one that this process sets up itself
+    _configure_logging(int(os.environ.get("RANK", "0")))
+    watch_parent()  # ranks launched by `megawsd train` never outlive it
+    rank = init_distributed(_dist_timeout(args))
+    _configure_logging(rank)
     from megawsd.train.run import run_from_args
 
     try:
