@@ -223,6 +223,10 @@ def clean_stale() -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             cleaned.append(f"process {pid} {cmd[:80]}")
+    for d in Path(tempfile.gettempdir()).glob("megawsd-cluster-mwc*-*"):
+        if dead(d.name.removeprefix("megawsd-cluster-")):
+            shutil.rmtree(d, ignore_errors=True)
+            cleaned.append(str(d))
     return cleaned
 
 
