@@ -32,6 +32,31 @@ def test_sbatch_two_nodes_runs_one_step_per_host(cluster, tmp_path):
     assert seen == {h.name: h.addr for h in cluster.hosts}
 
 
+def test_requeue_runs_the_job_again_on_both_hosts(cluster, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\nsrun bash -c 'echo ${SLURM_RESTART_COUNT:-0} $SLURMD_NODENAME' >> runs.txt\n"
+        "sleep 300\n"
+    )
+    runs = tmp_path / "runs.txt"
+    job = cluster.sbatch(["--nodes", "2", "--output", tmp_path / "o", script], cwd=tmp_path)
+
+    def lines(n):
+        return lambda: runs.exists() and len(runs.read_text().splitlines()) == n
+
+    try:
+        cluster.wait_until(lines(2), 30, "the first run's steps")
+        cluster.requeue(job)
+        cluster.wait_job(job, timeout=30, states={"RUNNING"})
+        assert cluster.job_info(job)["Restarts"] == "1"
+        cluster.wait_until(lines(4), 30, "the second run's steps")
+    finally:
+        cluster.cleanup_jobs()
+    assert sorted(runs.read_text().splitlines()) == sorted(
+        f"{r} {h.name}" for r in (0, 1) for h in cluster.hosts
+    )
+
+
 @pytest.mark.parametrize("where", ["login", "host0", "host1"])
 def test_ssh_and_pdsh_reach_every_host(cluster, where):
     """Plain ``ssh NAME`` and ``pdsh -R ssh``, as DeepSpeed's runner calls them."""
@@ -55,9 +80,9 @@ def _cmdline(pid: int) -> str:
 
 
 def _reaches(cluster, src: int, dst: int) -> bool:
-    """A TCP connection from host ``src`` to host ``dst``'s sshd opens within 3 s."""
+    """A TCP connection from host ``src`` to host ``dst``'s sshd opens within 2 s."""
     addr = cluster.hosts[dst].addr
-    p = cluster.run(["timeout", "3", "bash", "-c", f"echo > /dev/tcp/{addr}/22"], host=src)
+    p = cluster.run(["timeout", "2", "bash", "-c", f"echo > /dev/tcp/{addr}/22"], host=src)
     return p.returncode == 0
 
 
