@@ -79,6 +79,7 @@ TERMINAL_STATES = frozenset(
     "COMPLETED FAILED CANCELLED TIMEOUT NODE_FAIL PREEMPTED BOOT_FAIL DEADLINE OUT_OF_MEMORY".split()
 )
 IFNAME = "eth0"
+SLURM_ENV = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SINFO_", "SCONTROL_")
 _instances = 0
 
 
@@ -361,7 +362,9 @@ class Cluster:
         self._daemons: dict[str, subprocess.Popen] = {}
         self._popens: list[subprocess.Popen] = []
         self._created: list[str] = []  # what close() must undo, in order of creation
-        self.env = dict(os.environ)
+        # the caller's environment, less any SLURM job's own variables (pytest may itself run
+        # in a job): commands and jobs must talk to this cluster only
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(SLURM_ENV)}
 
     # ---------------------------------------------------------------- start / close
 
