@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megawsd.train.launcher import shm_buffers
+from tests.cluster.fixtures import cluster  # noqa: F401  (the 2-host cluster fixture, tests/cluster)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

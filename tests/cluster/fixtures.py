@@ -1,6 +1,5 @@
-"""pytest fixtures for the cluster harness: import them into a test module.
-
-    from tests.cluster.fixtures import cluster  # noqa: F401  (a fixture, used by name)
+"""pytest fixtures for the cluster harness; tests/conftest.py re-exports ``cluster``, so any test
+takes it by name:
 
     @pytest.mark.cluster
     def test_x(cluster):            # a 2-host Cluster, shared by the module's tests

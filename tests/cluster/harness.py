@@ -17,7 +17,9 @@ Usage (the API the cluster tests code against)::
         p = c.popen(["megawsd", "train", ...], host=0)   # Popen, killed at teardown
         job = c.sbatch(["--nodes", "2", "job.sh"], cwd=tmp, env_extra={"X": "1"})
         c.wait_job(job, timeout=60)          # -> final state, e.g. "COMPLETED"
-        c.job_state(job), c.job_info(job), c.scontrol("requeue", str(job))
+        c.job_state(job), c.job_info(job), c.scontrol("show", "node")
+        c.requeue(job)        # scontrol requeue; eligible again at once (not after ~2 min)
+        c.wait_until(lambda: out.exists(), 30, "the output")  # TimeoutError + a daemon's log
         c.hostfile(tmp / "hostfile", slots=2)
         c.pids(1); c.kill_host(1); c.restart_host(1)     # host lost, and back
         c.link_down(1); c.link_up(1)                     # partition, and healed
@@ -77,6 +79,7 @@ TERMINAL_STATES = frozenset(
     "COMPLETED FAILED CANCELLED TIMEOUT NODE_FAIL PREEMPTED BOOT_FAIL DEADLINE OUT_OF_MEMORY".split()
 )
 IFNAME = "eth0"
+SLURM_ENV = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SINFO_", "SCONTROL_")
 _instances = 0
 
 
@@ -223,6 +226,10 @@ def clean_stale() -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             cleaned.append(f"process {pid} {cmd[:80]}")
+    for d in Path(tempfile.gettempdir()).glob("megawsd-cluster-mwc*-*"):
+        if dead(d.name.removeprefix("megawsd-cluster-")):
+            shutil.rmtree(d, ignore_errors=True)
+            cleaned.append(str(d))
     return cleaned
 
 
@@ -355,7 +362,9 @@ class Cluster:
         self._daemons: dict[str, subprocess.Popen] = {}
         self._popens: list[subprocess.Popen] = []
         self._created: list[str] = []  # what close() must undo, in order of creation
-        self.env = dict(os.environ)
+        # the caller's environment, less any SLURM job's own variables (pytest may itself run
+        # in a job): commands and jobs must talk to this cluster only
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(SLURM_ENV)}
 
     # ---------------------------------------------------------------- start / close
 
@@ -576,7 +585,7 @@ class Cluster:
                 f"--seed-file={d}/munged.seed",
             ],
         )
-        self._wait(lambda: self.munge_socket.exists(), 20, "munged's socket", "munged")
+        self.wait_until(lambda: self.munge_socket.exists(), 20, "munged's socket", "munged")
 
     def _start_ssh(self) -> None:
         d = self.state / "ssh"
@@ -609,14 +618,16 @@ class Cluster:
     def _start_slurmd(self, h: Host) -> None:
         self._daemon(f"slurmd-{h.name}", ["slurmd", "-D", "-N", h.name, "-f", str(self.conf)], h)
 
-    def _wait(self, ok, timeout: float, what: str, log: str | None = None) -> None:
-        """Poll ``ok()`` until true; on timeout name ``what`` and show the daemon's log tail."""
+    def wait_until(self, ok, timeout: float, what, log: str | None = None) -> None:
+        """Poll ``ok()`` until true; on timeout raise TimeoutError naming ``what`` (a string, or
+        a callable giving one then, so it shows the state at the timeout) and showing the tail
+        of daemon ``log``'s files (``slurmctld``, ``slurmd``, ``sshd-<host>``, ...)."""
         deadline = time.monotonic() + timeout
         while not ok():
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"cluster {self.prefix}: {what} not ready after {timeout} s"
-                    + (f"\n{self.log_tail(log)}" if log else "")
+                    f"cluster {self.prefix}: {what() if callable(what) else what} "
+                    f"not ready after {timeout} s" + (f"\n{self.log_tail(log)}" if log else "")
                 )
             time.sleep(0.2)
 
@@ -631,10 +642,10 @@ class Cluster:
 
     def wait_nodes(self, timeout: float = 60) -> None:
         """Until every host's slurmd has registered and its node is idle."""
-        self._wait(
+        self.wait_until(
             lambda: set(self.node_states().values()) == {"idle"},
             timeout,
-            f"SLURM nodes (states {self.node_states()})",
+            lambda: f"SLURM nodes (states {self.node_states()})",
             "slurm",
         )
 
@@ -645,7 +656,7 @@ class Cluster:
 
     def wait_ssh(self, hosts=None, timeout: float = 30) -> None:
         for h in hosts or self.hosts:
-            self._wait(
+            self.wait_until(
                 lambda h=h: self.run(["ssh", h.name, "true"], timeout=15).returncode == 0,
                 timeout,
                 f"sshd on {h.name}",
@@ -703,18 +714,27 @@ class Cluster:
 
     def wait_job(self, job: int, timeout: float = 120, states=TERMINAL_STATES) -> str:
         """Until the job's state is in ``states`` (default: any final state); returns it."""
-        self._wait(
+        self.wait_until(
             lambda: self.job_state(job) in states,
             timeout,
-            f"job {job} reaching {sorted(states)} (info {self.job_info(job)})",
+            lambda: f"job {job} reaching {sorted(states)} (info {self.job_info(job)})",
             "slurmctld",
         )
         return self.job_state(job)
 
+    def requeue(self, job: int, start_now: bool = True, timeout: float = 60) -> None:
+        """``scontrol requeue JOB`` (a preemption: SIGTERM, then KillWait, then SIGKILL) and wait
+        until it is pending again. Slurm holds a requeued job ~2 min (Reason=BeginTime,
+        measured 144 s here); ``start_now`` sets StartTime=now so it is eligible at once."""
+        self.scontrol("requeue", str(job))
+        self.wait_job(job, timeout, states={"PENDING"})
+        if start_now:
+            self.scontrol("update", f"JobId={job}", "StartTime=now")
+
     def cleanup_jobs(self, timeout: float = 60) -> None:
         """scancel every job of this cluster and wait until none is left pending/running."""
         self.run(["scancel", "--user", "root"], timeout=30)
-        self._wait(
+        self.wait_until(
             lambda: not self.run(["squeue", "-h"], timeout=20).stdout.strip(),
             timeout,
             "all jobs gone after scancel",
@@ -758,7 +778,7 @@ class Cluster:
         self._start_sshd(h)
         self._start_slurmd(h)
         self.wait_ssh([h], timeout)
-        self._wait(
+        self.wait_until(
             lambda: not self.node_states()[h.name].endswith("*"),
             timeout,
             f"{h.name} responding to slurmctld",
