@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megawsd.errors import ConfigError
 from megawsd.train import launcher
-from megawsd.train.__main__ import main
+from megawsd.train.__main__ import main, parse_args
 from megawsd.train.config import load_config
 
 
@@ -126,6 +126,7 @@ def launch_or_run(
         nproc = _devices()
     if check_world is not None and hostfile is None:
         check_world(nproc)
+    _prebuild(module_args)
     cmd = launcher.launcher_command(
         module_args,
         nproc=nproc,
@@ -136,6 +137,14 @@ def launch_or_run(
         no_ssh=no_ssh,
     )
     return launcher.run_launcher(cmd, launcher.launch_env(nproc or 1), run_dir / "run.json")
+
+
+def _prebuild(module_args: list[str]) -> None:
+    """The JIT-built C++ ops the ranks will load, built once here before they start."""
+    from megawsd.train import jit_ops  # torch and DeepSpeed: only when launching ranks
+
+    args = parse_args(module_args)
+    jit_ops.prebuild(load_config(args.config, args.overrides))
 
 
 def _devices() -> int:
