@@ -14,6 +14,7 @@ about a second.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -358,3 +359,34 @@ def test_torch_takes_a_file_baton_at_build_dir_lock_on_every_load(root, name, mo
         assert not os.path.exists(lock)
     assert batons == [(lock, True, os.path.realpath(lock))] * 2
     assert (jit.build_dir(name) / f"{name}.so").exists()  # what jit.needs_build looks for
+
+
+# -- the preemption of issue #22, end to end -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_launch_killed_while_building_then_the_next_launch_completes(tmp_path):
+    """`megawsd train --nproc 2` in a fresh cache, killed (the whole process group, as SLURM
+    does) while it builds DeepSpeed's shm op: the rerun removes the lock with a warning and
+    trains. Before megawsd.kernels.jit the rerun's ranks slept in FileBaton.wait forever.
+    Builds the shm op from scratch (minutes)."""
+    from tests.workers.train_common import cli_command, cli_env, prepare_data, write_config
+
+    data = prepare_data(tmp_path / "data")
+    cfg = write_config(tmp_path / "run.yaml", data, steps=2)
+    ext = tmp_path / "ext"
+    env = {**cli_env(), jit.ENV_VAR: str(ext)}
+    cmd = cli_command("train", cfg, "--nproc", "2", "--run-dir", tmp_path / "run")
+    lock = ext / "deepspeed_shm_comm" / jit.TORCH_LOCK
+    first = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True)
+    _wait_for(lock, first, "the first launch")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert lock.exists()
+    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-5000:]
+    assert "removed a stale build lock" in out and str(lock) in out, out[-5000:]
+    assert "building DeepSpeed's shm_comm op (once per environment" in out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "done"
