@@ -4,6 +4,11 @@ TRITON_INTERPRET must be set before any module with ``@triton.jit`` is imported,
 here, at collection time, on machines without CUDA: the Triton kernels then run on the CPU
 through Triton's interpreter and are tested against the reference implementation.
 DS_ACCELERATOR=cpu makes DeepSpeed pick its CPU accelerator (gloo) in every spawned rank.
+TORCH_EXTENSIONS_DIR (where DeepSpeed's shm op and megawsd's C++ kernel are JIT-built): the
+user's, else the directory megawsd itself uses for this environment (megawsd.kernels.jit), so
+a test run never rebuilds another venv's or DeepSpeed version's ops, and every spawned rank
+and `megawsd` subprocess inherits it; a build lock left there by an earlier run killed
+mid-build is removed before any test can wait on it.
 """
 
 import os
@@ -11,6 +16,7 @@ import os
 import pytest
 import torch
 
+from megawsd.kernels import jit
 from megawsd.train.launcher import shm_buffers
 from tests.cluster.fixtures import cluster  # noqa: F401  (the 2-host cluster fixture, tests/cluster)
 
@@ -21,6 +27,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+jit.use_keyed_root()
+jit.sweep_stale_locks()
 
 
 @pytest.fixture(autouse=True)

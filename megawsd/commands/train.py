@@ -18,7 +18,7 @@ from pathlib import Path
 
 from megawsd.errors import ConfigError
 from megawsd.train import launcher
-from megawsd.train.__main__ import main
+from megawsd.train.__main__ import main, parse_args
 from megawsd.train.config import load_config
 from megawsd.train.netif import HOSTS_LOCAL_ENV
 
@@ -131,6 +131,7 @@ def launch_or_run(
     hosts_local = False
     if hostfile:
         master_addr, hosts_local = launcher.master_address(hostfile, master_addr, no_ssh)
+    _prebuild(module_args)
     cmd = launcher.launcher_command(
         module_args,
         nproc=nproc,
@@ -147,6 +148,14 @@ def launch_or_run(
         if hostfile and not no_ssh:  # pdsh: what the other hosts' ranks need, ssh keepalive
             env = launcher.multinode_env(env, Path(tmp))
         return launcher.run_launcher(cmd, env, run_dir / "run.json")
+
+
+def _prebuild(module_args: list[str]) -> None:
+    """The JIT-built C++ ops the ranks will load, built once here before they start."""
+    from megawsd.train import jit_ops  # torch and DeepSpeed: only when launching ranks
+
+    args = parse_args(module_args)
+    jit_ops.prebuild(load_config(args.config, args.overrides))
 
 
 def _devices() -> int:

@@ -13,8 +13,9 @@ one region per tensor with a fixed share per thread, and every region waits for 
 thread: on a shared, loaded machine that is most of the step).
 
 Build: JIT-compiled once with the host's vector ISA (the one ATen itself dispatches to) by
-``torch.utils.cpp_extension.load`` and cached under ``TORCH_EXTENSIONS_DIR``; a build is
-~1 minute the first time, then a load. When it cannot build (no compiler) the first call
+``torch.utils.cpp_extension.load`` through :mod:`megawsd.kernels.jit` (cached per environment
+under ``TORCH_EXTENSIONS_DIR``, stale build locks removed, a warning when it builds); a build
+is ~1 minute the first time, then a load. When it cannot build (no compiler) the first call
 raises :class:`~megawsd.kernels.BackendUnavailable` with one warning and the dispatcher falls
 back to ``compiled``, then ``foreach``.
 
@@ -31,7 +32,7 @@ import warnings
 
 import torch
 
-from megawsd.kernels import BackendUnavailable
+from megawsd.kernels import BackendUnavailable, jit
 from megawsd.kernels.sf_adamw_compiled import pack_scalars
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,16 @@ def _isa() -> str:
 
 
 def _load() -> None:
-    """Build (or load from the cache) the extension; it registers torch.ops.megawsd_sf_cpu."""
+    """Build (or load from the cache) the extension; it registers torch.ops.megawsd_sf_cpu.
+    Through :func:`megawsd.kernels.jit.load_extension`: the per-environment cache, the
+    stale-lock guard, and a warning naming the build when one happens."""
     global _LOADED
-    from torch.utils import cpp_extension  # heavy import, only when the kernel is first used
-
     isa = _isa()
-    cpp_extension.load(
-        name=f"megawsd_sf_adamw_cpu_{isa.lower()}",
-        sources=[_SOURCE],
+    jit.load_extension(
+        f"megawsd_sf_adamw_cpu_{isa.lower()}",
+        [_SOURCE],
+        what="megawsd's C++ schedule-free AdamW kernel",
+        minutes="~1 min",
         extra_cflags=_CFLAGS + _ISA_FLAGS.get(isa, []),
         extra_ldflags=["-fopenmp"],
         is_python_module=False,

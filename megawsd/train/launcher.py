@@ -73,6 +73,9 @@ def init_distributed(timeout_s: float | None = None) -> int:
     if cpu_only():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     choose_interface(os.environ, cuda=not cpu_only())  # not the loopback trap of real nodes
+    from megawsd.train import jit_ops  # torch: kept lazy like the rest of this module
+
+    jit_ops.guard_rank()  # DeepSpeed's shm op loads in init_distributed: never on a stale lock
     import deepspeed
     import torch.distributed as dist
 
