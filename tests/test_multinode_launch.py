@@ -175,3 +175,17 @@ def test_silence_after_the_run_ended_is_not_a_failure(tmp_path, store):
     assert _wait(lambda: r0.lost is not None)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "done"
     r0.stop()
+
+
+class _HungStore:
+    """A store whose calls never return, as on a cut link (TCP retransmits for minutes)."""
+
+    def add(self, key, value):
+        time.sleep(3600)
+
+
+def test_a_store_that_stops_answering_is_noticed_without_waiting_on_it(tmp_path, store):
+    r1 = Heartbeat(1, 2, tmp_path, interval_s=0.2, timeout_s=1.5, exit_on_loss=False).start()
+    r1._store = _HungStore()
+    assert _wait(lambda: r1.lost is not None, limit=10)
+    assert "the rendezvous store has not answered for 2 s" in r1.lost

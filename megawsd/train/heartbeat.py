@@ -56,6 +56,7 @@ class Heartbeat:
         self.exit_on_loss = exit_on_loss
         self.lost: str | None = None  # what was detected (tests read it with exit_on_loss off)
         self._stop = threading.Event()
+        self._once = threading.Lock()
         self._thread: threading.Thread | None = None
         self._store = None
 
@@ -75,8 +76,15 @@ class Heartbeat:
         me = f"{socket.gethostname()} ({_local_address(addr)})"
         self._store.set(f"{PREFIX}/host/{self.rank}", me)
         self._store.add(f"{PREFIX}/{self.rank}", 1)
+        self._last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="megawsd-heartbeat")
         self._thread.start()
+        # A store call on a cut link can block far longer than the store's timeout (TCP
+        # retransmits): a second thread judges the beats' freshness instead of waiting on one.
+        self._judge = threading.Thread(
+            target=self._judge_loop, daemon=True, name="megawsd-hb-judge"
+        )
+        self._judge.start()
         return self
 
     def stop(self) -> None:
@@ -85,11 +93,18 @@ class Heartbeat:
             return
         self._stop.set()
         self._thread.join(timeout=self.interval_s + 5)
+        self._judge.join(timeout=self.interval_s + 5)
+        # the master may be gone or cut off: never wait on it for long at the end
+        bye = threading.Thread(target=self._say_goodbye, daemon=True)
+        bye.start()
+        bye.join(timeout=5)
+        self._thread = None
+
+    def _say_goodbye(self) -> None:
         try:
             self._store.set(f"{PREFIX}/bye/{self.rank}", "1")
-        except Exception:  # noqa: BLE001 - the master may be gone already: nothing to tell
+        except Exception:  # noqa: BLE001 - nobody left to tell
             pass
-        self._thread = None
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -101,6 +116,7 @@ class Heartbeat:
             last_tick = now
             try:
                 self._store.add(f"{PREFIX}/{self.rank}", 1)
+                self._last_ok = time.monotonic()
             except Exception as err:  # noqa: BLE001 - any store error means the same here
                 if not self._stop.is_set():
                     self._lost(f"lost contact with the master's host ({self.master}): {err}")
@@ -110,6 +126,19 @@ class Heartbeat:
             silent = self._check(seen, now, late)
             if silent:
                 self._lost(self._describe(silent))
+                return
+
+    def _judge_loop(self) -> None:
+        last_tick = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            late, last_tick = now - last_tick > 2 * self.interval_s + 1, now
+            silent_for = now - self._last_ok
+            if silent_for > self.timeout_s and not late and not self._stop.is_set():
+                self._lost(
+                    f"lost contact with the master's host ({self.master}): the rendezvous "
+                    f"store has not answered for {silent_for:.0f} s"
+                )
                 return
 
     def _check(self, seen: dict, now: float, late: bool) -> list[int]:
@@ -134,7 +163,10 @@ class Heartbeat:
         return f"{who} stopped answering (no heartbeat for {self.timeout_s:.0f} s)"
 
     def _lost(self, what: str) -> None:
-        self.lost = what
+        with self._once:
+            if self.lost is not None:
+                return
+            self.lost = what
         status = _status(self.run)
         if status in ("done", "stopped"):
             log.info("heartbeat: %s after the run was %s: nothing to do", what, status)
