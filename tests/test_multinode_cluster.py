@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.fixtures import cluster  # noqa: F401 - the fixture, by name
 from tests.dist_helpers import free_port
 from tests.workers.train_common import (
     cli_command,
@@ -122,11 +121,18 @@ def training_processes(c) -> dict[int, list[str]]:
     return out
 
 
+def _why(out: str) -> str:
+    """The line of a launcher's output that says why the run ended (for the test's report)."""
+    keys = ("stopped answering", "lost contact", "Connection closed", "Connection reset", "Error")
+    lines = [x for x in out.splitlines() if any(k in x for k in keys)]
+    return lines[0][-300:] if lines else "?"
+
+
 def run_info(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
 
-def test_sbatch_on_two_hosts_trains_like_one_host(cluster, setup):  # noqa: F811
+def test_sbatch_on_two_hosts_trains_like_one_host(cluster, setup):
     tmp, cfg, straight = setup
     run, out = tmp / "slurm", tmp / "slurm-%j.out"
     job = cluster.sbatch(
@@ -144,7 +150,7 @@ def test_sbatch_on_two_hosts_trains_like_one_host(cluster, setup):  # noqa: F811
     assert losses(run) == losses(straight)
 
 
-def test_multinode_sh_over_ssh_trains_like_one_host(cluster, setup):  # noqa: F811
+def test_multinode_sh_over_ssh_trains_like_one_host(cluster, setup):
     tmp, cfg, straight = setup
     run = tmp / "pdsh"
     hostfile = cluster.hostfile(tmp / "hostfile-pdsh", slots=1)
@@ -160,7 +166,7 @@ def test_multinode_sh_over_ssh_trains_like_one_host(cluster, setup):  # noqa: F8
     assert losses(run) == losses(straight)
 
 
-def test_one_command_per_host_trains_like_one_host(cluster, setup):  # noqa: F811
+def test_one_command_per_host_trains_like_one_host(cluster, setup):
     tmp, cfg, straight = setup
     run = tmp / "per-host"
     hostfile = cluster.hostfile(tmp / "hostfile-per-host", slots=1)
@@ -170,7 +176,7 @@ def test_one_command_per_host_trains_like_one_host(cluster, setup):  # noqa: F81
     assert losses(run) == losses(straight)
 
 
-def test_a_loopback_master_for_two_hosts_is_refused_in_seconds(cluster, setup):  # noqa: F811
+def test_a_loopback_master_for_two_hosts_is_refused_in_seconds(cluster, setup):
     tmp, cfg, _ = setup
     hostfile = cluster.hostfile(tmp / "hostfile-loop", slots=1)
     t0 = time.monotonic()
@@ -224,7 +230,7 @@ def _resume_and_compare(c, setup, run):
     assert losses(run) == losses(straight)
 
 
-def test_a_lost_host_ends_the_run_and_the_rerun_resumes(cluster, setup):  # noqa: F811
+def test_a_lost_host_ends_the_run_and_the_rerun_resumes(cluster, setup):
     took, ended, outs, run = _fault_then_resume(
         cluster, setup, "lost", lambda: cluster.kill_host(1), lambda: cluster.restart_host(1)
     )
@@ -232,11 +238,11 @@ def test_a_lost_host_ends_the_run_and_the_rerun_resumes(cluster, setup):  # noqa
     assert cluster.hosts[1].addr in outs[0] or "rank 1" in outs[0], outs[0][-3000:]
     assert run_info(run)["status"] == "failed"
     assert training_processes(cluster) == {0: [], 1: []}
-    print(f"host lost: host 0 ended {ended[0]:.1f} s after the kill")
+    print(f"host lost: host 0 ended {ended[0]:.1f} s after the kill: {_why(outs[0])}")
     _resume_and_compare(cluster, setup, run)
 
 
-def test_a_partition_ends_both_sides_and_the_rerun_resumes(cluster, setup):  # noqa: F811
+def test_a_partition_ends_both_sides_and_the_rerun_resumes(cluster, setup):
     took, ended, outs, run = _fault_then_resume(
         cluster, setup, "partition", lambda: cluster.link_down(1), lambda: cluster.link_up(1)
     )
@@ -247,6 +253,7 @@ def test_a_partition_ends_both_sides_and_the_rerun_resumes(cluster, setup):  # n
     assert info["status"] == "failed" and "heartbeat" in info["error"] or "contact" in info["error"]
     assert training_processes(cluster) == {0: [], 1: []}
     print(f"partition: host 0 ended after {ended[0]:.1f} s, host 1 after {ended[1]:.1f} s")
+    print(f"  host 0: {_why(outs[0])}\n  host 1: {_why(outs[1])}")
     _resume_and_compare(cluster, setup, run)
 
 
@@ -262,7 +269,7 @@ def _sbatch_run(c, setup, name):
     return job, run, Path(str(out).replace("%j", str(job)))
 
 
-def test_a_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, setup):  # noqa: F811
+def test_a_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, setup):
     _, _, straight = setup
     job, run, log = _sbatch_run(cluster, setup, "requeue")
     deadline = time.monotonic() + 300
@@ -278,7 +285,7 @@ def test_a_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, setu
     assert training_processes(cluster) == {0: [], 1: []}
 
 
-def test_scancel_with_sigterm_checkpoints_and_a_new_job_resumes(cluster, setup):  # noqa: F811
+def test_scancel_with_sigterm_checkpoints_and_a_new_job_resumes(cluster, setup):
     _, _, straight = setup
     job, run, log = _sbatch_run(cluster, setup, "scancel")
     deadline = time.monotonic() + 300
