@@ -1,6 +1,7 @@
 """Run config, branch planning, retention and launcher commands: no ranks, fast."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -305,3 +306,80 @@ def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
     f.write_text(yaml.safe_dump(BASE))
     assert main(["train", str(f), "--nproc", "3"]) == 2
     assert "not divisible" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """`megawsd train` with every way to a rank replaced by a recorder: the launcher, the
+    in-process rank entry point and DeepSpeed's process-group setup."""
+    import deepspeed
+
+    from megawsd.commands import train as train_cmd
+    from megawsd.train import launcher
+
+    started = []
+    for owner, name in (
+        (launcher, "run_launcher"),
+        (launcher, "init_distributed"),
+        (train_cmd, "main"),
+        (deepspeed, "init_distributed"),
+    ):
+        monkeypatch.setattr(owner, name, lambda *a, _n=name, **k: started.append(_n) or 0)
+    return started
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"precision": "fp16", "deepspeed": {"zero_stage": 0}},
+            r"precision = 'fp16': needs deepspeed.zero_stage 1, 2 or 3",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 1, "overlap_com": True}}},
+            r"deepspeed \(DeepSpeedZeroConfig\) overlap_com = True: Extra inputs",
+        ),
+        ({"data": "no/such/dir"}, r"data.path = 'no/such/dir': no prepared data directory"),
+    ],
+)
+def test_train_refuses_in_the_launching_process(tmp_path, capsys, no_ranks, change, message):
+    """Issue 21 item 13: a config that a rank would refuse after spawning, joining the process
+    group and building the model is refused before the launcher runs (no timing involved:
+    the launcher and DeepSpeed's init are recorders, and none of them is reached)."""
+    from megawsd.cli import main
+
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump({**BASE, **change}))
+    assert main(["train", str(f), "--nproc", "2", "--run-dir", str(tmp_path / "r")]) == 2
+    assert no_ranks == []
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_data_path_error_says_which_directory_it_is_relative_to(tmp_path, monkeypatch, capsys):
+    """Relative data paths are read from the current directory (kept, so configs/ work from
+    the repository root); the error says so and points at the copy beside the config."""
+    from megawsd.cli import main
+
+    (tmp_path / "exp" / "data" / "c").mkdir(parents=True)
+    f = tmp_path / "exp" / "run.yaml"
+    f.write_text(yaml.safe_dump({**BASE, "data": "data/c"}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", str(f), "--nproc", "1", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "read from the current directory" in err and str(tmp_path / "elsewhere") in err
+    assert "exists beside the config" in err and str(tmp_path / "exp" / "data" / "c") in err
+
+
+def test_hostfile_world_size(tmp_path):
+    from megawsd.train.preflight import hostfile_world_size
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# nodes\nnode-1 slots=8\nnode-2 slots=4  # smaller\n")
+    assert hostfile_world_size(hosts, None) == 12 and hostfile_world_size(hosts, 2) == 4
+    hosts.write_text("node-1 gpus=8\n")
+    with pytest.raises(ConfigError, match="not `HOST slots=N`"):
+        hostfile_world_size(hosts, None)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        hostfile_world_size(tmp_path / "nope", None)
