@@ -1,7 +1,7 @@
 """``python -m megawsd.train CONFIG``: one rank of a run (what the launchers start).
 
-    deepspeed --num_gpus 8 -m megawsd.train configs/llama-1b.yaml
-    deepspeed --hostfile hosts -m megawsd.train configs/llama-7b.yaml --run-dir runs/7b
+    deepspeed --num_gpus 8 --module megawsd.train configs/llama-1b.yaml
+    deepspeed --hostfile hosts --module megawsd.train configs/llama-7b.yaml --run-dir runs/7b
     torchrun --nproc_per_node 8 -m megawsd.train configs/llama-1b.yaml
 
 `megawsd train` builds and runs these commands for you; this module is what runs inside
