@@ -383,3 +383,63 @@ def test_hostfile_world_size(tmp_path):
         hostfile_world_size(hosts, None)
     with pytest.raises(ConfigError, match="cannot be read"):
         hostfile_world_size(tmp_path / "nope", None)
+
+
+def test_config_reference_is_current():
+    """docs/config.md's tables are what the models accept (issue 21, item 9)."""
+    from megawsd.train import config_reference as ref
+
+    page = ref.PAGE.read_text()
+    assert ref.update_page(page) == page, (
+        "docs/config.md is out of date with megawsd/train/config.py: regenerate it with "
+        "`python -m megawsd.train.config_reference --write`"
+    )
+
+
+def test_every_config_field_has_a_description():
+    from megawsd.train import config_reference as ref
+
+    assert ref.undescribed() == [], (
+        "give these fields a Field(description=...): the reference page would say nothing"
+    )
+    rendered = ref.render()
+    for path, model in ref.sections():
+        for name in model.model_fields:
+            assert f"| `{name}` |" in rendered, f"{path}.{name} missing from the reference"
+
+
+def _fenced(page: str, lang: str, after: str) -> str:
+    start = page.index(after)
+    m = re.compile(rf"^```{lang}\n(.*?)^```", re.S | re.M).search(page, start)
+    return m.group(1)
+
+
+def test_config_reference_gpt2_example_builds_and_steps(tmp_path, monkeypatch):
+    """The page's non-preset example (a GPT-2 config.json beside the YAML file) validates,
+    builds a GPT2LMHeadModel with the data's vocabulary, and takes one optimizer step."""
+    import torch
+
+    from megawsd.train import config_reference as ref
+    from megawsd.train.model import build_model, model_config
+
+    page = ref.PAGE.read_text()
+    section = "## A transformers model that is not a preset"
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "gpt2-small.json").write_text(_fenced(page, "json", section))
+    (tmp_path / "exp" / "run.yaml").write_text(_fenced(page, "yaml", section))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "exp" / "run.yaml")
+    hf = model_config(cfg.model, vocab_size=320, seq_len=cfg.seq_len, bos_id=1, eos_id=2)
+    assert type(hf).__name__ == "GPT2Config" and hf.vocab_size == 320 and hf.eos_token_id == 2
+    model = build_model(hf, cfg.seed)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    batch = torch.randint(0, 320, (2, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_unknown_preset_points_to_config_json():
+    assert "model: path/to/config.json" in error_of(model="gpt2")
