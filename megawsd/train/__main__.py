@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from megawsd.errors import MegawsdError
 from megawsd.train.config import load_config
@@ -61,8 +62,28 @@ def _dist_timeout(args: argparse.Namespace) -> float | None:
         return None
 
 
+# torch deprecations of collectives that DeepSpeed calls (not megawsd): every rank of every
+# run printed them, and nothing a user can do removes them. Matched by message and by where
+# torch issues them (its c10d_logger wrapper), so any other warning still shows.
+_THIRD_PARTY_DEPRECATIONS = (
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
+    r"_reduce_scatter_base)` (is deprecated|is a private function)"
+)
+
+
+def quiet_third_party_deprecations() -> None:
+    """Keep the deprecation notices of torch APIs that DeepSpeed uses out of the console."""
+    warnings.filterwarnings(
+        "ignore",
+        message=_THIRD_PARTY_DEPRECATIONS,
+        category=FutureWarning,
+        module=r"torch\.distributed\.",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_third_party_deprecations()
 
     watch_parent()  # ranks launched by `megawsd train` never outlive it
     rank = init_distributed(_dist_timeout(args))
