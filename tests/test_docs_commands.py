@@ -6,7 +6,8 @@ What counts as a command (``doc_commands``):
 - a line of an unlabelled fenced block, or an inline code span, whose first word is a program
   in ``CHECKERS``. An inline span is a *mention* (`megawsd branch`, `deepspeed`): missing
   required arguments are fine there, a wrong one is not. ``[--opt X]`` groups are dropped;
-  spans with ``...`` (elided text) are skipped.
+  spans with ``...`` (elided text) are skipped. An argument in capitals (``RUN``,
+  ``CONFIG.yaml``) is a placeholder: such a command is parsed, not dry-run.
 
 How each is checked (``check``, by the first word; ``CHECKERS`` is the table):
 - ``megawsd ...`` / ``python -m megawsd.cli ...``: megawsd's own parser (``cli.build_parser``);
@@ -182,9 +183,19 @@ def parse(parser, args: list[str], ctx: Ctx, what: str):
         if exit_.code in (0, None):  # --help / --version
             return None
         message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
-        if ctx.mention and "arguments are required" in message:
-            return None
+        if ctx.mention and ("arguments are required" in message or "expected one" in message):
+            return None  # `megawsd train`, `megawsd branch --data`: naming, not running
         raise DocCommandError(f"{what} {shlex.join(args)}: {message}") from None
+
+
+def _placeholders(args: list[str]) -> list[str]:
+    """Arguments that stand for the reader's own (``RUN``, ``CONFIG.yaml``, ``BRANCH/x``): all
+    capitals in a path component. A command with one is parsed, not dry-run."""
+    return [
+        a
+        for a in args
+        if any(re.fullmatch(r"[A-Z][A-Z0-9_]*", Path(p).stem) for p in Path(a).parts)
+    ]
 
 
 def check_megawsd(args: list[str], ctx: Ctx) -> None:
@@ -192,7 +203,7 @@ def check_megawsd(args: list[str], ctx: Ctx) -> None:
 
     parser, _ = cli.build_parser()
     ns = parse(parser, args, ctx, "megawsd")
-    if ns is not None and ns.command in MEGAWSD_DRY_RUNS:
+    if ns is not None and ns.command in MEGAWSD_DRY_RUNS and not _placeholders(args):
         MEGAWSD_DRY_RUNS[ns.command](args, ns, ctx)
 
 
@@ -267,8 +278,8 @@ def check_train_module(args: list[str], ctx: Ctx) -> None:
             return parse_args(a)
 
     ns = parse(_Parser, args, ctx, "python -m megawsd.train")
-    if ns is not None and not (ctx.mention and not (ctx.cwd / ns.config).is_file()):
-        dry_run_train(args, ns, ctx)  # a mention may name a placeholder config
+    if ns is not None and not _placeholders(args):
+        dry_run_train(args, ns, ctx)
 
 
 _DRY_RUN = r"""

@@ -13,6 +13,7 @@ renders, and when a field has no description.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import sys
@@ -148,15 +149,17 @@ def update_page(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--write"]:
+    parser = argparse.ArgumentParser(
+        prog="python -m megawsd.train.config_reference",
+        description="Print the generated run-config reference, or write it into docs/config.md.",
+    )
+    parser.add_argument("--write", action="store_true", help=f"rewrite {PAGE}")
+    args = parser.parse_args(argv)
+    if args.write:
         PAGE.write_text(update_page(PAGE.read_text()))
         print(f"wrote {PAGE}")
-        return 0
-    if argv:
-        print("usage: python -m megawsd.train.config_reference [--write]", file=sys.stderr)
-        return 2
-    print(render())
+    else:
+        print(render())
     return 0
 
 
