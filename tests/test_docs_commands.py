@@ -1,6 +1,7 @@
 """Every command in README.md and docs/*.md works as written, or at least parses.
 
-What counts as a command (``doc_commands``):
+What counts as a command (``doc_commands``, and ``help_commands`` for the examples in the
+`--help` text of every CLI command and of `python -m megawsd.train`):
 - every line of a fenced block labelled ``bash``/``sh``/``shell``/``console`` (``\\``
   continuations joined, ``# comments`` and a ``$ `` prompt dropped, ``a && b`` split);
 - a line of an unlabelled fenced block, or an inline code span, whose first word is a program
@@ -147,9 +148,27 @@ def doc_commands(docs: list[Path] = DOCS, root: Path = ROOT) -> list[DocCommand]
     return found
 
 
+def help_commands() -> list[DocCommand]:
+    """The example commands of `--help` pages: the docstrings of the CLI's command modules and
+    of the rank entry point (`python -m megawsd.train --help`), indented lines only."""
+    from megawsd import cli
+
+    modules = [m for m, _ in cli.COMMANDS.values()] + ["megawsd.train.__main__"]
+    found = []
+    for name in modules:
+        path = ROOT / (name.replace(".", "/") + ".py")
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        for i, line in enumerate(doc.splitlines()):
+            text = line.strip()
+            if line.startswith("    ") and _program(text) in CHECKERS:
+                for _, command in _shell_lines(text):
+                    found.append(DocCommand(str(path.relative_to(ROOT)), i + 1, command, False))
+    return found
+
+
 def _program(text: str) -> str:
     words = text.split()
-    return Path(words[0]).name if words else ""
+    return Path(words[0]).name if words and not words[0].endswith("/") else ""
 
 
 # -- checking one command --------------------------------------------------------------------
@@ -538,7 +557,7 @@ def sandbox(tmp_path_factory) -> Path:
     return root
 
 
-COMMANDS = doc_commands()
+COMMANDS = doc_commands() + help_commands()
 
 
 def test_the_docs_have_commands():
