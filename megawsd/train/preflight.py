@@ -83,18 +83,19 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _missing_data_paths(cfg: RunConfig) -> list[str]:
-    paths = _data_paths(cfg.data.path)
+def _missing_data_paths(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(field, path) of every data directory that does not exist."""
+    paths = [("data.path", p) for p in _data_paths(cfg.data.path)]
     if cfg.data.switch_to is not None:
-        paths += _data_paths(cfg.data.switch_to)
-    return [p for p in paths if not Path(p).is_dir() and not Path(p).is_file()]
+        paths += [("data.switch_to", p) for p in _data_paths(cfg.data.switch_to)]
+    return [(f, p) for f, p in paths if not Path(p).is_dir() and not Path(p).is_file()]
 
 
-def _explain_missing(missing: list[str], config_path: Path) -> str:
-    path = missing[0]
+def _explain_missing(missing: list[tuple[str, str]], config_path: Path) -> str:
+    field, path = missing[0]
     cwd = Path.cwd()
     where = f"{str(Path(path).absolute())!r}" if not Path(path).is_absolute() else "there"
-    msg = f"data.path = {path!r}: no prepared data directory at {where}"
+    msg = f"{field} = {path!r}: no prepared data directory at {where}"
     if not Path(path).is_absolute():
         msg += (
             f" (relative data paths are read from the current directory, {str(cwd)!r}, "
