@@ -403,9 +403,22 @@ def test_every_config_field_has_a_description():
         "give these fields a Field(description=...): the reference page would say nothing"
     )
     rendered = ref.render()
-    for path, model in ref.sections():
+    for path, model, _ in ref.sections():
         for name in model.model_fields:
             assert f"| `{name}` |" in rendered, f"{path}.{name} missing from the reference"
+
+
+def test_config_reference_defaults_are_the_sections_own():
+    """A nested section's defaults come from its parent's default instance:
+    stability.grad_spike has min_rel 0.5 where stability.loss_spike has 0.1."""
+    from megawsd.train import config_reference as ref
+    from megawsd.train.stability import StabilityConfig
+
+    page = ref.render()
+    for name in ("loss_spike", "grad_spike"):
+        table = page.split(f"### `stability.{name}:`")[1].split("###")[0]
+        expected = getattr(StabilityConfig(), name).min_rel
+        assert f"| `min_rel` | float, >= 0 | `{expected}` |" in table
 
 
 def _fenced(page: str, lang: str, after: str) -> str:

@@ -34,14 +34,32 @@ END = "<!-- end of the generated reference -->"
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
-def sections(model: type[BaseModel] = RunConfig, path: str = "") -> list[tuple[str, type]]:
-    """(dotted path, model) of the run config and every section nested in it, in field order."""
-    out = [(path, model)]
+def sections(
+    model: type[BaseModel] = RunConfig, path: str = "", defaults: BaseModel | None = None
+) -> list[tuple[str, type[BaseModel], BaseModel | None]]:
+    """(dotted path, model, its default instance) of the run config and every section nested
+    in it, in field order. The instance matters: ``stability.grad_spike`` defaults to
+    ``SpikeRule(min_rel=0.5)``, not to the class defaults ``stability.loss_spike`` uses."""
+    out = [(path, model, defaults)]
     for name, info in model.model_fields.items():
         nested = _nested_model(info.annotation)
         if nested is not None:
-            out += sections(nested, f"{path}.{name}" if path else name)
+            value = _default(info, defaults, name)
+            out += sections(
+                nested,
+                f"{path}.{name}" if path else name,
+                value if isinstance(value, BaseModel) else None,
+            )
     return out
+
+
+def _default(info: FieldInfo, defaults: BaseModel | None, name: str):
+    """The field's default in this section (PydanticUndefined when it is required)."""
+    if defaults is not None:
+        return getattr(defaults, name)
+    if info.default_factory is not None:
+        return info.default_factory()
+    return info.default
 
 
 def _nested_model(annotation) -> type[BaseModel] | None:
@@ -83,17 +101,16 @@ def _bounds(info: FieldInfo) -> str:
     return ", ".join(parts)
 
 
-def default_text(info: FieldInfo) -> str:
+def default_text(info: FieldInfo, defaults: BaseModel | None = None, name: str = "") -> str:
     if info.is_required():
         return "**required**"
-    if info.default_factory is not None:
-        value = info.default_factory()
-        if isinstance(value, BaseModel):
-            return "(section)"
-    else:
-        value = info.default
+    value = _default(info, defaults, name)
     if value is PydanticUndefined:
         return "**required**"
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, tuple):
+        value = list(value)
     return f"`{json.dumps(value)}`"
 
 
@@ -101,7 +118,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_section(path: str, model: type[BaseModel]) -> str:
+def render_section(path: str, model: type[BaseModel], defaults: BaseModel | None = None) -> str:
     title = f"`{path}:`" if path else "top level"
     lines = [f"### {title}", ""]
     doc = inspect.cleandoc(model.__doc__ or "")
@@ -117,7 +134,8 @@ def render_section(path: str, model: type[BaseModel]) -> str:
         kind = f"{kind}, {bounds}" if bounds else kind
         meaning = info.description or ""
         lines.append(
-            f"| `{name}` | {_cell(kind)} | {_cell(default_text(info))} | {_cell(meaning)} |"
+            f"| `{name}` | {_cell(kind)} | {_cell(default_text(info, defaults, name))} "
+            f"| {_cell(meaning)} |"
         )
     if model.model_config.get("extra") == "allow":
         lines += ["", "Any other key is passed through unchanged."]
@@ -126,14 +144,14 @@ def render_section(path: str, model: type[BaseModel]) -> str:
 
 def render() -> str:
     """The generated part of the page (between BEGIN and END)."""
-    return "\n\n".join(render_section(path, model) for path, model in sections())
+    return "\n\n".join(render_section(*section) for section in sections())
 
 
 def undescribed() -> list[str]:
     """Dotted names of fields without a description (the reference would say nothing)."""
     return [
         f"{path}.{name}" if path else name
-        for path, model in sections()
+        for path, model, _ in sections()
         for name, info in model.model_fields.items()
         if not info.description
     ]
