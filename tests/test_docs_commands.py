@@ -218,6 +218,17 @@ def _placeholders(args: list[str]) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def _chdir(path: Path):
+    """contextlib.chdir, which Python 3.10 (supported) lacks."""
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def check_megawsd(args: list[str], ctx: Ctx) -> None:
     from megawsd import cli
 
@@ -232,7 +243,7 @@ def dry_run_schedule(args: list[str], ns, ctx: Ctx) -> None:
     from megawsd import cli
 
     out = io.StringIO()
-    with contextlib.chdir(ctx.cwd), contextlib.redirect_stdout(out):
+    with _chdir(ctx.cwd), contextlib.redirect_stdout(out):
         rc = _run_cli(cli, args)
     if rc != 0:
         raise DocCommandError(f"megawsd {shlex.join(args)}: exit {rc}: {out.getvalue()[-500:]}")
@@ -254,7 +265,7 @@ def dry_run_train(args: list[str], ns, ctx: Ctx) -> None:
     from megawsd.train.config import load_config
     from megawsd.train.preflight import check_deepspeed, hostfile_world_size
 
-    with contextlib.chdir(ctx.cwd):
+    with _chdir(ctx.cwd):
         try:
             cfg = load_config(ns.config, getattr(ns, "overrides", []))
             world = getattr(ns, "nproc", None) or ctx.world
