@@ -13,6 +13,7 @@ from megawsd.train import checkpoint as ckpt
 from megawsd.train.config import apply_overrides, from_dict, load_config
 from megawsd.train.engine import deepspeed_config
 from megawsd.train.launcher import launcher_command
+from megawsd.train.preflight import check_deepspeed
 from megawsd.train.run import check_same_run
 from megawsd.train.rundir import STATE_FILE, RunDir
 
@@ -196,6 +197,8 @@ def test_shipped_configs_validate():
         cfg = load_config(p)
         assert cfg.total_steps > 0, p
         cfg.build_schedule()
+        # what `megawsd train` checks before launching: DeepSpeed's own parse of the section
+        check_deepspeed(cfg, cfg.global_batch_size // cfg.micro_batch_size)
     for stage in (1, 2, 3):
         ds = json.loads((root / f"ds_zero{stage}_bf16.json").read_text())
         assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
