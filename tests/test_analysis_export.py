@@ -32,7 +32,8 @@ RUNS = {  # name -> (optimizer, ZeRO stage, seed, steps, checkpoint steps)
 }
 ATOL = 2e-5
 
-pytestmark = pytest.mark.dist
+# the tests that train real DeepSpeed runs (the `runs` fixture) are marked dist one by one,
+# so the path-resolution tests run without ranks
 
 
 def _tree_digest(path: Path) -> str:
@@ -130,6 +131,7 @@ def assert_weights(model, expected: dict) -> None:
         torch.testing.assert_close(got[k], v, atol=ATOL, rtol=0, msg=k)
 
 
+@pytest.mark.dist
 def test_export_schedule_free_x_loads_and_generates(runs, tmp_path, capsys):
     out = tmp_path / "hf"
     assert main(["export", str(runs / "sf"), "--out", str(out)]) == 0
@@ -162,6 +164,7 @@ def test_export_schedule_free_x_loads_and_generates(runs, tmp_path, capsys):
     assert meta["weights"] == "x" and meta["members"][0]["step"] == 3 and meta["tokenizer"] == "hf"
 
 
+@pytest.mark.dist
 def test_export_y_weights_zero3(runs, tmp_path, capsys):
     out = tmp_path / "y"
     assert main(["export", str(runs / "sf3"), "--out", str(out), "--weights", "y"]) == 0
@@ -170,6 +173,7 @@ def test_export_y_weights_zero3(runs, tmp_path, capsys):
     assert_weights(load_exported(out), y)
 
 
+@pytest.mark.dist
 def test_export_adamw_at_step_and_missing_step(runs, tmp_path, capsys):
     out = tmp_path / "a2"
     assert main(["export", str(runs / "adamw"), "--step", "2", "--out", str(out)]) == 0
@@ -181,6 +185,7 @@ def test_export_adamw_at_step_and_missing_step(runs, tmp_path, capsys):
     assert not (tmp_path / "a5").exists()
 
 
+@pytest.mark.dist
 def test_export_bfloat16(runs, tmp_path):
     out = tmp_path / "bf16"
     assert main(["export", str(runs / "adamw"), "--out", str(out), "--dtype", "bfloat16"]) == 0
@@ -192,6 +197,7 @@ def test_export_bfloat16(runs, tmp_path):
         torch.testing.assert_close(v.float(), y[k], atol=ATOL, rtol=2**-8, msg=k)
 
 
+@pytest.mark.dist
 def test_average_is_the_mean_of_members(runs, tmp_path):
     out = tmp_path / "soup"
     # members relative to RUN: "." is RUN itself, one member with an explicit step
@@ -203,6 +209,7 @@ def test_average_is_the_mean_of_members(runs, tmp_path):
     assert meta["averaged"] and [m["name"] for m in meta["members"]] == ["sf", "sf3"]
 
 
+@pytest.mark.dist
 def test_average_refuses_other_architectures(runs, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(runs / "sf", other)
@@ -228,6 +235,7 @@ def test_average_refuses_other_architectures(runs, tmp_path, capsys):
     assert "--average = 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.dist
 def test_out_dir_rules(runs, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
@@ -242,6 +250,7 @@ def test_out_dir_rules(runs, tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp-*"))  # no temporary directory left behind
 
 
+@pytest.mark.dist
 def test_errors_no_run_no_checkpoint_no_config(runs, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such directory" in capsys.readouterr().err
@@ -273,6 +282,7 @@ def test_errors_no_run_no_checkpoint_no_config(runs, tmp_path, capsys):
     assert "disagree" in capsys.readouterr().err
 
 
+@pytest.mark.dist
 def test_no_tokenizer_is_a_note_not_a_failure(runs, tmp_path, capsys):
     run = tmp_path / "notok"
     shutil.copytree(runs / "adamw", run)
@@ -282,6 +292,7 @@ def test_no_tokenizer_is_a_note_not_a_failure(runs, tmp_path, capsys):
     assert not (tmp_path / "o" / "tokenizer.json").exists()
 
 
+@pytest.mark.dist
 def test_damaged_checkpoint_is_a_clear_error(runs, tmp_path, capsys):
     run = tmp_path / "damaged"
     shutil.copytree(runs / "adamw", run)
@@ -298,6 +309,7 @@ def test_damaged_checkpoint_is_a_clear_error(runs, tmp_path, capsys):
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()} == {0o666 & ~umask}
 
 
+@pytest.mark.dist
 def test_architecture_from_config_yaml_model_path(runs, tmp_path):
     # model: path/to/config.json in config.yaml; the vocabulary comes from the data, as in train
     run = tmp_path / "fromyaml"
@@ -315,3 +327,26 @@ def test_architecture_from_config_yaml_model_path(runs, tmp_path):
     model = load_exported(tmp_path / "o")
     assert model.config.vocab_size == VOCAB
     assert_weights(model, y)
+
+
+def _run_dir(path: Path) -> Path:
+    """A directory that passes for a run with one checkpoint (enough to resolve members)."""
+    from analysis_fixtures import mark_checkpoint
+
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"status": "done"}))
+    mark_checkpoint(path, 60, {"step": 60})
+    return path
+
+
+def test_average_dot_is_run_itself_beside_branches(tmp_path):
+    """`--average cooldown-60-d20-1sqrt,.@60` on a run that has branches: "." is RUN, not
+    RUN/branches (issue 21, item 8), and a bare name is a branch under RUN/branches."""
+    from megawsd.analysis.export import _sources, resolve_member
+
+    run = _run_dir(tmp_path / "runs" / "mine")
+    branch = _run_dir(run / "branches" / "cooldown-60-d20-1sqrt")
+    assert resolve_member(".@60", run) == (run, 60)
+    assert resolve_member("cooldown-60-d20-1sqrt", run) == (branch, None)
+    sources = _sources(run, None, ["cooldown-60-d20-1sqrt", ".@60"])
+    assert [(s.run.path, s.step) for s in sources] == [(branch, 60), (run, 60)]

@@ -33,3 +33,25 @@ def test_building_the_parser_imports_no_heavy_dependency():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_help_keeps_each_example_on_its_own_line(name, capsys):
+    """Every `megawsd ...` example line of a command's docstring is a line of its --help
+    (argparse's default formatter used to run `plot` and `data` examples into one line)."""
+    _, modules = cli.build_parser()
+    examples = [
+        line.strip()
+        for line in (modules[name].__doc__ or "").splitlines()
+        if line.strip().startswith("megawsd ")
+    ]
+    lines = {line.strip() for line in _help([name], capsys).splitlines()}
+    assert examples, f"megawsd {name}: its docstring shows no example command"
+    for example in examples:
+        assert example in lines, f"megawsd {name} --help runs this example into others: {example}"

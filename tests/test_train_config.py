@@ -1,6 +1,7 @@
 """Run config, branch planning, retention and launcher commands: no ranks, fast."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from megawsd.train import checkpoint as ckpt
 from megawsd.train.config import apply_overrides, from_dict, load_config
 from megawsd.train.engine import deepspeed_config
 from megawsd.train.launcher import launcher_command
+from megawsd.train.preflight import check_deepspeed
 from megawsd.train.run import check_same_run
 from megawsd.train.rundir import STATE_FILE, RunDir
 
@@ -195,6 +197,8 @@ def test_shipped_configs_validate():
         cfg = load_config(p)
         assert cfg.total_steps > 0, p
         cfg.build_schedule()
+        # what `megawsd train` checks before launching: DeepSpeed's own parse of the section
+        check_deepspeed(cfg, cfg.global_batch_size // cfg.micro_batch_size)
     for stage in (1, 2, 3):
         ds = json.loads((root / f"ds_zero{stage}_bf16.json").read_text())
         assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is True
@@ -305,3 +309,153 @@ def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
     f.write_text(yaml.safe_dump(BASE))
     assert main(["train", str(f), "--nproc", "3"]) == 2
     assert "not divisible" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """`megawsd train` with every way to a rank replaced by a recorder: the launcher, the
+    in-process rank entry point and DeepSpeed's process-group setup."""
+    import deepspeed
+
+    from megawsd.commands import train as train_cmd
+    from megawsd.train import launcher
+
+    started = []
+    for owner, name in (
+        (launcher, "run_launcher"),
+        (launcher, "init_distributed"),
+        (train_cmd, "main"),
+        (deepspeed, "init_distributed"),
+    ):
+        monkeypatch.setattr(owner, name, lambda *a, _n=name, **k: started.append(_n) or 0)
+    return started
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"precision": "fp16", "deepspeed": {"zero_stage": 0}},
+            r"precision = 'fp16': needs deepspeed.zero_stage 1, 2 or 3",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 1, "overlap_com": True}}},
+            r"deepspeed \(DeepSpeedZeroConfig\) overlap_com = True: Extra inputs",
+        ),
+        ({"data": "no/such/dir"}, r"data.path = 'no/such/dir': no prepared data directory"),
+    ],
+)
+def test_train_refuses_in_the_launching_process(tmp_path, capsys, no_ranks, change, message):
+    """Issue 21 item 13: a config that a rank would refuse after spawning, joining the process
+    group and building the model is refused before the launcher runs (no timing involved:
+    the launcher and DeepSpeed's init are recorders, and none of them is reached)."""
+    from megawsd.cli import main
+
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump({**BASE, **change}))
+    assert main(["train", str(f), "--nproc", "2", "--run-dir", str(tmp_path / "r")]) == 2
+    assert no_ranks == []
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_data_path_error_says_which_directory_it_is_relative_to(tmp_path, monkeypatch, capsys):
+    """Relative data paths are read from the current directory (kept, so configs/ work from
+    the repository root); the error says so and points at the copy beside the config."""
+    from megawsd.cli import main
+
+    (tmp_path / "exp" / "data" / "c").mkdir(parents=True)
+    f = tmp_path / "exp" / "run.yaml"
+    f.write_text(yaml.safe_dump({**BASE, "data": "data/c"}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", str(f), "--nproc", "1", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "read from the current directory" in err and str(tmp_path / "elsewhere") in err
+    assert "exists beside the config" in err and str(tmp_path / "exp" / "data" / "c") in err
+
+
+def test_hostfile_world_size(tmp_path):
+    from megawsd.train.preflight import hostfile_world_size
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# nodes\nnode-1 slots=8\nnode-2 slots=4  # smaller\n")
+    assert hostfile_world_size(hosts, None) == 12 and hostfile_world_size(hosts, 2) == 4
+    hosts.write_text("node-1 gpus=8\n")
+    with pytest.raises(ConfigError, match="not `HOST slots=N`"):
+        hostfile_world_size(hosts, None)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        hostfile_world_size(tmp_path / "nope", None)
+
+
+def test_config_reference_is_current():
+    """docs/config.md's tables are what the models accept (issue 21, item 9)."""
+    from megawsd.train import config_reference as ref
+
+    page = ref.PAGE.read_text()
+    assert ref.update_page(page) == page, (
+        "docs/config.md is out of date with megawsd/train/config.py: regenerate it with "
+        "`python -m megawsd.train.config_reference --write`"
+    )
+
+
+def test_every_config_field_has_a_description():
+    from megawsd.train import config_reference as ref
+
+    assert ref.undescribed() == [], (
+        "give these fields a Field(description=...): the reference page would say nothing"
+    )
+    rendered = ref.render()
+    for path, model, _ in ref.sections():
+        for name in model.model_fields:
+            assert f"| `{name}` |" in rendered, f"{path}.{name} missing from the reference"
+
+
+def test_config_reference_defaults_are_the_sections_own():
+    """A nested section's defaults come from its parent's default instance:
+    stability.grad_spike has min_rel 0.5 where stability.loss_spike has 0.1."""
+    from megawsd.train import config_reference as ref
+    from megawsd.train.stability import StabilityConfig
+
+    page = ref.render()
+    for name in ("loss_spike", "grad_spike"):
+        table = page.split(f"### `stability.{name}:`")[1].split("###")[0]
+        expected = getattr(StabilityConfig(), name).min_rel
+        assert f"| `min_rel` | float, >= 0 | `{expected}` |" in table
+
+
+def _fenced(page: str, lang: str, after: str) -> str:
+    start = page.index(after)
+    m = re.compile(rf"^```{lang}\n(.*?)^```", re.S | re.M).search(page, start)
+    return m.group(1)
+
+
+def test_config_reference_gpt2_example_builds_and_steps(tmp_path, monkeypatch):
+    """The page's non-preset example (a GPT-2 config.json beside the YAML file) validates,
+    builds a GPT2LMHeadModel with the data's vocabulary, and takes one optimizer step."""
+    import torch
+
+    from megawsd.train import config_reference as ref
+    from megawsd.train.model import build_model, model_config
+
+    page = ref.PAGE.read_text()
+    section = "## A transformers model that is not a preset"
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "gpt2-small.json").write_text(_fenced(page, "json", section))
+    (tmp_path / "exp" / "run.yaml").write_text(_fenced(page, "yaml", section))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "exp" / "run.yaml")
+    hf = model_config(cfg.model, vocab_size=320, seq_len=cfg.seq_len, bos_id=1, eos_id=2)
+    assert type(hf).__name__ == "GPT2Config" and hf.vocab_size == 320 and hf.eos_token_id == 2
+    model = build_model(hf, cfg.seed)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    batch = torch.randint(0, 320, (2, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_unknown_preset_points_to_config_json():
+    assert "model: path/to/config.json" in error_of(model="gpt2")

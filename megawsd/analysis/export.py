@@ -131,8 +131,11 @@ def resolve_member(spec: str, base: Path) -> tuple[Path, int | None]:
         raise field_error(
             "--average", spec, "empty member; give comma-separated run paths or branch names"
         )
-    # a branch name first ("." is RUN itself), then a path as given
-    candidates = [base / "branches" / path_text, base / path_text, Path(path_text)]
+    # a branch name first (a bare name only: "." and ".." are RUN and its parent, never
+    # RUN/branches itself), then a path relative to RUN, then a path as given
+    bare_name = path_text not in (".", "..") and Path(path_text).name == path_text
+    candidates = [base / "branches" / path_text] if bare_name else []
+    candidates += [base / path_text, Path(path_text)]
     for c in candidates:
         if c.is_dir():
             return c, step

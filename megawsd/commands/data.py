@@ -1,8 +1,10 @@
 """Prepare a corpus into token shards, or inspect a prepared directory.
 
-megawsd data prepare --input corpus/ --out data/c --vocab-size 8192 --num-proc 8
-megawsd data prepare --input builtin:python-stdlib?max_mb=20 --out data/stdlib
-megawsd data info data/c
+    megawsd data prepare --input corpus/ --out data/c --vocab-size 8192 --num-proc 8
+    megawsd data prepare --input 'builtin:python-stdlib?max_mb=20' --out data/stdlib
+    megawsd data info data/c
+
+`megawsd data prepare --help` lists the inputs and options.
 """
 
 from __future__ import annotations

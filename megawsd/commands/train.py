@@ -21,6 +21,7 @@ from megawsd.train import launcher
 from megawsd.train.__main__ import main, parse_args
 from megawsd.train.config import load_config
 from megawsd.train.netif import HOSTS_LOCAL_ENV
+from megawsd.train.preflight import launch_world_size, preflight
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_launch_args(args)
     cfg = load_config(args.config, args.overrides)  # fail here, before any rank starts
+    preflight(cfg, args.config, launch_world_size(args.nproc, args.hostfile, _devices))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg, args.config)
     module_args = [str(args.config), "--run-dir", str(run_dir)]
     for item in args.overrides:

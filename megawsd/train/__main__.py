@@ -1,7 +1,7 @@
 """``python -m megawsd.train CONFIG``: one rank of a run (what the launchers start).
 
-    deepspeed --num_gpus 8 -m megawsd.train configs/llama-1b.yaml
-    deepspeed --hostfile hosts -m megawsd.train configs/llama-7b.yaml --run-dir runs/7b
+    deepspeed --num_gpus 8 --module megawsd.train configs/llama-1b.yaml
+    deepspeed --hostfile hosts --module megawsd.train configs/llama-7b.yaml --run-dir runs/7b
     torchrun --nproc_per_node 8 -m megawsd.train configs/llama-1b.yaml
 
 `megawsd train` builds and runs these commands for you; this module is what runs inside
@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from megawsd.errors import MegawsdError
 from megawsd.train.config import load_config
@@ -66,6 +67,25 @@ def _dist_timeout(args: argparse.Namespace) -> float | None:
         return None
 
 
+# torch deprecations of collectives that DeepSpeed calls (not megawsd): every rank of every
+# run printed them, and nothing a user can do removes them. Matched by message and by where
+# torch issues them (its c10d_logger wrapper), so any other warning still shows.
+_THIRD_PARTY_DEPRECATIONS = (
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
+    r"_reduce_scatter_base)` (is deprecated|is a private function)"
+)
+
+
+def quiet_third_party_deprecations() -> None:
+    """Keep the deprecation notices of torch APIs that DeepSpeed uses out of the console."""
+    warnings.filterwarnings(
+        "ignore",
+        message=_THIRD_PARTY_DEPRECATIONS,
+        category=FutureWarning,
+        module=r"torch\.distributed\.",
+    )
+
+
 def _configure_logging(rank: int) -> None:
     """Rank 0 logs at INFO, the others at WARNING; the first rank of every host also says
     which network interface it chose (the line that explains a multi-host launch)."""
@@ -80,7 +100,7 @@ def _configure_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
+    quiet_third_party_deprecations()
     alone = not already_launched()  # a world of one that this process sets up itself
     _configure_logging(int(os.environ.get("RANK", "0")))
     watch_parent()  # ranks launched by `megawsd train` never outlive it

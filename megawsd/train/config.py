@@ -46,11 +46,26 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """A size preset (megawsd.train.model.PRESETS) or a transformers ``config.json``."""
+    """A size preset (megawsd.train.model.PRESETS) or a transformers ``config.json``.
 
-    preset: str | None = None
-    config: str | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    ``model: demo`` is short for ``model: {preset: demo}``; a value ending in ``.json`` or
+    holding a ``/`` is short for ``model: {config: PATH}``. The vocabulary (and BOS/EOS ids)
+    always come from the prepared data, never from the preset or the config.json."""
+
+    preset: str | None = Field(
+        None, description="a size preset: " + ", ".join(PRESETS) + " (Llama architecture)"
+    )
+    config: str | None = Field(
+        None,
+        description="path to a transformers config.json (any causal LM "
+        "`AutoModelForCausalLM.from_config` builds); relative: next to the YAML file if it "
+        "exists there, else from the current directory",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config fields set on top of the preset or config.json "
+        "(e.g. `{num_hidden_layers: 2}`); an unknown field is an error",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -72,7 +87,11 @@ class ModelConfig(_Strict):
         if self.preset is not None and self.preset not in PRESETS:
             close = difflib.get_close_matches(self.preset, list(PRESETS), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown preset {self.preset!r}; {hint}presets: {', '.join(PRESETS)}")
+            raise ValueError(
+                f"unknown preset {self.preset!r}; {hint}presets: {', '.join(PRESETS)}; for "
+                "another transformers model give the path of its config.json "
+                "(model: path/to/config.json, docs/config.md)"
+            )
         return self
 
 
@@ -80,10 +99,20 @@ class DataConfig(_Strict):
     """A prepared directory, a weighted mix ("a:0.7,b:0.3" or a list), and an optional
     switch to another mix from a step on (set by ``megawsd branch --data``)."""
 
-    path: str | list[Any]
-    switch_to: str | list[Any] | None = None
-    switch_at: int | None = None
-    switch_restart: bool = True
+    path: str | list[Any] = Field(
+        description='a directory made by `megawsd data prepare`, a mix `"a:0.7,b:0.3"`, '
+        "or a list of directories or `{path, weight}`; relative paths are read from the "
+        "current directory, not from the YAML file's"
+    )
+    switch_to: str | list[Any] | None = Field(
+        None, description="the data (same forms as `path`) from step `switch_at` on"
+    )
+    switch_at: int | None = Field(None, description="the step the data switches at")
+    switch_restart: bool = Field(
+        True,
+        description="true: the new data is read from its first sample at `switch_at`; false: "
+        "at the same index, as if it had been used from the start",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -104,12 +133,21 @@ class OptimizerConfig(_Strict):
     """``adamw`` (torch AdamW), ``schedule_free_adamw`` (megawsd's exact SF-AdamW), or any
     optimizer DeepSpeed builds by name (``Adam``, ``Lamb``, ``OneBitAdam``...)."""
 
-    type: str = "adamw"
-    lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    params: dict[str, Any] = Field(default_factory=dict)  # extra constructor keywords
+    type: str = Field(
+        "adamw",
+        description="`adamw`, `schedule_free_adamw` (aliases: `sf_adamw`, ...) or a DeepSpeed "
+        "optimizer name",
+    )
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (the schedule's factor 1)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam's (beta1, beta2)")
+    eps: float = Field(1e-8, gt=0, description="Adam's epsilon")
+    weight_decay: float = Field(
+        0.0, ge=0, description="decoupled weight decay of matrices (not of gains and biases)"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra constructor keywords (e.g. `{warmup_steps: 100}` for schedule-free)",
+    )
 
     @property
     def kind(self) -> str:
@@ -118,23 +156,39 @@ class OptimizerConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    interval: int = Field(100, ge=0)  # 0: only at the end
-    batches: int = Field(4, ge=0)
-    batch_size: int | None = Field(None, ge=1)  # rows per eval batch; default: micro x ranks
+    """Validation loss on the data's ``val.bin`` (at x for schedule-free)."""
+
+    interval: int = Field(100, ge=0, description="evaluate every N steps (0: only at the end)")
+    batches: int = Field(4, ge=0, description="validation batches per evaluation")
+    batch_size: int | None = Field(
+        None, ge=1, description="rows per validation batch (default: micro_batch_size x ranks)"
+    )
 
 
 class CheckpointConfig(_Strict):
-    interval: int = Field(1000, ge=0)  # 0: only at `at` steps and the end
-    keep_last: int = Field(2, ge=1)
-    keep_every: int = Field(0, ge=0)  # additionally keep every M-th step (0: none)
-    at: list[int] = Field(default_factory=list)  # extra steps to save (planned branch points)
-    save_final: bool = True
+    """When checkpoints are written and which are kept (branch points always are)."""
+
+    interval: int = Field(1000, ge=0, description="save every N steps (0: only `at` and the end)")
+    keep_last: int = Field(2, ge=1, description="keep the newest N checkpoints")
+    keep_every: int = Field(0, ge=0, description="also keep every M-th step (0: none)")
+    at: list[int] = Field(
+        default_factory=list, description="extra steps to save (planned branch points)"
+    )
+    save_final: bool = Field(True, description="save at the last step")
 
 
 class LoggingConfig(_Strict):
-    interval: int = Field(1, ge=1)
-    tensorboard: bool = True
-    progress: bool = True
+    """What is written to metrics.jsonl, TensorBoard and the console (rank 0)."""
+
+    interval: int = Field(
+        1, ge=1, description="a train record (metrics.jsonl, tb/, console line) every N steps"
+    )
+    tensorboard: bool = Field(True, description="also write TensorBoard events to RUN/tb/")
+    progress: bool = Field(
+        True,
+        description="a progress bar on a terminal (console lines every `interval` steps "
+        "without one)",
+    )
 
 
 class DeepSpeedBlock(BaseModel):
@@ -142,8 +196,14 @@ class DeepSpeedBlock(BaseModel):
     passed to DeepSpeed unchanged (``zero_optimization: {...}``, ``activation_checkpointing``...)."""
 
     model_config = ConfigDict(extra="allow")
-    zero_stage: int | None = Field(None, ge=0, le=3)
-    config: str | None = None
+    zero_stage: int | None = Field(
+        None, ge=0, le=3, description="ZeRO stage 0-3 (default: the JSON's, else 0)"
+    )
+    config: str | None = Field(
+        None,
+        description="path to a DeepSpeed JSON merged under this block; relative: next to the "
+        "YAML file if it exists there",
+    )
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -153,31 +213,66 @@ class DeepSpeedBlock(BaseModel):
 class InitFrom(_Strict):
     """Where a branch starts: the parent run directory and the checkpoint step."""
 
-    run: str
-    step: int = Field(ge=0)
+    run: str = Field(description="the parent run directory (relative to this run's directory)")
+    step: int = Field(ge=0, description="the parent's checkpoint step")
 
 
 class RunConfig(_Strict):
-    name: str | None = None
-    run_dir: str | None = None
-    model: ModelConfig
-    data: DataConfig
-    seq_len: int = Field(gt=0)
-    global_batch_size: int = Field(gt=0)
-    micro_batch_size: int = Field(gt=0)
-    steps: int | None = Field(None, gt=0)
-    tokens: int | None = Field(None, gt=0)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: dict[str, Any] = Field(default_factory=lambda: {"family": "constant"})
-    grad_clip: float = Field(1.0, ge=0)  # 0: off
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    seed: int = 1234
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    deepspeed: DeepSpeedBlock = Field(default_factory=DeepSpeedBlock)
-    init_from: InitFrom | None = None
-    stability: StabilityConfig = Field(default_factory=StabilityConfig)  # issue 6
+    """One training run: ``megawsd train CONFIG.yaml``. Give exactly one of ``steps`` and
+    ``tokens``; unknown keys are refused with the closest valid name."""
+
+    name: str | None = Field(None, description="run name (default: the YAML file's stem)")
+    run_dir: str | None = Field(
+        None, description="run directory (default: runs/NAME; `--run-dir` wins)"
+    )
+    model: ModelConfig = Field(description="the architecture: a preset name or a config.json")
+    data: DataConfig = Field(description="the prepared training data")
+    seq_len: int = Field(gt=0, description="tokens per training sequence")
+    global_batch_size: int = Field(
+        gt=0,
+        description="sequences per optimizer step over all ranks (tokens/step = this x seq_len)",
+    )
+    micro_batch_size: int = Field(
+        gt=0,
+        description="sequences per rank per forward; gradient accumulation = global / "
+        "(micro x ranks), which must divide",
+    )
+    steps: int | None = Field(None, gt=0, description="run length in optimizer steps")
+    tokens: int | None = Field(
+        None,
+        gt=0,
+        description="run length as a token budget (`2e9`, `2_000_000_000`), rounded up to steps",
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="the optimizer and its peak LR"
+    )
+    schedule: dict[str, Any] = Field(
+        default_factory=lambda: {"family": "constant"},
+        description="the LR schedule: `family` (constant, wsd, cosine, linear, ...), "
+        "`warmup_steps`, `decay`, `shape`, ...; see docs/schedules.md and "
+        "`megawsd schedule --help`",
+    )
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clipping (0: off)")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="validation loss")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="checkpoint cadence and retention"
+    )
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="records and console")
+    seed: int = Field(1234, description="model initialisation and data order")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="training precision (fp16 needs deepspeed.zero_stage >= 1)"
+    )
+    deepspeed: DeepSpeedBlock = Field(
+        default_factory=DeepSpeedBlock,
+        description="the DeepSpeed config: `zero_stage`, a JSON `config`, any DeepSpeed key",
+    )
+    init_from: InitFrom | None = Field(
+        None, description="start from another run's checkpoint (written by `megawsd branch`)"
+    )
+    stability: StabilityConfig = Field(
+        default_factory=StabilityConfig,
+        description="spike/NaN monitoring and fault tolerance; see docs/stability.md",
+    )
 
     @field_validator("tokens", "steps", mode="before")
     @classmethod

@@ -72,7 +72,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
         return 0
     t.open_records()
     stop = StopSignal()
-    progress = _Progress(t.step, cfg.total_steps, enabled=t.rank == 0 and cfg.logging.progress)
+    progress = _Progress(
+        t.step, cfg.total_steps, cfg.logging.interval, enabled=t.rank == 0 and cfg.logging.progress
+    )
     try:
         while t.step < cfg.total_steps:
             t0 = time.perf_counter()
@@ -83,8 +85,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, require_checkpoint: bool = Fal
             t.step += 1
             dt = time.perf_counter() - t0
             t.log_step(out, lr, dt, opt_time, stopping)
-            progress.update(t.step, t.last_loss, lr, cfg.tokens_per_step / dt)
-            t.maybe_evaluate()
+            progress.update(t.step, t.last_loss, lr, cfg.tokens_per_step / dt, stopping)
+            record = t.maybe_evaluate()
+            if record is not None:
+                progress.note(eval_line(record))
             if t.checkpoint_due() or stopping:
                 t.save()
             if stopping:
@@ -341,24 +345,26 @@ class Trainer:
             "time": time.time(),
         }
 
-    def maybe_evaluate(self) -> None:
-        """The val loss every ``eval.interval`` steps and at the last step."""
+    def maybe_evaluate(self) -> dict | None:
+        """The val loss every ``eval.interval`` steps and at the last step; returns the eval
+        record on rank 0 (for the console), None elsewhere or when not due."""
         e, step = self.cfg.eval, self.step
         if not e.batches or not (
             (e.interval and step % e.interval == 0) or step == self.cfg.total_steps
         ):
-            return
+            return None
         self.last_val = _evaluate(self.engine, self.val, self.schedule_free)
-        if self.rank == 0:
-            self.metrics.write(
-                {
-                    "step": step,
-                    "tokens": step * self.cfg.tokens_per_step,
-                    "val_loss": self.last_val,
-                    "val_ppl": _ppl(self.last_val),
-                    "eval_mode": "x" if self.schedule_free else "params",
-                }
-            )
+        if self.rank != 0:
+            return None
+        record = {
+            "step": step,
+            "tokens": step * self.cfg.tokens_per_step,
+            "val_loss": self.last_val,
+            "val_ppl": _ppl(self.last_val),
+            "eval_mode": "x" if self.schedule_free else "params",
+        }
+        self.metrics.write(record)
+        return record
 
     def checkpoint_due(self) -> bool:
         """Every ``checkpoint.interval`` steps, at the ``checkpoint.at`` steps, at the end."""
@@ -496,11 +502,31 @@ def _check_data(stream: Stream, state: dict, where: str) -> None:
         raise ConfigError(f"{where}: {err}") from None
 
 
-class _Progress:
-    """A rich progress bar with ETA on a terminal, a log line every ~10 s otherwise."""
+def eval_line(record: dict) -> str:
+    """The console line of an eval record: the loss, and how much was evaluated when the
+    record says (any other ``val_*`` count, e.g. windows or tokens)."""
+    line = f"eval step {record['step']}: val_loss {record['val_loss']:.4f}"
+    if record.get("val_ppl") is not None:
+        line += f" ppl {record['val_ppl']:.2f}"
+    counts = [
+        f"{k.removeprefix('val_')} {v:,}"
+        for k, v in record.items()
+        if k.startswith("val_") and k not in ("val_loss", "val_ppl") and isinstance(v, int)
+    ]
+    if counts:
+        line += f" ({', '.join(counts)})"
+    if record.get("eval_mode") == "x":
+        line += " at x"
+    return line
 
-    def __init__(self, start: int, total: int, enabled: bool) -> None:
-        self.enabled, self.total, self._last = enabled, total, 0.0
+
+class _Progress:
+    """A rich progress bar with ETA on a terminal; without one (a log file, a scheduler's
+    output), a line every ``interval`` steps (``logging.interval``), at the last step and at
+    a stop. Eval lines (``note``) go above the bar, or into the same log."""
+
+    def __init__(self, start: int, total: int, interval: int, enabled: bool) -> None:
+        self.enabled, self.total, self.interval = enabled, total, max(int(interval), 1)
         self._bar = None
         if enabled and sys.stderr.isatty() and os.environ.get("MEGAWSD_NO_BAR") is None:
             from rich.progress import (
@@ -522,14 +548,13 @@ class _Progress:
             self._bar.start()
         self._t0, self._s0 = time.time(), start
 
-    def update(self, step: int, loss: float, lr: float, tok_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tok_s: float, last: bool = False) -> None:
         if not self.enabled:
             return
         info = f"loss {loss:.4f} lr {lr:.3g} {tok_s:,.0f} tok/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-        elif time.time() - self._last > 10 or step == self.total:
-            self._last = time.time()
+        elif step % self.interval == 0 or step == self.total or last:
             rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else float("inf")
             log.info(
@@ -539,6 +564,13 @@ class _Progress:
                 info,
                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?",
             )
+
+    def note(self, line: str) -> None:
+        """A line for the console (rank 0): above the bar, or logged."""
+        if self._bar is not None:
+            self._bar.console.print(line)
+        else:
+            log.info("%s", line)
 
     def close(self) -> None:
         if self._bar is not None:

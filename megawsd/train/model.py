@@ -100,7 +100,8 @@ def model_config(
                 "transformers config.json or a preset name"
             )
         try:
-            config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+            # the file itself: its directory's config.json may be another model's
+            config = AutoConfig.from_pretrained(path)
         except (ValueError, OSError, json.JSONDecodeError) as err:
             raise ConfigError(
                 f"model.config = {str(path)!r}: not a transformers config ({err})"

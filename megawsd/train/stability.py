@@ -57,53 +57,90 @@ class _Strict(BaseModel):
 class SpikeRule(_Strict):
     """A value more than ``k`` running deviations above its running mean."""
 
-    k: float = Field(6.0, gt=0)
-    min_rel: float = Field(0.1, ge=0)  # and at least this fraction above the mean
-    action: Action = "log"
+    k: float = Field(6.0, gt=0, description="running deviations above the running mean")
+    min_rel: float = Field(
+        0.1, ge=0, description="and at least this fraction of |mean| above the mean"
+    )
+    action: Action = Field("log", description="log, skip (the update) or rollback")
 
 
 class NanRule(_Strict):
     """NaN/Inf in the loss or in the gradient norm."""
 
-    action: Action = "skip"
+    action: Action = Field("skip", description="log, skip (the update) or rollback")
 
 
 class ActivationRule(_Strict):
     """max |x| of the residual stream entering the final norm above an absolute limit."""
 
-    max_abs: float | None = Field(None, gt=0)  # None: recorded, never an event
-    action: Action = "log"
+    max_abs: float | None = Field(
+        None, gt=0, description="the limit (null: max |x| is recorded, never an event)"
+    )
+    action: Action = Field("log", description="log, skip (the update) or rollback")
 
 
 class RollbackConfig(_Strict):
-    skip_batches: int = Field(1, ge=1)  # B: the offending batch and the B-1 before it
-    max_rollbacks: int = Field(3, ge=1)  # N rollbacks ...
-    window: int = Field(1000, ge=1)  # ... within this many steps stop the run
+    """What a ``rollback`` action skips, and when rollbacks give up."""
+
+    skip_batches: int = Field(
+        1, ge=1, description="batches skipped: the offending one and the N-1 before it"
+    )
+    max_rollbacks: int = Field(3, ge=1, description="this many rollbacks ...")
+    window: int = Field(1000, ge=1, description="... within this many steps stop the run")
 
 
 class StabilityConfig(_Strict):
     """``stability:`` block of the run config (every field has a default)."""
 
-    enabled: bool = True
-    ema_decay: float = Field(0.98, gt=0, lt=1)
-    warmup_steps: int = Field(20, ge=0)
-    stats_interval: int = Field(1, ge=0)  # per-group update/param RMS + max |act|; 0: off
-    loss_spike: SpikeRule = Field(default_factory=lambda: SpikeRule(k=6.0, min_rel=0.1))
-    grad_spike: SpikeRule = Field(default_factory=lambda: SpikeRule(k=6.0, min_rel=0.5))
-    nan: NanRule = Field(default_factory=NanRule)
-    activation: ActivationRule = Field(default_factory=ActivationRule)
-    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
-    # batch-index ranges [start, end) never trained on (e.g. known-bad data after a restart)
-    skip_batches: list[tuple[int, int]] = Field(default_factory=list)
-    # fault tolerance of the pipeline
-    on_save_error: Literal["stop", "warn"] = "stop"
-    verify_checkpoints: Literal["sha256", "size", "off"] = "sha256"
-    verify_data: Literal["sha256", "size"] = "sha256"
-    dist_timeout_s: float = Field(1800.0, gt=0)  # a rank that stops answering ends the job
-    # A host that is lost or cut off (no socket closed) is noticed within heartbeat_timeout_s
-    # + heartbeat_s instead of dist_timeout_s (megawsd.train.heartbeat); 0 turns it off.
-    heartbeat_s: float = Field(5.0, gt=0)
-    heartbeat_timeout_s: float = Field(60.0, ge=0)
+    enabled: bool = Field(True, description="false: no monitoring, no step gate")
+    ema_decay: float = Field(
+        0.98, gt=0, lt=1, description="EMA decay of the running mean/variance of loss, grad norm"
+    )
+    warmup_steps: int = Field(
+        20, ge=0, description="observations before spikes can fire (NaN/Inf always fires)"
+    )
+    stats_interval: int = Field(
+        1, ge=0, description="per-group update/param RMS and max |act| every N steps (0: off)"
+    )
+    loss_spike: SpikeRule = Field(
+        default_factory=lambda: SpikeRule(k=6.0, min_rel=0.1), description="loss spikes"
+    )
+    grad_spike: SpikeRule = Field(
+        default_factory=lambda: SpikeRule(k=6.0, min_rel=0.5),
+        description="spikes of the gradient norm before clipping",
+    )
+    nan: NanRule = Field(default_factory=NanRule, description="NaN/Inf loss or grad norm")
+    activation: ActivationRule = Field(
+        default_factory=ActivationRule, description="max |x| entering the final norm"
+    )
+    rollback: RollbackConfig = Field(
+        default_factory=RollbackConfig, description="what a rollback skips and when to stop"
+    )
+    skip_batches: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="batch-index ranges [start, end) never trained on (e.g. known-bad data)",
+    )
+    on_save_error: Literal["stop", "warn"] = Field(
+        "stop", description="a failed checkpoint save stops the run, or warns and trains on"
+    )
+    verify_checkpoints: Literal["sha256", "size", "off"] = Field(
+        "sha256", description="how a checkpoint is checked against its manifest on resume"
+    )
+    verify_data: Literal["sha256", "size"] = Field(
+        "sha256", description="how the data files are checked against meta.json"
+    )
+    dist_timeout_s: float = Field(
+        1800.0, gt=0, description="a rank that stops answering ends the job after this"
+    )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="how often each rank beats (megawsd.train.heartbeat)"
+    )
+    heartbeat_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="a rank or host silent this long ends the run in seconds, not after "
+        "dist_timeout_s (a lost host or a cut link closes no socket); 0: off",
+    )
 
     @field_validator("skip_batches")
     @classmethod
