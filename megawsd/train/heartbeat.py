@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from megawsd.train.netif import resolve, source_address
 from megawsd.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -212,8 +213,6 @@ def _error(run: RunDir) -> str:
 
 def _local_address(master: str) -> str:
     try:
-        from megawsd.train.netif import resolve, source_address
-
         return source_address(resolve(master))
     except Exception:  # noqa: BLE001 - only for the message
         return "?"

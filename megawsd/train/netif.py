@@ -20,6 +20,7 @@ exists:
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import os
@@ -151,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m megawsd.train.netif HOST``: this host's address on the way to HOST (what
     launch/slurm.sbatch gives as the master address: the first node's address that the second
     node reaches, never the loopback its own name may resolve to)."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m megawsd.train.netif HOST", file=sys.stderr)
-        return 2
-    print(source_address(resolve(args[0])))
+    parser = argparse.ArgumentParser(
+        prog="python -m megawsd.train.netif",
+        description="Print this host's address on the route to HOST.",
+    )
+    parser.add_argument("host", help="a host name or address the printed address must reach")
+    args = parser.parse_args(argv)
+    try:
+        print(source_address(resolve(args.host)))
+    except ConfigError as err:
+        parser.error(str(err))
     return 0
 
 
