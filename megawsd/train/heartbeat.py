@@ -57,7 +57,7 @@ class Heartbeat:
         self.exit_on_loss = exit_on_loss
         self.lost: str | None = None  # what was detected (tests read it with exit_on_loss off)
         self._stop = threading.Event()
-        self._once = threading.Lock()
+        self._once, self._fired = threading.Lock(), False
         self._thread: threading.Thread | None = None
         self._store = None
 
@@ -165,17 +165,25 @@ class Heartbeat:
 
     def _lost(self, what: str) -> None:
         with self._once:
-            if self.lost is not None:
+            if self._fired:
                 return
-            self.lost = what
+            self._fired = True
+        try:
+            end = self._record(what)
+        finally:
+            self.lost = what  # after run.json: what a reader of `lost` may rely on
+        if end:
+            self._exit()
+
+    def _record(self, what: str) -> bool:
+        """Log and mark run.json; whether this rank must end."""
         status = _status(self.run)
         if status in ("done", "stopped"):
             log.info("heartbeat: %s after the run was %s: nothing to do", what, status)
-            return
+            return False
         if status == "failed":  # another rank failed first and said why: keep its reason
             log.error("heartbeat: %s after the run failed (%s)", what, _error(self.run))
-            self._exit()
-            return
+            return True
         step = self.run.latest_step()
         log.error(
             "%s: stopping this rank (%s). The run resumes from %s with the same command once "
@@ -188,7 +196,7 @@ class Heartbeat:
             self.run.update_run_json(status="failed", error=what[:1000], checkpoint_step=step)
         except Exception as err:  # noqa: BLE001 - a shared filesystem may be cut off too
             log.error("heartbeat: could not mark %s failed: %s", self.run.run_json, err)
-        self._exit()
+        return True
 
     def _exit(self) -> None:
         for handler in logging.getLogger().handlers:
