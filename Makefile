@@ -10,11 +10,13 @@ demo: install
 	bash scripts/demo.sh
 
 test: install
+	bash scripts/install_cluster_deps.sh
 	$(PYTHON) -m pytest -q tests
 
 # Everything, the tests marked slow included (the full DeepSpeed option matrix, the 2 -> 4
 # reshard, the HF Trainer's other stages, the whole Megatron sweep, ...): ~20 min on 2 idle cores.
 test-all: install
+	bash scripts/install_cluster_deps.sh
 	$(PYTHON) -m pytest -q -m "" tests
 
 lint:
