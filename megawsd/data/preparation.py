@@ -354,10 +354,12 @@ class Split:
 def token_split(lengths: np.ndarray, strata: np.ndarray, fraction: float, seed: int) -> Split:
     """The validation split: ``fraction`` of the tokens, per input (stratum), whole documents.
 
-    In each stratum, in a seeded random order, a document joins val when that brings the
-    stratum's val tokens closer to ``fraction`` of its tokens, so the result is within one
-    document of the target per stratum (the largest document bounds the error; a corpus of
-    many documents lands within a fraction of a percent). Inputs holding a single document
+    In each stratum the documents are taken in a seeded random order while each brings the
+    stratum's val tokens closer to ``fraction`` of its tokens; the walk stops at the first one
+    that would not (so val is a random sample of documents, not the small ones that happen to
+    fit; only while val is still empty are documents too large for the share passed over).
+    The result is within half a document of the target per stratum (the largest document
+    bounds the error; a corpus of many documents lands within a fraction of a percent). Inputs holding a single document
     are pooled into one stratum (one file per --input would otherwise never reach val). A
     corpus of one document is cut: its last ``round(fraction * tokens)`` tokens are val.
     """
@@ -378,6 +380,8 @@ def token_split(lengths: np.ndarray, strata: np.ndarray, fraction: float, seed: 
             if abs(have + int(lengths[d]) - target) < abs(have - target):
                 is_val[d] = True
                 have += int(lengths[d])
+            elif have > 0:
+                break  # stop at the first document that overshoots: no filling with small ones
     if is_val.all():  # a fraction near 1 must still leave training data
         is_val[np.argmin(lengths)] = False
     return Split(is_val)
