@@ -448,7 +448,8 @@ def test_prepare_val_fraction_is_tokens_per_input(tmp_path, caplog):
         assert abs(val - 0.2 * total) <= largest
     total = meta.train_tokens + meta.val_tokens
     assert abs(meta.val_tokens / total - 0.2) < 0.03
-    assert "too few to stand for the corpus" not in caplog.text
+    assert f"holds {meta.val_documents} document(s)" in caplog.text  # < 30: warned
+    assert "too few to stand for the corpus" in caplog.text
 
 
 def test_prepare_one_document_is_cut_and_empty_split_refused(tmp_path, caplog):

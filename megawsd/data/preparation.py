@@ -333,8 +333,10 @@ def _install(staging: Path, out: Path) -> None:
 
 
 # Fewer validation documents than this: the split speaks for those documents, not for the
-# corpus, and prepare says so (the demo's 1% of 8 documents scored an e-mail and a table).
-MIN_VAL_DOCUMENTS = 10
+# corpus, and prepare says so. The demo's 1% was 8 documents (an e-mail and a table of floats
+# among them); on the stdlib corpus even 37 documents (5%) put the split's loss 0.23 (one std
+# over split seeds) from the training loss, 150 documents 0.12.
+MIN_VAL_DOCUMENTS = 30
 
 
 @dataclass
