@@ -65,6 +65,8 @@ def test_runs_json_schema_and_values(tree, capsys):
         "schedule",
         "schedule_summary",
         "train_loss",
+        "train_loss_smoothed",
+        "train_loss_smoothed_steps",
         "val_loss",
         "val_ppl",
         "diverged",
@@ -121,8 +123,38 @@ def test_runs_table_contents(tree):
     assert "failed" in row["cooldown-300-d100-linear"]
     assert "1-sqrt@200 d=100" in row["cooldown-200-d100-1sqrt"]
     val = load_run(tree / "branches/cooldown-200-d100-1sqrt").val_loss
-    assert f"{val:.4g}" in row["cooldown-200-d100-1sqrt"]
+    assert f"{val:.3f}" in row["cooldown-200-d100-1sqrt"]
     assert build_table(load_run(tree)).row_count == 4
+
+
+def test_runs_train_column_is_smoothed_and_losses_share_decimals(tree, capsys):
+    """Issue #21: the train column was the last single batch's loss, printed as "3.8" beside
+    "3.746". Now the mean of the last 20 steps' losses, said in the header; every loss with
+    3 decimals."""
+    import re
+
+    from rich.console import Console
+
+    records = [json.loads(x) for x in (tree / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    window = [r["loss"] for r in train if r["step"] > train[-1]["step"] - 20]
+    mean = sum(window) / len(window)
+    assert len(window) > 1 and abs(mean - train[-1]["loss"]) > 5e-4  # the fixture is noisy
+    (main_run,) = [r for r in _runs_json(capsys, tree)["runs"] if r["path"] == "."]
+    assert main_run["train_loss_smoothed"] == pytest.approx(mean, rel=1e-12)
+    assert main_run["train_loss_smoothed_steps"] == 20
+    buf = io.StringIO()
+    print_table(load_run(tree), console=Console(file=buf, width=250, color_system=None))
+    text = buf.getvalue()
+    assert "train (mean, last 20 steps)" in text
+    row = next(line for line in text.splitlines() if "│ main " in line)
+    cells = [c.strip() for c in row.split("│")]
+    train_cell, val_cell = cells[-6], cells[-5]
+    assert train_cell == f"{mean:.3f}" and val_cell == f"{main_run['val_loss']:.3f}"
+    for line in text.splitlines()[3:]:  # every loss cell: 3 decimals
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 7:
+            assert all(re.fullmatch(r"\d+\.\d{3}|-", c) for c in cells[-6:-4]), line
 
 
 def test_runs_cli_table_prints(tree, capsys):

@@ -146,6 +146,11 @@ def test_seq_len_longer_than_data(tmp_path):
         ts.val_batches(1, 2)
 
 
+def val_starts(batches) -> list[int]:
+    """Window index of every validation row (val token i = 30000 + i, seq_len 8)."""
+    return [s // 8 for s in starts_of(torch.cat(list(batches)), 30000)]
+
+
 def test_val_batches_fixed(data_dir):
     ts = TokenStream(data_dir, seq_len=8, global_batch_size=8, seed=0)
     v1 = ts.val_batches(3, 4)
@@ -153,11 +158,58 @@ def test_val_batches_fixed(data_dir):
     assert len(v1) == 3 and all(b.shape == (4, 9) for b in v1)
     for a, b in zip(v1, v2):  # independent of seed, batch size and call
         assert torch.equal(a, b)
-    # sequential windows of val.bin (token values 30000 + i)
-    flat = torch.cat(v1)
-    assert starts_of(flat, 30000) == [8 * i for i in range(12)]
     halves = ts.val_batches(3, 4, rank=1, world_size=2)
     assert all(torch.equal(h, b[2:]) for h, b in zip(halves, v1))
+
+
+def test_val_sample_spreads_over_the_whole_split(tmp_path):
+    """Issue #21: the first windows of val.bin scored one corner of the split. 32 windows
+    of a 1000-window split: one in each of 32 equal strata, the last stratum included."""
+    d = make_prepared(tmp_path, "v", 961, 8001)  # val: 1000 windows of seq_len 8
+    ts = TokenStream(d, seq_len=8, global_batch_size=8, seed=0)
+    got = val_starts(ts.val_batches(4, 8))
+    assert sorted(got) == got and len(set(got)) == 32
+    for i, w in enumerate(got):  # direct enumeration of the strata [i*1000/32, (i+1)*1000/32)
+        assert i * 1000 // 32 <= w < (i + 1) * 1000 // 32
+    # the mean position is the split's middle, within one stratum (first windows: ~16)
+    assert abs(np.mean(got) - 499.5) < 1000 / 32
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_val_sample_same_for_every_world_size_and_seed(tmp_path, world_size):
+    d = make_prepared(tmp_path, "v", 961, 8001)
+    one = TokenStream(d, seq_len=8, global_batch_size=8, seed=0).val_batches(4, 8)
+    ts = TokenStream(d, seq_len=8, global_batch_size=16, seed=world_size)
+    per_rank = [ts.val_batches(4, 8, rank=r, world_size=world_size) for r in range(world_size)]
+    for i, b in enumerate(one):
+        assert torch.equal(torch.cat([p[i] for p in per_rank]), b)
+    assert all(p.windows == 32 and p.tokens == 32 * 8 for p in per_rank)
+
+
+def test_val_small_split_is_evaluated_whole(tmp_path):
+    """25 windows, 32 asked for: the old loader repeated windows; now all 24 that fill whole
+    batches of 8, each once, and the record says so."""
+    d = make_prepared(tmp_path, "small", 961, 201)  # val: (201 - 1) // 8 = 25 windows
+    v = TokenStream(d, seq_len=8, global_batch_size=8).val_batches(4, 8)
+    got = val_starts(v)
+    assert len(v) == 3 and len(got) == len(set(got)) == 24
+    assert (v.windows, v.tokens, v.split_windows) == (24, 24 * 8, 25)
+    assert v.record() == {"val_windows": 24, "val_tokens": 192, "val_split_windows": 25}
+    tiny = make_prepared(tmp_path, "tiny", 961, 41)  # 5 windows < one batch of 8
+    v = TokenStream(tiny, seq_len=8, global_batch_size=8).val_batches(2, 8, 0, 2)
+    assert len(v) == 1 and v[0].shape == (2, 9) and v.windows == 4
+
+
+def test_val_mix_keeps_shares_and_spreads_each_source(tmp_path):
+    a = make_prepared(tmp_path, "a", 961, 8001, offset=0)
+    b = make_prepared(tmp_path, "b", 961, 8001, offset=20000)  # val tokens 50000 + i
+    ts = TokenStream(DataMix([(a, 3), (b, 1)]), seq_len=8, global_batch_size=8)
+    rows = torch.cat(list(ts.val_batches(4, 8)))
+    first = rows[:, 0] - 30000
+    for sel, share in ((first < 20000, 24), (first >= 20000, 8)):  # 3/4 and 1/4 of 32
+        got = sorted(((first[sel] % 20000) // 8).tolist())
+        assert len(got) == share
+        assert all(i * 1000 // share <= w < (i + 1) * 1000 // share for i, w in enumerate(got))
 
 
 def test_meta_validation(tmp_path):

@@ -111,7 +111,8 @@ def test_num_proc_and_seed(corpus, tmp_path, monkeypatch):
     assert one.fingerprint == meta.fingerprint  # num_proc is not part of the output
     assert one.train_path.read_bytes() == meta.train_path.read_bytes()
     assert one.val_path.read_bytes() == meta.val_path.read_bytes()
-    # a given tokenizer skips training; another seed changes the document split
+    # a given tokenizer skips training (another seed changes the split of a corpus whose
+    # documents allow more than one: test_token_split_fraction_means_tokens)
     other = prepare(
         [str(root / "in")],
         tmp_path / "seed1",
@@ -123,7 +124,6 @@ def test_num_proc_and_seed(corpus, tmp_path, monkeypatch):
     assert other.tokenizer_sha256 == meta.tokenizer_sha256
     assert other.tokenizer_type == "given"
     assert other.train_tokens + other.val_tokens == meta.train_tokens + meta.val_tokens
-    assert decode_split(other, "val") != decode_split(meta, "val")
     # same tokenizer: the two directories can be mixed
     TokenStream(DataMix([(meta.path, 1), (other.path, 1)]), 16, 4).global_batch(0)
 
@@ -203,7 +203,7 @@ def test_error_not_text_skipped_or_strict(tmp_path, caplog):
         "blob.txt": "binary (contains NUL bytes)",
         "latin1.txt": "not valid UTF-8 (byte 3)",
     }
-    assert "skipped 2 input file(s) that are not UTF-8 text" in caplog.text
+    assert "skipped 2 input file(s): 1 binary, 1 not valid UTF-8" in caplog.text
     with pytest.raises(DataError, match=r"--input file = '.*blob.txt': binary .*--strict"):
         prepare([str(tmp_path / "in")], tmp_path / "strict", strict=True, progress=False)
     with pytest.raises(DataError, match=r"--input file = '.*latin1.txt': not valid UTF-8"):
@@ -372,6 +372,7 @@ def test_input_forms(tmp_path):
         "c_empty.txt",
         "d.jsonl",
         "e.parquet",
+        "notes.log",  # issue #21: no known extension, read as text (docs/data.md)
         "deep.md",
     ]
     assert names(resolve_inputs([str(tmp_path / "in")], include=["*.md"])) == ["b.md", "deep.md"]
@@ -398,3 +399,96 @@ def test_unigram_round_trip(tmp_path):
     )
     assert meta.tokenizer_type == "unigram" and meta.val_tokens == 0
     assert decode_split(meta, "train") == docs
+
+
+def test_token_split_fraction_means_tokens():
+    """The fraction is a share of tokens, per input, within one document of the target."""
+    from megawsd.data.preparation import token_split
+
+    rng = np.random.default_rng(0)
+    lengths = rng.lognormal(7, 1.5, size=600).astype(np.int64) + 1  # 1 .. ~100k tokens
+    strata = np.repeat([0, 1, 2], [400, 150, 50])
+    for fraction in (0.01, 0.05, 0.2):
+        split = token_split(lengths, strata, fraction, seed=0)
+        for k in range(3):  # each input holds its share, within its largest document
+            sel = strata == k
+            got = lengths[sel & split.is_val].sum()
+            assert abs(got - fraction * lengths[sel].sum()) <= lengths[sel].max()
+    a = token_split(lengths, strata, 0.05, seed=0).is_val
+    assert not np.array_equal(a, token_split(lengths, strata, 0.05, seed=1).is_val)
+    # one document per input: pooled, so such inputs still reach val
+    split = token_split(np.full(50, 100), np.arange(50), 0.1, seed=0)
+    assert split.is_val.sum() == 5
+
+
+def make_docs(root: Path, sizes: dict[str, int], mark: str = "") -> Path:
+    """Files of about n words of stdlib text each, starting with ``mark``."""
+    root.mkdir(parents=True)
+    words = (STDLIB / "textwrap.py").read_text().split()
+    for i, (name, n) in enumerate(sizes.items()):
+        text = " ".join((words[(i * 7) % 50 :] * (1 + n // len(words)))[:n])
+        (root / name).write_text(mark + text)
+    return root
+
+
+def test_prepare_val_fraction_is_tokens_per_input(tmp_path, caplog):
+    """Issue #21: --val-fraction 0.05 put 20% of the tokens in val (documents of unequal
+    size drawn by a coin). Two inputs, each with large and small documents."""
+    a = make_docs(tmp_path / "a", {f"{i}.txt": 40 + 400 * (i % 5 == 0) for i in range(40)}, "A ")
+    b = make_docs(tmp_path / "b", {f"{i}.txt": 60 + 300 * (i % 4 == 0) for i in range(30)}, "B ")
+    meta = prepare(
+        [str(a), str(b)], tmp_path / "out", vocab_size=VOCAB, val_fraction=0.2, progress=False
+    )
+    sp = load_tokenizer(meta.tokenizer_path)
+    for mark, folder in (("A ", a), ("B ", b)):  # tokens per input, counted independently
+        docs = [p.read_text() for p in folder.iterdir()]
+        total = sum(len(sp.encode(d)) + 1 for d in docs)
+        largest = max(len(sp.encode(d)) + 1 for d in docs)
+        val = sum(len(sp.encode(d)) + 1 for d in decode_split(meta, "val") if d.startswith(mark))
+        assert abs(val - 0.2 * total) <= largest
+    total = meta.train_tokens + meta.val_tokens
+    assert abs(meta.val_tokens / total - 0.2) < 0.03
+    assert f"holds {meta.val_documents} document(s)" in caplog.text  # < 30: warned
+    assert "too few to stand for the corpus" in caplog.text
+
+
+def test_prepare_one_document_is_cut_and_empty_split_refused(tmp_path, caplog):
+    """A one-document corpus got a 0-document split with no warning; now its tail is val.
+    Two equal documents cannot give 5% in whole documents: refused, naming the fix."""
+    one = make_docs(tmp_path / "one", {"book.txt": 3000})
+    meta = prepare([str(one)], tmp_path / "o", vocab_size=VOCAB, val_fraction=0.1, progress=False)
+    total = meta.train_tokens + meta.val_tokens
+    assert meta.val_tokens == round(0.1 * total)
+    assert "a corpus of one document" in caplog.text
+    sp = load_tokenizer(meta.tokenizer_path)
+    ids = np.concatenate([meta.tokens("train"), meta.tokens("val")]).astype(np.int64)
+    assert sp.decode(ids[:-1].tolist()) == (one / "book.txt").read_text()  # cut, not lost
+    two = make_docs(tmp_path / "two", {"x.txt": 500, "y.txt": 500})
+    with pytest.raises(DataError, match=r"--val-fraction = 0.05: the validation split is empty"):
+        prepare([str(two)], tmp_path / "t", vocab_size=VOCAB, val_fraction=0.05, progress=False)
+
+
+def test_directory_reads_files_without_known_extension(tmp_path):
+    """Issue #21: `GPL-3` and `apache.license` were dropped silently from a folder input."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "main.py").write_text((STDLIB / "textwrap.py").read_text())
+    (d / "GPL-3").write_text("GNU GENERAL PUBLIC LICENSE\nVersion 3\n" * 20)
+    (d / "apache.license").write_text("Apache License\nVersion 2.0\n" * 20)
+    (d / "logo").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (d / ".env").write_text("SECRET=1\n")
+    (d / ".git").mkdir()
+    (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    meta = prepare([str(d)], tmp_path / "out", vocab_size=VOCAB, val_fraction=0.0, progress=False)
+    assert sorted(Path(s["path"]).name for s in meta.sources) == [
+        "GPL-3",
+        "apache.license",
+        "main.py",
+    ]
+    assert meta.train_documents == 3
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta.skipped_files}
+    assert reasons == {
+        ".git": "hidden or cache folder, not read",
+        ".env": "hidden file, not read",
+        "logo": "binary (contains NUL bytes)",
+    }

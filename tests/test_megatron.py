@@ -333,16 +333,86 @@ def test_branch_from_megatron_checkpoint():
         assert cooldown.optimizer.param_groups[0]["lr"] == pytest.approx(wsd.lr_at(k), rel=1e-12), k
         cooldown.step(8)
     assert cooldown.state_dict()["megawsd_schedule"] == branch.to_dict()
+    # the parent counts samples (8 per iteration); the branch's flags are in iterations
+    flags = to_megatron_args(branch)
+    assert "--lr-warmup-iters=10" in flags and "--lr-wsd-decay-iters=30" in flags, flags
     # Plain Megatron WSD checkpoints lack the decay length: asked for, not guessed.
     plain = _after(OptimizerParamScheduler, 80, **_kw()).state_dict()
     with pytest.raises(ConfigError, match="wsd_decay_steps = None: Megatron does not save"):
-        schedule_from_state_dict(plain)
+        schedule_from_state_dict(plain, global_batch_size=8)
     rebuilt = schedule_from_state_dict(
-        plain, wsd_decay_steps=240, lr_wsd_decay_style="exponential", init_lr=1e-6
+        plain,
+        global_batch_size=8,
+        wsd_decay_steps=240,
+        lr_wsd_decay_style="exponential",
+        init_lr=1e-6,
     )
-    assert rebuilt.factor_units(700) * 3e-4 == pytest.approx(
-        _after(OptimizerParamScheduler, 700, **_kw()).optimizer.param_groups[0]["lr"], rel=1e-12
+    for k in (0, 5, 50, 87, 99):  # iterations: Megatron stepped by 8 samples each
+        assert rebuilt.factor(k) * 3e-4 == pytest.approx(
+            _after(OptimizerParamScheduler, 8 * k, **_kw()).optimizer.param_groups[0]["lr"],
+            rel=1e-12,
+        )
+
+
+def _megatron_lrs(kw: dict, gbs: int, iterations) -> dict[int, float]:
+    """megatron-core's OptimizerParamScheduler LR after k iterations of Megatron-LM's loop
+    (``step(increment=gbs)``), for each k in ``iterations``."""
+    ref = OptimizerParamScheduler(_Opt(), **kw)
+    out, done = {}, 0
+    for k in sorted(iterations):
+        ref.step((k - done) * gbs)
+        done = k
+        out[k] = ref.optimizer.param_groups[0]["lr"]
+    return out
+
+
+def test_plain_megatron_checkpoint_units_round_trip():
+    """Issue #21: a plain megatron-core checkpoint of a Megatron-LM run (gbs 8, warmup 100
+    iterations = 800 samples, 100000 iterations) was read as warmup 800 / total 800000
+    iterations, and the branch's flags said --lr-warmup-iters=800. Samples and iterations
+    are converted through the global batch size, and the branch's flags, run by
+    megatron-core's own scheduler, give the branch's LRs at every iteration."""
+    gbs = 8
+    main_flags = "--lr 6e-4 --min-lr 0 --lr-decay-style constant --lr-warmup-iters 100"
+    main_argv = f"{main_flags} --train-iters 100000 --global-batch-size {gbs}".split()
+    kw = megatron_scheduler_kwargs(main_argv)
+    kw.pop("units_per_step")
+    assert kw["lr_warmup_steps"] == 800  # Megatron's units: samples
+    ckpt = OptimizerParamScheduler(_Opt(), **kw)
+    ckpt.step(500 * gbs)
+    sd = ckpt.state_dict()
+    with pytest.raises(ConfigError, match="global_batch_size = None: a plain megatron-core"):
+        schedule_from_state_dict(sd)
+    with pytest.raises(ConfigError, match="global_batch_size = 0: must be a positive integer"):
+        schedule_from_state_dict(sd, global_batch_size=0)
+    parent = schedule_from_state_dict(sd, global_batch_size=gbs)
+    assert (parent.warmup_steps, parent.total_steps, parent.units_per_step) == (100, 100000, 1)
+    ref = _megatron_lrs(kw, gbs, range(0, 700, 7))
+    assert all(parent.lr_at(k) == pytest.approx(lr, rel=1e-12) for k, lr in ref.items())
+
+    branch = parent.branch(500, 200, "1-sqrt")
+    flags = to_megatron_args(branch, global_batch_size=gbs)
+    assert "--lr-warmup-iters=100" in flags and "--train-iters=700" in flags
+    assert "--lr-wsd-decay-iters=200" in flags
+    branch_kw = megatron_scheduler_kwargs(flags)
+    branch_kw.pop("units_per_step")
+    got = _megatron_lrs(branch_kw, gbs, range(0, 701))
+    for k in range(0, 701):
+        assert got[k] == pytest.approx(branch.lr_at(k), rel=1e-12, abs=1e-15), k
+
+    # A length that is not whole iterations stays in samples: factor(k) is still Megatron's
+    # LR after k iterations.
+    odd = dict(kw, lr_warmup_steps=804, lr_decay_style="linear", lr_decay_steps=8004)
+    sched = schedule_from_state_dict(
+        OptimizerParamScheduler(_Opt(), **odd).state_dict(), global_batch_size=gbs
     )
+    assert sched.units_per_step == gbs
+    for k, lr in _megatron_lrs(odd, gbs, range(0, 1001, 13)).items():
+        assert sched.lr_at(k) == pytest.approx(lr, rel=1e-12, abs=1e-15), k
+    # and a MegawsdParamScheduler checkpoint says its own units
+    ours = MegawsdParamScheduler(_Opt(), **kw, units_per_step=gbs).state_dict()
+    with pytest.raises(ConfigError, match="global_batch_size = 4: the checkpoint's scheduler"):
+        schedule_from_state_dict({**ours, "megawsd_schedule": None}, global_batch_size=4)
 
 
 # -- schedule-free AdamW in megatron-core's wrappers --------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from megawsd.cli import main
+from megawsd.commands.schedule import summary
 from megawsd.schedules import build_schedule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,3 +145,40 @@ def test_console_command_unknown_flag():
         timeout=60,
     )
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def _row(text: str, phase: str) -> list[str]:
+    """The cells of the table row whose phase is ``phase``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 2 and cells[1] == phase:
+            return cells
+    raise AssertionError(f"no row {phase!r} in\n{text}")
+
+
+def test_branch_table_says_where_the_branch_ends(capsys):
+    """Issue #21: titled T=4000 while the branch ends at 3800."""
+    assert (
+        main(["schedule", "--family", "constant", "--steps", "4000", "--branch", "3000:800"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "T=4000 branch" not in text and _row(text, "end")[0] == "3800"
+    branch = build_schedule(dict(family="constant")).branch(3000, 800, "1-sqrt")
+    assert summary(branch) == "constant, branch at 3000: 800-step 1-sqrt decay, ends at step 3800"
+    parent = build_schedule(dict(family="constant", total_steps=4000))
+    assert summary(parent.branch(3000, 800, "1-sqrt")).endswith("ends at step 3800 (parent T=4000)")
+
+
+def test_fractional_decay_in_whole_steps_and_decay_start_at_peak(capsys):
+    """Issue #21: llama-125m's 20% decay of 4769 steps showed `decay=953.8` and a "decay
+    start" row already below the 6e-4 peak (the decay starts at 3815.2)."""
+    assert main(["schedule", "configs/llama-125m.yaml"]) == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    assert "953.8" not in text
+    assert "1-sqrt decay from step 3815 to 4769" in flat
+    s = build_schedule(
+        dict(family="wsd", total_steps=4769, warmup_steps=1000, decay_steps=0.2, peak_lr=6e-4)
+    )
+    step, _, lr = _row(text, "decay start")
+    assert step == "3815" and float(lr) == 6e-4 == s.lr_at(3815) > s.lr_at(3816)

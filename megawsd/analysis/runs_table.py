@@ -12,6 +12,10 @@ from typing import Any
 from megawsd.analysis.runs_tree import RunNode, schedule_summary
 
 SCHEMA = "megawsd.runs/1"
+# The table's train column: the mean train loss over this many last steps (a single batch's
+# loss next to a validation loss over many windows read as a gap that was noise).
+TRAIN_SMOOTH_STEPS = 20
+LOSS_DECIMALS = 3  # every loss in the table, so 3.800 and 3.746 line up
 
 _STATUS_STYLE = {
     "created": "blue",
@@ -51,6 +55,8 @@ def node_record(node: RunNode) -> dict[str, Any]:
         "schedule": node.schedule,
         "schedule_summary": schedule_summary(node.schedule),
         "train_loss": _json_number(train_loss),
+        "train_loss_smoothed": _json_number(node.smoothed_train_loss(TRAIN_SMOOTH_STEPS)),
+        "train_loss_smoothed_steps": TRAIN_SMOOTH_STEPS,
         "val_loss": _json_number(val_loss),
         "val_ppl": _json_number(node.val_ppl),
         "diverged": diverged,
@@ -79,6 +85,13 @@ def human_count(n: int | None) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return str(n)
+
+
+def _loss(x: float | None) -> str:
+    """A loss with LOSS_DECIMALS decimals (every loss column alike)."""
+    if x is None:
+        return "-"
+    return f"{x:.{LOSS_DECIMALS}f}" if math.isfinite(x) else str(x)
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -113,7 +126,7 @@ def build_table(root: RunNode):
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("tokens", justify="right", no_wrap=True)
     table.add_column("schedule", no_wrap=True)
-    table.add_column("train", justify="right", no_wrap=True)
+    table.add_column(f"train (mean, last {TRAIN_SMOOTH_STEPS} steps)", justify="right")
     table.add_column("val", justify="right", no_wrap=True)
     table.add_column("ppl", justify="right", no_wrap=True)
     table.add_column("ckpts", justify="right", no_wrap=True)
@@ -135,8 +148,8 @@ def build_table(root: RunNode):
             step,
             human_count(node.tokens),
             schedule_summary(node.schedule),
-            _fmt(node.train_loss),
-            _fmt(node.val_loss),
+            _loss(node.smoothed_train_loss(TRAIN_SMOOTH_STEPS)),
+            _loss(node.val_loss),
             _fmt(node.val_ppl, 5),
             str(len(node.checkpoints)),
             f"[red]{events}[/]" if events else "0",

@@ -234,6 +234,22 @@ class RunNode:
             v = _finite(self.metrics.train[-1].get("loss"))
         return v
 
+    def smoothed_train_loss(self, steps: int) -> float | None:
+        """Mean train loss of the records in the last ``steps`` steps (``TRAIN_SMOOTH_STEPS``
+        in the table): one batch's loss is noisy beside a validation loss over many windows.
+        A non-finite loss in the window gives that value (the run diverged there); no
+        records: run.json's final train loss (a single batch)."""
+        train = self.metrics.train
+        if not train:
+            return self._final("train_loss")
+        last = int(train[-1]["step"])
+        window = [r.get("loss") for r in train if int(r["step"]) > last - steps]
+        values = [float(v) for v in window if isinstance(v, (int, float))]
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            return bad[-1]
+        return sum(values) / len(values) if values else None
+
     @property
     def val_loss(self) -> float | None:
         v = self._final("val_loss")

@@ -31,6 +31,11 @@ JSON schema (``"schema": "megawsd.runs/1"``; fields are only ever added within a
           "schedule": {...} | null,   # the schedule config dict as written by train
           "schedule_summary": "wsd 1-sqrt d=20%",
           "train_loss": 3.1 | null,   # run.json final, else the last logged train loss
+                                      # (one batch: noisy)
+          "train_loss_smoothed": 3.12 | null,  # mean of the train losses logged in the
+                                      # last train_loss_smoothed_steps steps (the table's
+                                      # "train" column)
+          "train_loss_smoothed_steps": 20,
           "val_loss": 3.2 | null,     # run.json final, else the last eval record
           "val_ppl": 24.5 | null,
           "diverged": false,          # a loss is NaN/inf (reported as null above)

@@ -241,7 +241,47 @@ def _apply_branch(schedule, spec: str):
 
 
 def _label(schedule, spec: str | None) -> str:
-    return schedule.describe() if spec is None or os.path.isfile(spec) else f"{spec}"
+    return summary(schedule) if spec is None or os.path.isfile(spec) else f"{spec}"
+
+
+def summary(s) -> str:
+    """What the schedule does, in whole optimizer steps: where warmup reaches the peak, the
+    last step at the peak before the decay, where the LR reaches its end (a cooldown branch
+    ends where its decay ends, not at the parent's T). Issue #21: the table said ``T=4000``
+    for a branch ending at 3800 and ``decay=953.8`` steps for a 20% decay of 4769."""
+    c = s.config
+    end = s.total_steps
+    parts = [c.family]
+    if s.warmup_steps > 0:
+        parts.append(f"warmup to step {math.ceil(s.warmup_steps - 1e-9)} ({c.warmup_shape})")
+    if c.branches:
+        for b in c.branches:
+            parts.append(f"branch at {b.at_step}: {b.decay_steps}-step {b.shape} decay")
+    elif c.family in ("wsd", "cosine", "linear") and s.decay_start is not None and end:
+        shape = c.shape if c.family == "wsd" else c.family
+        parts.append(f"{shape} decay from step {math.floor(s.decay_start + 1e-9)} to {end}")
+    if c.min_ratio:
+        parts.append(f"min={c.min_ratio:g}")
+    if end is not None:
+        parent = c.branches and c.total_steps is not None and c.total_steps != end
+        parts.append(f"ends at step {end}" + (f" (parent T={c.total_steps})" if parent else ""))
+    if c.units_per_step != 1:
+        parts.append(f"units/step={c.units_per_step}")
+    if c.compat is not None:
+        parts.append(f"compat={c.compat}")
+    return ", ".join(parts)
+
+
+def key_rows(s) -> list[tuple[int, str]]:
+    """The schedule's key steps, with "decay start" on the last step at the peak LR: a decay
+    that starts between two steps (a 20% decay of 4769 starts at 3815.2) showed its first
+    step below the peak under that name."""
+    rows = dict(s.key_steps())
+    for step, label in list(rows.items()):
+        if label == "decay start" and s.decay_start is not None:
+            del rows[step]
+            rows.setdefault(math.floor(s.decay_start + 1e-9), label)
+    return sorted(rows.items())
 
 
 # -- output ------------------------------------------------------------------------------
@@ -253,7 +293,7 @@ def _print_table(schedules: list) -> None:
 
     rows: dict[int, str] = {}
     for i, (_, s) in enumerate(schedules):
-        for step, label in s.key_steps():
+        for step, label in key_rows(s):
             rows.setdefault(step, label if i == 0 else f"{label} (#{i + 1})")
     with_lr = all(s.peak_lr is not None for _, s in schedules)
     table = Table(

@@ -25,6 +25,7 @@ _EXPORTS = {
     "TokenStream": "megawsd.data.loader",
     "SwitchedStream": "megawsd.data.loader",
     "Stream": "megawsd.data.loader",
+    "ValBatches": "megawsd.data.loader",
     "stream_from_state": "megawsd.data.loader",
     "prepare": "megawsd.data.preparation",
     "PrepareResult": "megawsd.data.preparation",

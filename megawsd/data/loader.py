@@ -19,6 +19,12 @@ source's share r of what remains), which gives exactly floor(j r) samples of the
 source among the first j, in O(number of sources) integer arithmetic per sample: the mix
 stays a pure function of j with no per-step quota rounding. Each source keeps its own
 permutation stream, indexed by how many of its samples came before.
+
+Validation. A fixed sample of windows spread over the whole val split: the split's windows
+are cut into equal strata and one window is drawn from each, with a seed fixed by the data
+and seq_len (not the training seed), so every run, branch and world size evaluates the same
+windows. (Taking the first windows of val.bin scored one or two documents, not the split:
+issue #21.) A split with fewer windows than asked for is evaluated whole.
 """
 
 from __future__ import annotations
@@ -41,6 +47,29 @@ log = logging.getLogger(__name__)
 
 # Rationals with this bounded denominator keep j * numerator inside int64 for j < ~9e12.
 _MAX_DENOMINATOR = 1_000_000
+
+
+# The validation sample's seed: fixed, so that every run (any training seed) evaluates on
+# the same windows of the same data.
+VAL_SEED = 0x7A1
+
+
+class ValBatches(list):
+    """The validation batches of one rank (a list of LongTensors [rows, seq_len + 1]) and
+    what the whole evaluation covers, for the eval record: ``windows`` evaluated over all
+    ranks, ``tokens`` scored (windows x seq_len), ``split_windows`` in the val split(s)."""
+
+    def __init__(self, batches, windows: int, tokens: int, split_windows: int):
+        super().__init__(batches)
+        self.windows, self.tokens, self.split_windows = windows, tokens, split_windows
+
+    def record(self) -> dict:
+        """The fields an eval record carries about its sample."""
+        return {
+            "val_windows": self.windows,
+            "val_tokens": self.tokens,
+            "val_split_windows": self.split_windows,
+        }
 
 
 @dataclass(frozen=True)
@@ -226,7 +255,7 @@ class Stream(Protocol):
 
     def val_batches(
         self, num_batches: int, batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> list[torch.Tensor]: ...
+    ) -> ValBatches: ...
 
     def state_dict(self) -> dict: ...
 
@@ -400,51 +429,116 @@ class TokenStream:
     # -- validation -------------------------------------------------------------------------
     def val_batches(
         self, num_batches: int, batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> list[torch.Tensor]:
-        """A fixed list of validation batches (identical on every call, run and branch).
+    ) -> ValBatches:
+        """A fixed sample of validation windows spread over the whole val split.
 
-        Val sample j comes from the mix like a training sample, but windows are taken in
-        order (no shuffling), so the set depends only on the data, seq_len and the sizes.
-        With rank/world_size, each batch is cut to that rank's contiguous rows.
+        ``num_batches * batch_size`` windows are drawn by ``val_windows`` (see there): the
+        same windows on every call, run, seed and branch, for any number of ranks that
+        divides ``batch_size``; a split with fewer windows is evaluated whole (rounded down
+        to whole batches). Rank r of R gets the contiguous rows [r*bs/R, (r+1)*bs/R) of
+        each batch. The result is a list of tensors that also says what it covers
+        (``ValBatches.windows``, ``.tokens``).
         """
-        n = int(num_batches) * int(batch_size)
+        bs = int(batch_size)
+        if world_size > 1 or rank:
+            if bs % world_size:
+                raise ConfigError(
+                    f"eval batch_size = {batch_size}: not divisible by {world_size} ranks"
+                )
+        n = self._val_count(int(num_batches) * bs, bs, world_size)
         if n < 1:
-            return []
+            return ValBatches([], 0, 0, self._val_split_windows())
+        rows = self._val_rows(n)
+        per_batch = min(bs, n)
+        batches = [torch.from_numpy(b) for b in np.split(rows, n // per_batch)]
+        if world_size > 1 or rank:
+            per = per_batch // world_size
+            batches = [b[rank * per : (rank + 1) * per] for b in batches]
+        return ValBatches(batches, n, n * self.seq_len, self._val_split_windows())
+
+    def _val_split_windows(self) -> int:
+        return sum(self._val_windows_of(i) for i in range(len(self.mix.sources)))
+
+    def _val_windows_of(self, source: int) -> int:
+        """Windows of ``seq_len + 1`` tokens in a source's val split (a DataError if none)."""
+        meta = self.mix.sources[source].meta
+        toks = meta.tokens("val")
+        w = (len(toks) - 1) // self.seq_len
+        if w < 1:
+            raise DataError(
+                f"seq_len = {self.seq_len}: longer than the validation data of "
+                f"{str(meta.path)!r} ({len(toks)} tokens); use a shorter seq_len, "
+                "fewer/smaller eval batches, or prepare with a larger --val-fraction"
+            )
+        return w
+
+    def _val_count(self, n: int, batch_size: int, world_size: int) -> int:
+        """How many windows to evaluate: ``n``, or, when the split holds fewer, as many as
+        fit with the mix's shares, rounded down to whole batches (to a multiple of the
+        ranks when even one batch does not fit)."""
+        if n < 1:
+            return 0
+        windows = [self._val_windows_of(i) for i in range(len(self.mix.sources))]
+
+        def fits(k: int) -> bool:
+            return all(c <= w for c, w in zip(self.mix.counts(k), windows))
+
+        if fits(n):
+            return n
+        lo, hi = 0, n  # fits(lo), not fits(hi); counts are monotone in k
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        whole = lo // batch_size * batch_size or lo // world_size * world_size
+        if whole < 1:
+            raise DataError(
+                f"eval batch_size = {batch_size}: the validation split holds {lo} window(s) of "
+                f"{self.seq_len + 1} tokens, fewer than the {world_size} rank(s); prepare with "
+                "a larger --val-fraction or use a shorter seq_len"
+            )
+        log.info(
+            "the validation split holds %d windows of %d tokens (%d requested): evaluating "
+            "%d of them, all it holds in whole batches",
+            lo,
+            self.seq_len + 1,
+            n,
+            whole,
+        )
+        return whole
+
+    def val_windows(self, source: int, count: int) -> np.ndarray:
+        """``count`` window indices of a source's val split, sorted, one per equal stratum.
+
+        The split's W windows are cut into ``count`` strata of W/count consecutive windows
+        and one window is drawn from each with a generator seeded by the source's
+        fingerprint and seq_len only (never the training seed): the sample covers the whole
+        split, documents at its end as much as at its start, and is the same for every run
+        that reads this data with this seq_len.
+        """
+        w = self._val_windows_of(source)
+        if count >= w:
+            return np.arange(w, dtype=np.int64)
+        fp_text = self.mix.sources[source].meta.fingerprint.encode()
+        fp = int(hashlib.sha256(fp_text).hexdigest()[:15], 16)
+        rng = np.random.Generator(np.random.PCG64([VAL_SEED, fp, self.seq_len, count]))
+        bounds = np.arange(count + 1, dtype=np.int64) * w // count
+        return bounds[:-1] + rng.integers(0, bounds[1:] - bounds[:-1])
+
+    def _val_rows(self, n: int) -> np.ndarray:
+        """The ``n`` validation rows: val sample j comes from the mix like a training
+        sample, and the k-th sample of a source is the k-th window of its spread sample."""
         src, local = self.mix.assign(np.arange(n))
+        counts = self.mix.counts(n)
         out = np.empty((n, self.seq_len + 1), dtype=np.int64)
         offsets = np.arange(self.seq_len + 1, dtype=np.int64)
         for i, s in enumerate(self.mix.sources):
             sel = src == i
             if not sel.any():
                 continue
-            toks = s.meta.tokens("val")
-            w = (len(toks) - 1) // self.seq_len
-            if w < 1:
-                raise DataError(
-                    f"seq_len = {self.seq_len}: longer than the validation data of "
-                    f"{str(s.meta.path)!r} ({len(toks)} tokens); use a shorter seq_len, "
-                    "fewer/smaller eval batches, or prepare with a larger --val-fraction"
-                )
-            k = local[sel]
-            if k.max() >= w:
-                log.warning(
-                    "validation set of %s has %d windows of %d tokens, %d requested: "
-                    "windows repeat",
-                    s.meta.path,
-                    w,
-                    self.seq_len + 1,
-                    int(k.max()) + 1,
-                )
-            out[sel] = toks[(k % w)[:, None] * self.seq_len + offsets[None, :]]
-        batches = [torch.from_numpy(b) for b in np.split(out, num_batches)]
-        if world_size > 1 or rank:
-            if batch_size % world_size:
-                raise ConfigError(
-                    f"eval batch_size = {batch_size}: not divisible by {world_size} ranks"
-                )
-            per = batch_size // world_size
-            batches = [b[rank * per : (rank + 1) * per] for b in batches]
-        return batches
+            chosen = self.val_windows(i, counts[i])
+            starts = chosen[local[sel]] * self.seq_len
+            out[sel] = s.meta.tokens("val")[starts[:, None] + offsets[None, :]]
+        return out
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -10,7 +10,11 @@ Input forms:
     PATH.txt / .md / .rst / .py   one document per file (other extensions: read as text)
     PATH.jsonl / .json            one document per record, from the --text-field column
     PATH.parquet                  one document per row, from the --text-field column
-    DIR                           all files of those kinds below DIR, recursively, sorted
+    DIR                           every file below DIR, recursively, sorted: JSON and parquet
+                                  by extension, anything else read as text when it decodes
+                                  as UTF-8 text (`LICENSE`, `GPL-3`, `notes.log`); hidden
+                                  files and folders and __pycache__ are not read. Every file
+                                  not read is listed in skipped_files with its reason.
     'GLOB'                        e.g. 'corpus/**/*.md' (quoted, expanded here, recursive)
     hf:NAME[:CONFIG][:SPLIT]      a hub dataset through datasets.load_dataset (online)
     builtin:python-stdlib[?max_mb=N&tests=0]   the running Python's standard library
@@ -29,6 +33,8 @@ import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
+
+import numpy as np
 
 from megawsd.errors import ConfigError, DataError
 
@@ -104,9 +110,17 @@ def _check_file(path: Path, kind: str, origin: str, res: Resolved, strict: bool)
     res.sources.append(Source(kind, str(path), len(data), hashlib.sha256(data).hexdigest(), origin))
 
 
-def _walk(root: Path, include: list[str] | None) -> list[Path]:
+def _walk(root: Path, include: list[str] | None, res: Resolved) -> list[Path]:
+    """Every file below ``root`` (sorted), or those matching ``include``. What is not read
+    goes into ``res.skipped`` with its reason, never dropped without a word (issue #21:
+    files without a known extension vanished)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
+        for d in sorted(dirnames):
+            if d.startswith(".") or d == "__pycache__":
+                res.skipped.append(
+                    {"path": str(Path(dirpath) / d), "reason": "hidden or cache folder, not read"}
+                )
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for name in sorted(filenames):
             p = Path(dirpath) / name
@@ -114,7 +128,11 @@ def _walk(root: Path, include: list[str] | None) -> list[Path]:
             if include:
                 if any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in include):
                     out.append(p)
-            elif p.suffix.lower() in KNOWN_EXTENSIONS:
+                else:
+                    res.skipped.append({"path": str(p), "reason": "not matched by --include"})
+            elif name.startswith("."):
+                res.skipped.append({"path": str(p), "reason": "hidden file, not read"})
+            else:
                 out.append(p)
     return out
 
@@ -208,61 +226,74 @@ def resolve_inputs(
             continue
         p = Path(spec).expanduser()
         if p.is_dir():
-            for f in _walk(p, include):
+            for f in _walk(p, include, res):
                 _check_file(f.resolve(), _kind_of(f), spec, res, strict)
         elif p.is_file():
             _check_file(p.resolve(), _kind_of(p), spec, res, strict)
         else:
             raise DataError(f"--input = {spec!r}: no such file or directory")
     if not res.sources:
-        detail = f" ({len(res.skipped)} skipped as not text)" if res.skipped else ""
+        detail = (
+            f" ({len(res.skipped)} skipped, e.g. {_example(res.skipped)})" if res.skipped else ""
+        )
         raise DataError(
             f"--input = {inputs!r}: empty input, no usable text files found{detail}; "
-            f"folders are searched for {', '.join(KNOWN_EXTENSIONS)} (or --include patterns)"
+            "folders are searched for every file that is UTF-8 text (or --include patterns)"
         )
     return res
+
+
+def _example(skipped: list[dict]) -> str:
+    return f"{skipped[0]['path']}: {skipped[0]['reason']}"
 
 
 # -- building the dataset --------------------------------------------------------------------
 
 
-def _text_generator(paths: list[str]):
+def _text_generator(paths: list[str], stratum: int):
     for p in paths:
         text = Path(p).read_bytes().decode("utf-8")
         if text:
-            yield {"text": text}
+            yield {"text": text, "stratum": stratum}
 
 
 def load_corpus(
     res: Resolved, *, text_field: str = "text", cache_dir: str | None = None, strict: bool = False
 ):
-    """One `datasets.Dataset` with a "text" column (one row per document), in input order.
+    """One `datasets.Dataset` of documents in input order: a "text" column and a "stratum"
+    column, the index of the --input string it came from (the validation split is drawn
+    per input, so a small input is not left out of it by chance).
 
     Records without the text field are counted and dropped with a warning (``strict``: a
     DataError); empty texts are not documents and are dropped."""
     import datasets
 
+    origins = list(dict.fromkeys(s.origin for s in res.sources))
     parts = []
-    # consecutive sources of one kind are read together; each hub dataset on its own
+    # consecutive sources of one kind and input are read together; each hub dataset alone
     runs = itertools.groupby(
-        enumerate(res.sources), key=lambda t: (t[1].kind, t[0] if t[1].kind == "hf" else -1)
+        enumerate(res.sources),
+        key=lambda t: (t[1].kind, t[1].origin, t[0] if t[1].kind == "hf" else -1),
     )
-    for (kind, _), items in runs:
+    for (kind, origin, _), items in runs:
         group = [s for _, s in items]
+        stratum = origins.index(origin)
         if kind == "text":
             group = [s for s in group if s.size > 0]  # an empty file is not a document
             if not group:
                 continue
+            features = {"text": datasets.Value("string"), "stratum": datasets.Value("int32")}
             parts.append(
                 datasets.Dataset.from_generator(
                     _text_generator,
-                    gen_kwargs={"paths": [s.path for s in group]},
-                    features=datasets.Features({"text": datasets.Value("string")}),
+                    gen_kwargs={"paths": [s.path for s in group], "stratum": stratum},
+                    features=datasets.Features(features),
                     cache_dir=cache_dir,
                 )
             )
         else:
-            parts.append(_load_records(group, kind, text_field, cache_dir, strict))
+            ds = _load_records(group, kind, text_field, cache_dir, strict)
+            parts.append(ds.add_column("stratum", np.full(len(ds), stratum, dtype=np.int32)))
     parts = [p for p in parts if len(p)]
     if not parts:
         raise DataError(f"--input: empty input, the sources hold no text in field {text_field!r}")

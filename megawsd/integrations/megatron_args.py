@@ -441,11 +441,13 @@ def _branch_as_wsd(s: Schedule) -> ScheduleConfig:
         )
     b = c.branches[0]
     parent = build_schedule({**c.to_dict(), "branches": []})
-    if c.units_per_step != 1:
+    warmup = parent.warmup_steps  # in iterations, whatever units the parent counts in
+    if c.units_per_step != 1 and not float(warmup).is_integer():
         raise field_error(
             "schedule.units_per_step",
             c.units_per_step,
-            "translate branches of iteration-based schedules only",
+            f"the parent's warmup is {warmup:g} iterations; Megatron's branch flags need "
+            "whole iterations",
         )
     at = b.at_step
     stable = parent.factor(at) == 1.0 and (
@@ -459,12 +461,16 @@ def _branch_as_wsd(s: Schedule) -> ScheduleConfig:
             "Megatron can express a cooldown only from the stable phase (factor 1)",
         )
     min_ratio = c.min_ratio if b.min_ratio is None else b.min_ratio
+    if c.units_per_step != 1:  # a sample-counted parent: its warmup in whole iterations
+        warmup_field = int(warmup)
+    elif _length_kind(c.warmup_steps) == "fraction":
+        warmup_field = parent.warmup_steps
+    else:
+        warmup_field = c.warmup_steps
     return ScheduleConfig(
         family="wsd",
         total_steps=at + b.decay_steps,
-        warmup_steps=c.warmup_steps
-        if _length_kind(c.warmup_steps) != "fraction"
-        else parent.warmup_steps,
+        warmup_steps=warmup_field,
         warmup_shape=c.warmup_shape,
         warmup_init=c.warmup_init,
         decay_steps=b.decay_steps,

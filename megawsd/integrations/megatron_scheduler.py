@@ -352,19 +352,26 @@ class MegawsdParamScheduler(OptimizerParamScheduler):
 def schedule_from_state_dict(
     state_dict: dict,
     *,
+    global_batch_size: int | None = None,
     wsd_decay_steps: int | None = None,
     lr_wsd_decay_style: str | None = None,
     init_lr: float = 0.0,
 ) -> Schedule:
-    """The megawsd schedule a Megatron scheduler checkpoint was trained with.
+    """The megawsd schedule a Megatron scheduler checkpoint was trained with, in iterations.
 
-    MegawsdParamScheduler checkpoints store it; for a plain ``OptimizerParamScheduler``
-    checkpoint it is rebuilt from the saved fields, and a WSD one needs ``wsd_decay_steps`` and
-    ``lr_wsd_decay_style`` (Megatron does not save them). Lengths stay in Megatron's units
-    (samples in Megatron-LM): pass the global batch size as ``units_per_step`` when branching.
+    MegawsdParamScheduler checkpoints store it (and their ``units_per_step``). A plain
+    megatron-core ``OptimizerParamScheduler`` checkpoint saves its lengths in the units its
+    loop stepped by, samples in Megatron-LM (``step(increment=global_batch_size)``), and not
+    the increment: pass ``global_batch_size`` (Megatron-LM's ``--global-batch-size``, or 1
+    for a loop calling ``step(1)``). The lengths are converted to iterations when they are
+    whole iterations, else kept in samples with ``units_per_step = global_batch_size``; either
+    way ``factor(k)`` is the LR after k iterations. A WSD checkpoint also needs
+    ``wsd_decay_steps`` (in the checkpoint's units, samples in Megatron-LM: --lr-wsd-decay-iters
+    times the batch size) and ``lr_wsd_decay_style``: Megatron does not save them.
     """
     if state_dict.get("megawsd_schedule") is not None:
         return build_schedule(state_dict["megawsd_schedule"])
+    units = _units_of(state_dict, global_batch_size)
     style = state_dict.get("lr_decay_style", state_dict.get("decay_style"))
     wsd = state_dict.get("wsd_decay_steps", wsd_decay_steps)
     if style == "WSD" and wsd is None:
@@ -374,18 +381,51 @@ def schedule_from_state_dict(
             "Megatron does not save the WSD decay length; pass wsd_decay_steps "
             "(and lr_wsd_decay_style) as the run used them",
         )
+    lengths = dict(
+        lr_warmup_steps=state_dict.get("lr_warmup_steps", state_dict.get("warmup_steps")),
+        lr_decay_steps=state_dict.get("lr_decay_steps", state_dict.get("decay_steps")),
+        wsd_decay_steps=wsd,
+    )
+    whole = all(v is None or float(v) % units == 0 for v in lengths.values())
+    if whole and units > 1:  # samples -> iterations, exactly
+        lengths = {k: None if v is None else int(v) // units for k, v in lengths.items()}
     kw = dict(
         init_lr=state_dict.get("init_lr", init_lr),
         max_lr=state_dict.get("max_lr", state_dict.get("start_lr")),
         min_lr=state_dict["min_lr"],
-        lr_warmup_steps=state_dict.get("lr_warmup_steps", state_dict.get("warmup_steps")),
-        lr_decay_steps=state_dict.get("lr_decay_steps", state_dict.get("decay_steps")),
         lr_decay_style=style,
-        wsd_decay_steps=wsd,
         lr_wsd_decay_style=state_dict.get("lr_wsd_decay_style")
         or lr_wsd_decay_style
         or "exponential",
+        **lengths,
     )
-    return schedule_from_scheduler_kwargs(
-        kw, units_per_step=int(state_dict.get("units_per_step", 1))
-    )
+    return schedule_from_scheduler_kwargs(kw, units_per_step=1 if whole else units)
+
+
+def _units_of(state_dict: dict, global_batch_size: int | None) -> int:
+    """Scheduler units per iteration: the checkpoint's ``units_per_step`` (MegawsdParamScheduler
+    saves it), else the ``global_batch_size`` the caller names; never guessed (issue #21: a
+    plain checkpoint's 800 warmup samples were read as 800 iterations)."""
+    saved = state_dict.get("units_per_step")
+    if global_batch_size is not None and (
+        isinstance(global_batch_size, bool)
+        or not isinstance(global_batch_size, int)
+        or global_batch_size < 1
+    ):
+        raise field_error("global_batch_size", global_batch_size, "must be a positive integer")
+    if saved is None and global_batch_size is None:
+        raise field_error(
+            "global_batch_size",
+            None,
+            "a plain megatron-core scheduler checkpoint counts samples (Megatron-LM steps it "
+            "by the global batch size) and does not save how many make an iteration; pass "
+            "global_batch_size=--global-batch-size of the run (1 if your loop calls step(1))",
+        )
+    if saved is not None and global_batch_size is not None and int(saved) != global_batch_size:
+        raise field_error(
+            "global_batch_size",
+            global_batch_size,
+            f"the checkpoint's scheduler stepped {saved} units per iteration; pass "
+            f"{saved} or nothing",
+        )
+    return int(saved if saved is not None else global_batch_size)

@@ -32,8 +32,16 @@ enum Scalar { LR, W, ZBASE, B2, OMB2, IBC2, EPS, WD, YCOEF, GS, MU, OMMU, IBC1, 
 
 // Elements per parallel work unit: a whole number of vectors, so chunks never split one.
 constexpr int64_t kUnit = 1024;
-// Below this many units a list runs on one thread (thread wake-up costs more than it saves).
-constexpr int64_t kGrainUnits = 32;
+// Units per thread: a list of at most kGrainUnits units (1M elements) runs on one thread,
+// a larger one on up to units / kGrainUnits threads. A parallel region pays only when each
+// thread has about a millisecond of work; on a shared machine it waits for a preempted
+// thread. Measured on a 2-core machine at load 10-21 (interleaved rounds,
+// bench/bench_timing.py, 7 rounds x 15 calls; fp32, one tensor): one thread 0.25 ms at 256K
+// against 19 ms for two, 1.07 ms against 29 ms at 1M (20-41x), 1.47 against 30 ms at 1.5M,
+// 17 against 31 ms at 4M (1.1-3.4x); at 16K-64K they tie. With 32 units (32K elements) the
+// 1M step ran 5x slower than the torch.compile path under load (issue #21); now it is 1.2x
+// faster. An idle machine favours two threads earlier; this keeps small steps safe.
+constexpr int64_t kGrainUnits = 1024;
 // Units per chunk a thread takes at a time (16K elements: 64 KiB of each fp32 stream).
 constexpr int64_t kChunkUnits = 16;
 
