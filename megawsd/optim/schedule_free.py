@@ -185,11 +185,19 @@ def _single_tensor_sf_adamw(ys, grads, zs, vs, *, lowp_outs=None, exp_avgs=None,
         sf_adamw_reference_(ys[i], grads[i], zs[i], vs[i], lowp_out=out, exp_avg=m, **coef)
 
 
-def _triton_sf_adamw(*args, **kwargs):
+def _triton_sf_adamw(ys, grads, zs, vs, *, lowp_outs=None, exp_avgs=None, **coef):
+    """The Triton kernel (fp32 math) on the tensors before the first fp64 one; from there the
+    chain moves on (``compiled`` computes fp64 in fp64)."""
     # Imported on first use: importing Triton is slow and TRITON_INTERPRET must be set first.
     from megawsd.kernels.sf_adamw_triton import sf_adamw_triton_
 
-    sf_adamw_triton_(*args, **kwargs)
+    fp64 = [i for i in range(len(ys)) if torch.float64 in (ys[i].dtype, zs[i].dtype)]
+    n = fp64[0] if fp64 else len(ys)
+    if n:
+        o, m = _pick([lowp_outs, exp_avgs], list(range(n)))
+        sf_adamw_triton_(ys[:n], grads[:n], zs[:n], vs[:n], lowp_outs=o, exp_avgs=m, **coef)
+    if fp64:
+        raise BackendUnavailable("triton", n, "the Triton kernel computes in fp32, not fp64")
 
 
 _IMPLEMENTATIONS: dict[str, Callable[..., None]] = {
@@ -199,8 +207,9 @@ _IMPLEMENTATIONS: dict[str, Callable[..., None]] = {
     "foreach": sf_adamw_foreach_,  # eager multi-tensor ops, anywhere
     "reference": _single_tensor_sf_adamw,  # the oracle
 }
-# Where a backend's tensors go when it cannot run in this process (compiling failed).
-_FALLBACK = {"cpp": "compiled", "compiled": "foreach"}
+# Where a backend's tensors go when it cannot run them (compiling failed, or a dtype it
+# does not compute in: the C++ kernel and Triton take no fp64).
+_FALLBACK = {"triton": "compiled", "cpp": "compiled", "compiled": "foreach"}
 # Backends that read every tensor as one flat array; other tensors take the reference.
 _NEEDS_CONTIGUOUS = ("triton", "cpp", "compiled")
 
