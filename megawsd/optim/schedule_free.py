@@ -16,7 +16,7 @@ schedulefree's arguments:
 Differences from the stock optimizer, all for training at scale:
 - ``backend``: "auto" (Triton on CUDA, the C++ kernel on CPU), or force "triton", "cpp",
   "compiled" (``torch.compile``), "foreach", "reference". A build failure falls back
-  cpp -> compiled -> foreach, with one warning each.
+  cpp -> compiled -> foreach, with one warning each; fp64 goes cpp/triton -> compiled.
   The fused backends agree with schedulefree to fp32 rounding (a few ulps), not bit for bit.
   ``backend`` and ``foreach`` are this process's choice: ``load_state_dict`` keeps them.
 - Groups with no params are left untouched by ``step()`` (their counters do not advance):
@@ -25,7 +25,9 @@ Differences from the stock optimizer, all for training at scale:
   id; further ``step()`` calls with the same id (ZeRO-3 stepping one group's partitions one at a
   time) reuse that step's coefficients. ``None`` (default) = advance on every call.
 - bf16/fp16 params keep fp32 ``z`` and ``exp_avg_sq`` (also after ``load_state_dict``, which
-  would otherwise cast them to the param dtype), and the math runs in fp32.
+  would otherwise cast them to the param dtype), and the math runs in fp32. fp64 params keep
+  fp64 states and fp64 math on every backend that takes them (compiled, foreach, reference);
+  the C++ kernel and Triton hand them on to compiled.
 - ``p.grad`` is never modified (schedulefree divides it in place).
 - ``step()`` in eval mode raises :class:`~megawsd.errors.OptimizerError`.
 
