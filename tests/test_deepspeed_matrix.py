@@ -11,6 +11,10 @@ also renders the support table of docs/deepspeed.md. Runs:
   saved -> reloaded inside eval_mode -> continued; every ZeRO switch on every dtype), one
   2-rank launch per ZeRO stage.
 
+Every launch runs as on a CPU without fp16 kernels (``MEGAWSD_TEST_MASK_CPU_FP16=1``): DeepSpeed
+refuses fp16 on such CPUs, the worker patches the capability DeepSpeed asks, and the fp16
+cells must still be exact, on any x86-64 CPU.
+
 "Exact" means, against the reference (megawsd's ScheduleFreeAdamW, one process, whole batch):
 losses to 1e-4 (fp32; 2e-2 for bf16/fp16 working weights), step counters k equal, the loss
 at x in eval_mode to the same tolerance and unchanged by a nested block, y restored
@@ -28,6 +32,7 @@ import pytest
 from megawsd.errors import ConfigError
 from megawsd.integrations.deepspeed import split_config
 from tests.dist_helpers import run_ranks
+from tests.workers.ds_matrix import MASK_FP16_ENV, enable_cpu_fp16
 from tests.workers.ds_matrix_cells import (
     DOCS,
     EXACT,
@@ -58,7 +63,9 @@ def run_cells(selected, timeout=1800):
             "references": sorted({c.clip for c in selected}),
             "cells": [{"stage": c.stage, "rows": list(c.rows)} for c in selected],
         }
-        res = run_ranks(WORKER, 2, args, timeout=timeout)
+        # As on a CPU without fp16 kernels, whatever this one has: the fp16 cells must run
+        # on every CPU the suite meets (tests/workers/ds_matrix.py, enable_cpu_fp16).
+        res = run_ranks(WORKER, 2, args, timeout=timeout, env={MASK_FP16_ENV: "1"})
     return res[0], res[0]["reference"]
 
 
@@ -201,6 +208,53 @@ def test_every_row_and_stage_is_covered_by_the_full_matrix():
                 assert hit, (row.key, s)
 
 
+class _PastDtypeChecks(Exception):
+    pass
+
+
+class _SanityCheckSelf:
+    """What DeepSpeedEngine._do_sanity_check reads of the engine before and at its dtype
+    checks, for an fp16 config; the next check raises _PastDtypeChecks."""
+
+    def fp16_enabled(self):
+        return True
+
+    def bfloat16_enabled(self):
+        return False
+
+    def _assert_valid_mixed_precision_config(self):
+        raise _PastDtypeChecks
+
+
+def test_deepspeed_fp16_check_is_the_capability_the_worker_patches(monkeypatch):
+    """DeepSpeed 0.19.8 refuses fp16 on a CPU through the accelerator's is_fp16_supported(),
+    which reads oneDNN's fp16 support; enable_cpu_fp16 patches exactly that (patching
+    supported_dtypes() only, as before, let the engine refuse fp16 on CPUs without fp16
+    kernels, AMD EPYC among them). Fails loudly if an upgrade moves the check."""
+    import deepspeed.accelerator
+    import deepspeed.runtime.engine as ds_engine
+    import torch
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    mkldnn = torch.ops.mkldnn
+    monkeypatch.setattr(mkldnn, "_is_mkldnn_fp16_supported", lambda: True)
+    acc = CPU_Accelerator()
+    assert acc.is_fp16_supported() and torch.float16 in acc.supported_dtypes()
+    monkeypatch.setattr(mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    assert not acc.is_fp16_supported() and torch.float16 not in acc.supported_dtypes()
+    monkeypatch.setattr(ds_engine, "get_accelerator", lambda: acc)
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        ds_engine.DeepSpeedEngine._do_sanity_check(_SanityCheckSelf())
+
+    # The worker's patch, with the mask its launches set: DeepSpeed's check now passes.
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: acc)
+    monkeypatch.setenv(MASK_FP16_ENV, "1")
+    assert enable_cpu_fp16() == {"native": False, "masked": True}
+    with pytest.raises(_PastDtypeChecks):
+        ds_engine.DeepSpeedEngine._do_sanity_check(_SanityCheckSelf())
+    assert torch.float16 in acc.supported_dtypes()
+
+
 # ------------------------------------------------------------------------------------------
 # real ranks
 
@@ -208,6 +262,15 @@ def test_every_row_and_stage_is_covered_by_the_full_matrix():
 @pytest.fixture(scope="module")
 def default_runs():
     return run_cells(cells(), timeout=900)
+
+
+@pytest.mark.dist
+def test_matrix_ran_without_cpu_fp16(default_runs):
+    """The launch ran as on a CPU without fp16 kernels (so its fp16 cells below prove fp16
+    runs, exactly, on any x86-64 CPU)."""
+    got, _ = default_runs
+    assert got["cpu_fp16"] == {"native": False, "masked": True}, got["cpu_fp16"]
+    assert any(c.dtype == "fp16" and expected(c) == EXACT for c in cells())
 
 
 @pytest.mark.dist

@@ -179,3 +179,17 @@ def test_trainer_deepspeed_other_stages_and_sources():
         if "eval_loss" in got:
             assert abs(got["eval_loss"] - ref["eval_loss"]) < 0.05 * gap, name
             assert got["y_restored_exact"], name
+
+
+def test_load_best_model_at_end_ddp():
+    """load_best_model_at_end=True on 2 DDP ranks (tests/test_hf_config.py has one process):
+    every rank evaluates the best checkpoint's x and saves it."""
+    with tempfile.TemporaryDirectory(prefix="megawsd-hf-best-") as tmp:
+        r = run_ranks(
+            WORKER, 2, {"tmp": tmp, "jobs": [{"kind": "best", "name": "best"}]}, timeout=900
+        )
+    for rank in (0, 1):
+        got = r[rank]["best"]
+        assert got["best"] == "checkpoint-2" and got["evals"][0] < min(got["evals"][1:]), got
+        assert got["eval_after"] == got["best_metric"], got
+        assert got["save_maxabs"] < 1e-6, got

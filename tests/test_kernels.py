@@ -2,14 +2,16 @@
 
 Triton kernels run under TRITON_INTERPRET=1 here (set by conftest.py when there is no CUDA), so
 this file exercises the kernels' code on CPU; on a CUDA machine the same tests run them on GPU.
-torch.compile costs a few seconds per graph: the tests reuse three graphs (fp32 y, bf16 y,
-fp32 y + bf16 copy) cached in the module for the whole session.
+torch.compile costs a few seconds per graph: the compiled path keeps one graph per (entry,
+dtypes) for the whole session, so the tests reuse them.
 
 Tolerances: fp32 paths differ from the reference only by the rounding of fused vs separate
 multiply-adds (a few ulps per step), so after 25 steps they agree to 2e-6 relative. With bf16
 params y is rounded to bf16 every step; a few-ulp fp32 difference occasionally lands on the
 other side of a bf16 rounding boundary, so y may differ by one bf16 ulp (2^-8 relative) in
-rare elements; z and v stay fp32 and only feel those flips through λ·y, hence 1e-5.
+rare elements; z and v stay fp32 and only feel those flips through λ·y, hence 1e-5. fp16
+likewise with one fp16 ulp (2^-10); fp64 params keep fp64 z, v and every backend that takes
+them computes in fp64 (the others pass them on), so they agree to 1e-12.
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ def _skip_if_no_triton(backend: str) -> None:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
 
 
-def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0, mu=0.0):
+def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0, mu=0.0, ran=None):
     """Drive sf_adamw_update for `steps` steps; returns (y, z, v, last lowp copy, exp_avg).
-    ``mu``: inner momentum (exp_avg is None without it)."""
+    ``mu``: inner momentum (exp_avg is None without it). ``ran``: the backend expected to run
+    (``backend`` by default). States are fp32, fp64 for fp64 params (the optimizer's rule)."""
     gen = torch.Generator().manual_seed(seed)
     y = torch.randn(size, generator=gen).to(ydtype)
-    z = y.float().clone()
-    v = torch.zeros(size)
-    m = torch.zeros(size) if mu else None
+    sd = torch.float64 if ydtype == torch.float64 else torch.float32
+    z = y.to(sd).clone()
+    v = torch.zeros(size, dtype=sd)
+    m = torch.zeros(size, dtype=sd) if mu else None
     out = torch.empty(size, dtype=torch.bfloat16) if lowp else None
     k, lr_max, ws = 0, -1.0, 0.0
     for i in range(steps):
@@ -68,10 +72,10 @@ def _run(backend, size, ydtype, steps=STEPS, grad_scale=1.0, lowp=False, seed=0,
         if backend == "reference":
             sf_adamw_reference_(y, g, z, v, grad_scale=grad_scale, lowp_out=out, **coef)
         else:
-            ran = sf_adamw_update(
+            got = sf_adamw_update(
                 y, g, z, v, grad_scale=grad_scale, lowp_out=out, backend=backend, **coef
             )
-            assert ran == backend
+            assert got == (ran or backend)
     return y, z, v, out, m
 
 
@@ -99,6 +103,106 @@ def test_fast_path_matches_reference_bf16_params(backend):
     assert (y != ry).float().mean() < 0.01  # flips are rare, not systematic
     _close(z, rz, 1e-5)
     _close(v, rv, 2e-6)
+
+
+DTYPE_TOL = {  # y's tolerance against the reference, and the rate of one-ulp flips allowed
+    torch.float32: (2e-6, 1.0),
+    torch.bfloat16: (2.0**-8, 0.01),
+    torch.float16: (2.0**-10, 0.01),
+    torch.float64: (1e-12, 1.0),
+}
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL), ids=str)
+def test_every_dtype_matches_reference_on_every_backend(backend, dtype):
+    """Each parameter dtype on each backend, with clipping and a bf16 copy out: fp64 runs in
+    fp64 (the C++ kernel and Triton compute in fp32, so they hand fp64 on to ``compiled``;
+    before, ``compiled`` computed it in fp32, 1e-7 off), the others in fp32."""
+    _skip_if_no_triton(backend)
+    ran = "compiled" if dtype == torch.float64 and backend in ("cpp", "triton") else backend
+    scale = torch.tensor(0.37)
+    got = _run(backend, 257, dtype, steps=8, grad_scale=scale, lowp=True, ran=ran)
+    ref = _run("reference", 257, dtype, steps=8, grad_scale=scale, lowp=True)
+    tol, flips = DTYPE_TOL[dtype]
+    y, z, v, out, _ = got
+    assert z.dtype == v.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _close(y, ref[0], tol)
+    assert (y != ref[0]).float().mean() <= flips
+    for a, b in zip((z, v), ref[1:3]):
+        _close(a, b, 1e-12 if dtype == torch.float64 else 1e-5)
+    if dtype in (torch.float32, torch.float64):  # the copy is y rounded once
+        assert torch.equal(out, y.to(torch.bfloat16))
+    else:  # rounded from the fp32 new y, as the reference's copy
+        _close(out, ref[3], 2.0**-7)
+
+
+def test_compiled_serves_many_shapes_and_dtypes(monkeypatch):
+    """A model's mix of sizes (0, 1, odd, views at an offset) and dtypes through the compiled
+    path: every call runs compiled, no fallback warning. Before, Dynamo specialised sizes 0
+    and 1 and recompiled per dtype on one code object, hit its recompile limit (8) at the
+    ninth variant, and the rest of the process ran foreach."""
+    from megawsd.optim import sf_adamw
+
+    monkeypatch.setattr(compiled_mod, "_BROKEN", None)
+    monkeypatch.setattr(compiled_mod, "_WARNED", False)
+    gen = torch.Generator().manual_seed(12)
+    coef = dict(lr=0.01, ckp1=0.6, bias_correction2=0.01, **HP)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            sd = torch.float64 if dtype == torch.float64 else torch.float32
+            for n in (0, 1, 7, 33, 2, 100):
+                y = torch.randn(n + 1, generator=gen).to(dtype)[1:]  # a view at an offset
+                g = torch.randn(n, generator=gen).to(dtype)
+                z, v = torch.randn(n, generator=gen).to(sd), torch.rand(n, generator=gen).to(sd)
+                ry, rz, rv = y.clone(), z.clone(), v.clone()
+                assert sf_adamw([y], [g], [z], [v], backend="compiled", **coef) == "compiled"
+                sf_adamw_reference_(ry, g, rz, rv, **coef)
+                if n:
+                    _close(y, ry, DTYPE_TOL[dtype][0])
+                    _close(z, rz, 1e-12 if sd == torch.float64 else 1e-5)
+    assert not [w for w in caught if "torch.compile" in str(w.message)]
+    assert compiled_mod._BROKEN is None
+
+
+_LEVELS = ["DEFAULT", "AVX2", "AVX512"]
+_ISA_CHECK = """
+import torch
+from tests.test_kernels import _close, _run
+cap = torch.backends.cpu.get_cpu_capability()
+assert cap == {level!r}, cap
+for dtype in (torch.float32, torch.bfloat16):
+    got = _run("compiled", 2047, dtype, steps=3, grad_scale=0.37, lowp=True)
+    ref = _run("reference", 2047, dtype, steps=3, grad_scale=0.37, lowp=True)
+    for a, b in zip(got[:4], ref[:4]):
+        _close(a, b, 2e-6 if dtype == torch.float32 else 2.0**-7)
+print("ok", cap)
+"""
+
+
+@pytest.mark.parametrize("level", ["AVX2", "DEFAULT"])
+def test_compiled_follows_aten_cpu_capability(level):
+    """ATEN_CPU_CAPABILITY below what the CPU has (as on a CPU that lacks AVX-512, or AVX2):
+    the compiled path still matches the reference. Before, with Inductor's vector width
+    picked from the CPU and ATen's set lower, y came out 0.05 off at AVX2 (a wrong number,
+    no error) and the loop did not compile at DEFAULT."""
+    import os
+    import subprocess
+    import sys
+
+    here = torch.backends.cpu.get_cpu_capability()
+    if here not in _LEVELS or _LEVELS.index(level) >= _LEVELS.index(here):
+        pytest.skip(f"this CPU's ATen level is {here}: {level} is not below it")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
+    out = subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK.format(level=level)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -175,7 +279,7 @@ def test_optimizer_fast_backend_matches_reference_on_mixed_params(backend):
 
 @pytest.mark.parametrize("mu", [0.0, 0.9])
 def test_compile_failure_falls_back_to_foreach_with_one_warning(monkeypatch, mu):
-    def broken(name):
+    def broken(name, dtypes):
         def fn(*args, **kwargs):
             raise RuntimeError("no C++ compiler (simulated)")
 
@@ -290,8 +394,8 @@ def test_compile_failure_midway_finishes_the_rest_with_foreach(monkeypatch):
 
     real_get, calls = compiled_mod._get, []
 
-    def flaky(name):
-        fn = real_get(name)
+    def flaky(name, dtypes):
+        fn = real_get(name, dtypes)
 
         def run(*args):
             calls.append(name)
@@ -379,8 +483,8 @@ def test_cpp_kernel_routes_other_dtypes_to_compiled(monkeypatch):
     ran = sf_adamw_update(y, g, z, v, backend="cpp", **coef)
     sf_adamw_reference_(ry, g, rz, rv, **coef)
     assert called == [1] and ran == "compiled"
-    _close(y, ry, 1e-6)  # the compiled loop computes in fp32, as for every dtype
-    _close(z, rz, 1e-6)
+    _close(y, ry, 1e-12)  # the compiled loop computes fp64 in fp64, as the reference
+    _close(z, rz, 1e-12)
 
 
 @pytest.mark.parametrize("compiled_works", [True, False])

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import transformers
 
 from megawsd.errors import ConfigError, field_error
@@ -44,7 +45,13 @@ from megawsd.hf.config import (
     resolve_schedule,
     resolve_scheduler,
 )
-from megawsd.hf.weights import eval_weights, is_megawsd_engine, looks_schedule_free, x_state_dict
+from megawsd.hf.weights import (
+    check_x_known,
+    eval_weights,
+    is_megawsd_engine,
+    looks_schedule_free,
+    x_state_dict,
+)
 from megawsd.integrations.deepspeed import build_optimizer, megawsd_state, schedule_dict
 from megawsd.schedules import BranchConfig, DeepSpeedLRScheduler, build_schedule, lambda_lr
 
@@ -69,6 +76,7 @@ class TrainerMixin:
     def __init__(self, *args, schedule=None, cooldown=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._mw = _State(schedule=schedule, cooldown=_branch_config(cooldown))
+        _check_best_model_args(self.args)
         opt, sched = megawsd_sections(self._mw_live_config())
         check_sections(opt, sched)
         if sched is not None and schedule is not None:
@@ -190,7 +198,9 @@ class TrainerMixin:
         DeepSpeed JSON or ``optim="schedule_free_adamw"`` asks for it; else the Trainer's."""
         spec = self._mw_optimizer_spec()
         if self.optimizer is not None or spec is None:
-            return super().create_optimizer(model)
+            optimizer = super().create_optimizer(model)
+            check_x_known(optimizer)  # e.g. a schedulefree variant whose x is kept elsewhere
+            return optimizer
         opt_model = self.model if model is None else model
         spec = resolve_optimizer(spec, self.args, self._mw_max_steps())
         self._mw_check_one_warmup(spec)
@@ -320,6 +330,25 @@ class TrainerMixin:
     def training_step(self, *args, **kwargs):
         self._mw_adopt()
         return super().training_step(*args, **kwargs)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: with the best checkpoint's weights (y), its optimizer
+        state (z), so that x is the best checkpoint's x (transformers loads y only; DeepSpeed
+        engines reload their optimizer with the weights already)."""
+        super()._load_best_model()
+        if getattr(self, "is_deepspeed_enabled", False) or not looks_schedule_free(self.optimizer):
+            return
+        path = os.path.join(self.state.best_model_checkpoint, transformers.trainer.OPTIMIZER_NAME)
+        if not os.path.isfile(path):
+            raise field_error(
+                "load_best_model_at_end",
+                True,
+                f"the best checkpoint has no optimizer state ({path}): a schedule-free model's "
+                "evaluation weights x need its z; do not set save_only_model=True",
+            )
+        device = self.args.device if self.args.device.type != "cpu" else "cpu"
+        state = torch.load(path, map_location=device, weights_only=True)
+        self.optimizer.load_state_dict(state)
 
     def _mw_eval_weights(self):
         engine = self._mw.engine
@@ -452,6 +481,20 @@ def _check_cooldown(c: Cooldown | None) -> None:
         power=c.power,
         half_life=c.half_life,
     )
+
+
+def _check_best_model_args(args) -> None:
+    """``load_best_model_at_end`` with a schedule-free ``optim`` needs the best checkpoint's
+    optimizer state (see ``_load_best_model``): refuse checkpoints without it at setup."""
+    optim = str(getattr(args.optim, "value", args.optim))
+    if args.load_best_model_at_end and args.save_only_model and optim.startswith("schedule_free"):
+        raise field_error(
+            "save_only_model",
+            True,
+            f"with load_best_model_at_end and optim={optim!r}: the best checkpoint "
+            "must keep the optimizer state, whose z the evaluation weights x need; leave "
+            "save_only_model False",
+        )
 
 
 def _spec_from_args(args) -> dict:

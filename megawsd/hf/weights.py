@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from megawsd.errors import field_error
 from megawsd.integrations.deepspeed import consolidated_state_dict, megawsd_state
 from megawsd.integrations.deepspeed import eval_mode as ds_eval_mode
 from megawsd.integrations.deepspeed import looks_schedule_free as ds_looks_schedule_free
@@ -38,9 +39,67 @@ def _has_groups(opt) -> bool:
 
 
 def looks_schedule_free(optimizer) -> bool:
-    """megawsd's ScheduleFreeAdamW or schedulefree's AdamWScheduleFree, also inside
-    accelerate's AcceleratedOptimizer (the test is megawsd.deepspeed's)."""
+    """Any schedule-free optimizer (megawsd's, schedulefree's AdamW / RAdam / SGD ...), also
+    inside accelerate's AcceleratedOptimizer (the test is megawsd.deepspeed's); which of them
+    megawsd can evaluate at x is :func:`check_x_known`'s question."""
     return ds_looks_schedule_free(unwrap_optimizer(optimizer))
+
+
+# The schedule-free optimizers whose parameters hold y in train mode and whose eval() is
+# p.lerp_(z, 1 - 1/β), i.e. x = (y - (1-β) z)/β, with β their ``betas[0]`` (AdamW, RAdam) or
+# ``momentum`` (SGD): transformers' optim="schedule_free_adamw" / "_radam" / "_sgd". Others
+# with the same group keys keep x or y elsewhere (schedulefree's *Closure, *Reference,
+# ScheduleFreeWrapper) and are refused by name.
+_X_BETA_KEY = {
+    ("megawsd.optim.schedule_free", "ScheduleFreeAdamW"): "betas",
+    ("schedulefree.adamw_schedulefree", "AdamWScheduleFree"): "betas",
+    ("schedulefree.radam_schedulefree", "RAdamScheduleFree"): "betas",
+    ("schedulefree.sgd_schedulefree", "SGDScheduleFree"): "momentum",
+}
+
+
+def _innermost(optimizer):
+    """The optimizer under every wrapper (accelerate's AcceleratedOptimizer is itself a
+    torch Optimizer sharing the inner one's groups: its type says nothing about x)."""
+    opt = unwrap_optimizer(optimizer)
+    for _ in range(4):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        opt = inner
+    return opt
+
+
+def check_x_known(optimizer) -> None:
+    """Refuse, by name, a schedule-free optimizer whose x megawsd does not know how to form
+    (a no-op for the supported ones and for optimizers that are not schedule-free)."""
+    opt = _innermost(optimizer)
+    if not looks_schedule_free(opt) or _x_beta_key(opt) is not None:
+        return
+    known = ", ".join(name for _, name in _X_BETA_KEY)
+    raise field_error(
+        "optimizer",
+        type(opt).__name__,
+        f"megawsd evaluates and saves schedule-free runs at x and knows x only for {known} "
+        "(transformers' optim='schedule_free_adamw', 'schedule_free_radam', "
+        "'schedule_free_sgd'); use one of them",
+    )
+
+
+def _x_beta_key(opt) -> str | None:
+    for cls in type(_innermost(opt)).__mro__:  # subclasses keep their base's update
+        key = _X_BETA_KEY.get((cls.__module__, cls.__name__))
+        if key is not None:
+            return key
+    return None
+
+
+def x_beta(opt, group: dict) -> float:
+    """β of x = (y - (1-β) z)/β for one group of a supported optimizer."""
+    key = _x_beta_key(opt)
+    if key is None:
+        check_x_known(opt)
+    return float(group["betas"][0] if key == "betas" else group["momentum"])
 
 
 def is_megawsd_engine(model) -> bool:
@@ -59,13 +118,14 @@ def torch_eval_weights(optimizer) -> Iterator[None]:
     if not looks_schedule_free(opt):
         yield
         return
+    check_x_known(opt)
     stash: list[tuple[torch.Tensor, torch.Tensor]] = []
     swapped = []
     with torch.no_grad():
         for group in opt.param_groups:
             if not group["train_mode"]:
                 continue
-            beta1 = group["betas"][0]
+            beta1 = x_beta(opt, group)
             for p in group["params"]:
                 z = opt.state.get(p, {}).get("z")
                 if z is None:

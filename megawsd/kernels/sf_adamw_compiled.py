@@ -10,12 +10,16 @@ fp32, the same traffic as ``torch.optim.AdamW(fused=True)``, against ~10 passes 
 foreach implementation of ``schedulefree``.
 
 Why the shape of this file:
-- The step's scalars travel in one small fp32 tensor, not as Python floats. Dynamo would
+- The step's scalars travel in one small tensor, not as Python floats. Dynamo would
   otherwise either specialise on their values (a recompile per lr / c value) or trace them as
-  symbolic doubles (double-precision math in the loop); a tensor keeps the loop fp32 and the
-  graph fixed, so one compile serves every step.
-- Every tensor is passed flat (1-D) with ``dynamic=True``: one compiled graph per
-  (y dtype, lowp_out dtype) serves every parameter shape, instead of one per shape.
+  symbolic doubles (double-precision math in the loop); a tensor keeps the loop in the math's
+  dtype and the graph fixed, so one compile serves every step. The math's dtype is the
+  reference's: fp32, and fp64 for fp64 parameters (their z, v are fp64).
+- Every tensor is passed flat (1-D) with its size unbacked (``mark_unbacked``: no graph per
+  size, none for sizes 0 and 1), and each dtype combination gets its own copy of the code
+  object, so Dynamo's per-code-object recompile limit (8) counts one graph per combination:
+  one compile per (entry, dtypes) serves every parameter of a model (tests/test_kernels.py,
+  ``test_compiled_serves_many_shapes_and_dtypes``). Empty tensors are skipped.
 - ``torch.lerp(y, z, c)`` is ``y + c (z - y)`` for c < 0.5 and ``z - (1-c)(z - y)`` otherwise.
   The branch is taken on the host: the loop computes ``base + w (z - y)`` with ``base`` picked
   by a 0/1 flag and ``w`` = c or -(1 - c) (exact in fp32 for c >= 0.5), which gives torch's
@@ -35,8 +39,10 @@ reads the same packed tensor.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
+import types
 import warnings
 
 import torch
@@ -70,15 +76,18 @@ def pack_scalars(
     device: torch.device,
     inner_momentum: float = 0.0,
     bias_correction1: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The step's scalars as one fp32 tensor; derived coefficients computed in float64 first,
-    exactly as the eager path passes them to ATen (which rounds them to fp32)."""
+    """The step's scalars as one tensor of the math's dtype (fp32, or fp64 for fp64 states);
+    derived coefficients computed in float64 first, exactly as the eager path passes them to
+    ATen (which rounds them to the opmath dtype)."""
     vals = [0.0] * _NSCALARS
     vals[_LR] = lr
     if ckp1 < 0.5:  # lerp's two sides, see the module docstring
         vals[_W], vals[_ZBASE] = ckp1, 0.0
-    else:
-        vals[_W], vals[_ZBASE] = -(1.0 - _f32(ckp1)), 1.0
+    else:  # torch.lerp computes 1 - weight in its opmath dtype
+        c = ckp1 if dtype == torch.float64 else _f32(ckp1)
+        vals[_W], vals[_ZBASE] = -(1.0 - c), 1.0
     vals[_B2] = beta2
     vals[_OMB2] = 1 - beta2
     vals[_IBC2] = 1 / bias_correction2  # multiplied, not divided: see the module docstring
@@ -89,7 +98,7 @@ def pack_scalars(
     vals[_MU] = inner_momentum
     vals[_OMMU] = 1 - inner_momentum
     vals[_IBC1] = 1 / bias_correction1
-    packed = torch.tensor(vals, dtype=torch.float32, device=device)
+    packed = torch.tensor(vals, dtype=dtype, device=device)
     if isinstance(grad_scale, torch.Tensor):  # DeepSpeed's clip coefficient: no host sync
         packed[_GS : _GS + 1].copy_(grad_scale.reshape(1))
     return packed
@@ -103,12 +112,13 @@ def _sf_adamw_math(
     s: torch.Tensor,
     m: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The update of :mod:`megawsd.optim.reference` in fp32 on flat tensors; returns the new y
-    (fp32). ``m`` (Adam's first moment) is given only with inner momentum: a separate graph."""
-    g32 = g.float() * s[_GS]
+    """The update of :mod:`megawsd.optim.reference` on flat tensors, in the scalars' dtype
+    (fp32, or fp64 for fp64 states, as the reference); returns the new y in that dtype.
+    ``m`` (Adam's first moment) is given only with inner momentum: a separate graph."""
+    g32 = g.to(s.dtype) * s[_GS]
     v_new = v * s[_B2] + s[_OMB2] * (g32 * g32)
     denom = (v_new * s[_IBC2]).sqrt() + s[_EPS]
-    y32 = y.float()
+    y32 = y.to(s.dtype)
     if m is None:
         u = g32 / denom + s[_WD] * y32  # weight decay at y
     else:
@@ -142,16 +152,54 @@ def _step_lowp_m(y, g, z, v, s, out, m) -> None:
 
 
 _SOURCES = {"step": _step, "step_lowp": _step_lowp, "step_m": _step_m, "step_lowp_m": _step_lowp_m}
-_compiled: dict[str, object] = {}
+_compiled: dict[tuple, object] = {}
 
 
-def _get(name: str):
-    fn = _compiled.get(name)
+def _get(name: str, dtypes: tuple[torch.dtype, ...]):
+    """The compiled kernel for entry ``name`` and the inputs' dtypes, compiled on first use.
+
+    Dynamo keeps its graphs, and counts them against ``recompile_limit`` (8), per code object.
+    Sizes are unbacked (see :func:`_flat`), so a dtype combination needs one graph whatever
+    the shapes; giving each combination its own copy of the code object makes that one graph
+    per cache, so a model with many shapes and a few dtypes (fp32 and bf16 masters, fp16 and
+    fp32 grads, fp64 buffers) never meets the limit, without raising it process-wide.
+    """
+    key = (name, *dtypes)
+    fn = _compiled.get(key)
     if fn is None:
         src = _SOURCES[name]
-        fn = torch.compile(src, dynamic=True, fullgraph=True)
-        _compiled[name] = fn
+        tag = "_".join(str(d).removeprefix("torch.") for d in dtypes)
+        code = src.__code__.replace(co_name=f"{src.__name__}__{tag}")
+        fn = torch.compile(
+            types.FunctionType(code, src.__globals__, code.co_name),
+            dynamic=True,
+            fullgraph=True,
+            options=_isa_options(),
+        )
+        _compiled[key] = fn
     return fn
+
+
+# ATen's CPU dispatch level -> Inductor's vector width. Inductor picks its own from the CPU;
+# where ATEN_CPU_CAPABILITY set ATen lower (avx2 on an AVX-512 CPU), the code it generated
+# computed wrong numbers (0.05 off in y, measured with torch 2.13), and at "default" it did
+# not compile. Held to ATen's level, its loops match the reference on every level
+# (tests/test_kernels.py, ``test_compiled_follows_aten_cpu_capability``).
+_SIMDLEN = {"AVX512": None, "AVX2": 256, "DEFAULT": 1}
+
+
+def _isa_options() -> dict:
+    cap = torch.backends.cpu.get_cpu_capability()
+    simdlen = _SIMDLEN.get(cap)
+    return {} if simdlen is None else {"cpp.simdlen": simdlen}
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 1-D view whose size Dynamo treats as unknown (unbacked): no graph per size,
+    and no special graphs for sizes 0 and 1 (Dynamo's 0/1 specialisation)."""
+    flat = t.view(-1)
+    torch._dynamo.decorators.mark_unbacked(flat, 0)
+    return flat
 
 
 def _mark_broken(err: BaseException) -> None:
@@ -201,7 +249,8 @@ def sf_adamw_compiled_(
         return
     if _BROKEN is not None:
         raise BackendUnavailable("compiled", 0, _BROKEN)
-    scalars = pack_scalars(
+    scalars = functools.partial(
+        pack_scalars,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -215,13 +264,21 @@ def sf_adamw_compiled_(
         bias_correction1=bias_correction1,
     )
     name = ("step" if lowp_outs is None else "step_lowp") + ("_m" if exp_avgs else "")
+    packed: dict[torch.dtype, torch.Tensor] = {}  # the scalars, per math dtype
     for i in range(len(ys)):
-        flat = [t.view(-1) for t in (ys[i], grads[i], zs[i], vs[i])]
-        extra = [] if lowp_outs is None else [lowp_outs[i].view(-1)]
+        if ys[i].numel() == 0:
+            continue
+        tensors = [ys[i], grads[i], zs[i], vs[i]]
+        if lowp_outs is not None:
+            tensors.append(lowp_outs[i])
         if exp_avgs:
-            extra.append(exp_avgs[i].view(-1))
+            tensors.append(exp_avgs[i])
+        math = torch.float64 if zs[i].dtype == torch.float64 else torch.float32
+        if math not in packed:
+            packed[math] = scalars(dtype=math)
+        flat = [_flat(t) for t in tensors]
         try:
-            _get(name)(*flat, scalars, *extra)
+            _get(name, tuple(t.dtype for t in tensors))(*flat[:4], packed[math], *flat[4:])
         except Exception as err:  # noqa: BLE001 - any compiler failure means "use foreach"
             _mark_broken(err)
             raise BackendUnavailable("compiled", i, _BROKEN) from err

@@ -16,7 +16,7 @@ schedulefree's arguments:
 Differences from the stock optimizer, all for training at scale:
 - ``backend``: "auto" (Triton on CUDA, the C++ kernel on CPU), or force "triton", "cpp",
   "compiled" (``torch.compile``), "foreach", "reference". A build failure falls back
-  cpp -> compiled -> foreach, with one warning each.
+  cpp -> compiled -> foreach, with one warning each; fp64 goes cpp/triton -> compiled.
   The fused backends agree with schedulefree to fp32 rounding (a few ulps), not bit for bit.
   ``backend`` and ``foreach`` are this process's choice: ``load_state_dict`` keeps them.
 - Groups with no params are left untouched by ``step()`` (their counters do not advance):
@@ -25,7 +25,9 @@ Differences from the stock optimizer, all for training at scale:
   id; further ``step()`` calls with the same id (ZeRO-3 stepping one group's partitions one at a
   time) reuse that step's coefficients. ``None`` (default) = advance on every call.
 - bf16/fp16 params keep fp32 ``z`` and ``exp_avg_sq`` (also after ``load_state_dict``, which
-  would otherwise cast them to the param dtype), and the math runs in fp32.
+  would otherwise cast them to the param dtype), and the math runs in fp32. fp64 params keep
+  fp64 states and fp64 math on every backend that takes them (compiled, foreach, reference);
+  the C++ kernel and Triton hand them on to compiled.
 - ``p.grad`` is never modified (schedulefree divides it in place).
 - ``step()`` in eval mode raises :class:`~megawsd.errors.OptimizerError`.
 
@@ -185,11 +187,19 @@ def _single_tensor_sf_adamw(ys, grads, zs, vs, *, lowp_outs=None, exp_avgs=None,
         sf_adamw_reference_(ys[i], grads[i], zs[i], vs[i], lowp_out=out, exp_avg=m, **coef)
 
 
-def _triton_sf_adamw(*args, **kwargs):
+def _triton_sf_adamw(ys, grads, zs, vs, *, lowp_outs=None, exp_avgs=None, **coef):
+    """The Triton kernel (fp32 math) on the tensors before the first fp64 one; from there the
+    chain moves on (``compiled`` computes fp64 in fp64)."""
     # Imported on first use: importing Triton is slow and TRITON_INTERPRET must be set first.
     from megawsd.kernels.sf_adamw_triton import sf_adamw_triton_
 
-    sf_adamw_triton_(*args, **kwargs)
+    fp64 = [i for i in range(len(ys)) if torch.float64 in (ys[i].dtype, zs[i].dtype)]
+    n = fp64[0] if fp64 else len(ys)
+    if n:
+        o, m = _pick([lowp_outs, exp_avgs], list(range(n)))
+        sf_adamw_triton_(ys[:n], grads[:n], zs[:n], vs[:n], lowp_outs=o, exp_avgs=m, **coef)
+    if fp64:
+        raise BackendUnavailable("triton", n, "the Triton kernel computes in fp32, not fp64")
 
 
 _IMPLEMENTATIONS: dict[str, Callable[..., None]] = {
@@ -199,8 +209,9 @@ _IMPLEMENTATIONS: dict[str, Callable[..., None]] = {
     "foreach": sf_adamw_foreach_,  # eager multi-tensor ops, anywhere
     "reference": _single_tensor_sf_adamw,  # the oracle
 }
-# Where a backend's tensors go when it cannot run in this process (compiling failed).
-_FALLBACK = {"cpp": "compiled", "compiled": "foreach"}
+# Where a backend's tensors go when it cannot run them (compiling failed, or a dtype it
+# does not compute in: the C++ kernel and Triton take no fp64).
+_FALLBACK = {"triton": "compiled", "cpp": "compiled", "compiled": "foreach"}
 # Backends that read every tensor as one flat array; other tensors take the reference.
 _NEEDS_CONTIGUOUS = ("triton", "cpp", "compiled")
 

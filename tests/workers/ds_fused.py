@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from tests.dist_helpers import report, run_worker, worker_args  # noqa: E402
+from tests.workers.ds_matrix import enable_cpu_fp16  # noqa: E402
 from tests.workers.ds_train import data, ds_config, make_model, micro_batches  # noqa: E402
 
 STEPS = 4
@@ -94,6 +95,7 @@ def main() -> None:
     args = worker_args()
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     deepspeed.init_distributed(dist_backend="gloo")
+    enable_cpu_fp16()  # the fp16 cells on any CPU (DeepSpeed asks for oneDNN fp16 kernels)
     result = {}
     for cell in args["cells"]:
         fused = _train(cell, True, world, rank)

@@ -46,16 +46,55 @@ def sf_kwargs():
     return dict(lr=LR, betas=BETAS[0], eps=EPS, weight_decay=WD, warmup_steps=WARMUP)
 
 
-def enable_cpu_fp16() -> None:
-    """The CPU accelerator lists fp16 only where oneDNN has fp16 kernels; DeepSpeed's fp16
-    paths (loss scaling, ZeRO's fp16 buffers) are plain torch ops that run on any CPU, just
-    slowly. Let fp16 through here so the matrix covers it (before deepspeed.initialize)."""
+MASK_FP16_ENV = "MEGAWSD_TEST_MASK_CPU_FP16"  # "1": run as on a CPU without fp16 kernels
+
+
+def mask_cpu_fp16() -> None:
+    """Make this process look like a CPU without oneDNN fp16 kernels (AMD EPYC, older Xeons):
+    ``torch.ops.mkldnn._is_mkldnn_fp16_supported`` is what DeepSpeed 0.19.8's
+    ``CPU_Accelerator.is_fp16_supported`` reads. Only DeepSpeed's capability check changes;
+    torch's fp16 math runs as it would anyway (emulated in fp32 where there are no kernels).
+    The op stays reachable (``.default``, which torch's own code looks up): only the call
+    answers False."""
+    torch.ops.mkldnn._is_mkldnn_fp16_supported = _Unsupported(
+        torch.ops.mkldnn._is_mkldnn_fp16_supported
+    )
+
+
+class _Unsupported:
+    """An op packet whose call says "not supported"; every attribute is the real op's."""
+
+    def __init__(self, op):
+        self._op = op
+
+    def __call__(self, *args, **kwargs):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._op, name)
+
+
+def enable_cpu_fp16() -> dict:
+    """Let DeepSpeed's fp16 paths run on any CPU (before deepspeed.initialize).
+
+    DeepSpeed 0.19.8 refuses fp16 in ``DeepSpeedEngine._do_sanity_check`` through
+    ``get_accelerator().is_fp16_supported()``, and the CPU accelerator answers from oneDNN's
+    fp16 kernels (AVX512-FP16 / AMX-FP16), which most x86-64 CPUs lack; its
+    ``supported_dtypes()`` derives from the same call. The fp16 paths themselves (loss
+    scaling, ZeRO's fp16 buffers) are plain torch ops that run on any CPU. So the capability
+    is patched where DeepSpeed asks it, on the accelerator instance;
+    tests/test_deepspeed_matrix.py pins that this is the question DeepSpeed asks. Returns what
+    the CPU said before the patch (reported, so the tests can see the mask was in force).
+    """
     from deepspeed.accelerator import get_accelerator
 
+    if os.environ.get(MASK_FP16_ENV) == "1":
+        mask_cpu_fp16()
     acc = get_accelerator()
-    if torch.float16 not in acc.supported_dtypes():
-        listed = acc.supported_dtypes
-        acc.supported_dtypes = lambda: [*listed(), torch.float16]
+    native = bool(acc.is_fp16_supported())
+    acc.is_fp16_supported = lambda: True
+    assert torch.float16 in acc.supported_dtypes(), "DeepSpeed no longer derives dtypes from it"
+    return {"native": native, "masked": os.environ.get(MASK_FP16_ENV) == "1"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,16 +427,17 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.set_num_threads(1)
-    enable_cpu_fp16()
+    cpu_fp16 = enable_cpu_fp16()
     refs = {}
     for clip in args.get("references", []):
         refs[clip] = run_reference(clip) if rank == 0 else None
     out = {
+        "cpu_fp16": cpu_fp16,
         "reference": {
             str(c): {k: v for k, v in r.items() if k != "x"}
             for c, r in refs.items()
             if r is not None
-        }
+        },
     }
     for spec in args["cells"]:
         cell = make_cell(spec["stage"], tuple(spec["rows"]))

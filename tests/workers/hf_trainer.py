@@ -13,6 +13,7 @@ Job kinds:
   Evaluates at ``eval_at`` (Trainer.evaluate from a callback, and by hand at x), checkpoints
   every ``save_every`` steps, ``save_model`` at the end, optional ``resume`` (checkpoint dir).
 - ``accelerate``: Accelerator + megawsd.hf.prepare with the same JSON (DummyOptim/Scheduler).
+- ``best``: no DeepSpeed, ``load_best_model_at_end=True`` (:func:`run_best`).
 """
 
 from __future__ import annotations
@@ -353,6 +354,58 @@ def run_trainer(job):
     return result
 
 
+def checkpoint_x(ckpt: str, trainer) -> dict[str, torch.Tensor]:
+    """x of a Trainer checkpoint from its files alone: y from model.safetensors, z and β1 from
+    optimizer.pt (state index i is the i-th parameter of the optimizer's groups)."""
+    from safetensors.torch import load_file
+
+    from megawsd.optim.reference import x_from_yz_reference
+
+    y = load_file(os.path.join(ckpt, "model.safetensors"))
+    saved = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    live = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    x = {}
+    for group in saved["param_groups"]:
+        for i in group["params"]:
+            name = names[id(live[i])]
+            x[name] = x_from_yz_reference(y[name], saved["state"][i]["z"], group["betas"][0])
+    return x
+
+
+def run_best(job):
+    """load_best_model_at_end without DeepSpeed: evaluations and checkpoints every 2 steps, a
+    learning rate high enough that the eval loss at x rises after its best (not the last).
+    Reports the best metric, evaluate() after training, and how far save_model()'s weights
+    are from the best checkpoint's x (computed from its files)."""
+    from safetensors.torch import load_file
+
+    out_dir = os.path.join(job["tmp"], job["name"])
+    args = {
+        "eval_steps": 2,
+        "save_steps": 2,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "learning_rate": job.get("lr", 0.05),
+        "max_grad_norm": 0.0,
+    }
+    trainer, _ = make_trainer({**job, "args": args}, out_dir)
+    trainer.train()
+    state = trainer.state
+    evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    result = {"evals": evals, "best_metric": state.best_metric}
+    result["best"] = os.path.basename(state.best_model_checkpoint)
+    result["eval_after"] = trainer.evaluate()["eval_loss"]
+    trainer.save_model(os.path.join(out_dir, "final"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    want = checkpoint_x(state.best_model_checkpoint, trainer)
+    got = load_file(os.path.join(out_dir, "final", "model.safetensors"))
+    result["save_maxabs"] = max(float((got[n] - want[n]).abs().max()) for n in want)
+    return result
+
+
 def run_accelerate(job):
     """Accelerate directly: DeepSpeed plugin with the JSON, DummyOptim/DummyScheduler."""
     from accelerate import Accelerator
@@ -422,6 +475,8 @@ def main():
                 out[job["name"]] = run_reference(job) if rank == 0 else None
             elif kind == "accelerate":
                 out[job["name"]] = run_accelerate(job)
+            elif kind == "best":
+                out[job["name"]] = run_best(job)
             else:
                 out[job["name"]] = run_trainer(job)
         except Exception as e:  # noqa: BLE001  (reported: the tests check the message)
