@@ -358,9 +358,17 @@ class Submitter:
         self.graph = build_graph(plan)
         self.name = study_job_name(plan, study_dir)
         self.ledger = Ledger(study_dir)
-        self.executor = submitit.SlurmExecutor(
-            folder=study_dir / "slurm" / "%j", max_num_timeout=ex.max_requeues, python=ex.python
-        )
+        try:
+            self.executor = submitit.SlurmExecutor(
+                folder=study_dir / "slurm" / "%j",
+                max_num_timeout=ex.max_requeues,
+                python=ex.python,
+            )
+        except RuntimeError as err:  # submitit: no srun here
+            raise MegawsdError(
+                f"--executor slurm: {err}; run the study on a machine with the SLURM client "
+                "commands (a login node), or with --executor local"
+            ) from None
         self.notes: list[str] = []  # the report of this pass
         self.blocked: list[str] = []  # failed past the limit, or after such a job
 
@@ -538,8 +546,13 @@ def status(study_dir: str | Path) -> str:
     if not ledger.data:
         rows = [f"{run_state(study_dir, r):8} {r.name}" for r in plan.runs]
         return "\n".join([f"study {plan.name} (local executor):", *rows])
-    states = job_states(graph, study_dir, squeue(name), ledger)
     rows = []
+    try:
+        live = squeue(name)
+    except MegawsdError as err:  # still say what the run directories know
+        live = {}
+        rows.append(f"(SLURM not reachable, queued/running jobs show as failed: {err})")
+    states = job_states(graph, study_dir, live, ledger)
     for job in graph:
         state, job_id = states[job.key]
         tries = len(ledger.data.get(job.key, []))
