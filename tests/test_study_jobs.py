@@ -195,3 +195,53 @@ def test_progress_line_counts_runs_steps_rate_and_eta(tmp_path):
     printer.update(1)  # same counts within every_s: not printed again
     printer.update(2)  # the counts changed: printed
     assert len(buf.getvalue().splitlines()) == 2
+
+
+def test_submit_pass_never_resubmits_live_or_done_jobs_and_stops_at_the_retry_limit(
+    tmp_path, monkeypatch
+):
+    """The driver's bookkeeping on a made-up queue (the real sbatch/squeue path runs in
+    tests/test_study_slurm.py): what is done or live is left alone, a failure is retried up to
+    max_retries and then reported and blocks what depends on it, and a job waiting on a
+    resubmitted one is resubmitted with the new dependency."""
+    plan = _plan(arms=[{"kind": "wsd", "decay_fractions": [0.25]}, "constant"])
+    main, b8, b12 = plan.runs
+    _finish(tmp_path, main, steps=6, ckpts=[6])  # segment 6 done
+    sub = object.__new__(slurm.Submitter)
+    sub.plan, sub.study_dir, sub.nproc = plan, tmp_path, None
+    sub.ex = spec_from_dict(
+        {
+            "base": dict(BASE),
+            "budgets": [8],
+            "lrs": [1e-3],
+            "arms": ["cosine"],
+            "executor": {"max_retries": 1},
+        }
+    ).executor
+    sub.graph, sub.name = build_graph(plan), "megawsd-study-x"
+    sub.ledger, sub.notes, sub.blocked = slurm.Ledger(tmp_path), [], []
+    m9, m12 = f"{main.name}@9", f"{main.name}@12"
+    sub.ledger.add(f"{b8.name}@8", "1", "new")  # failed once: retried
+    sub.ledger.add(m9, "2", "new")  # running
+    sub.ledger.add(m12, "3", "new")  # failed, already retried once: gives up
+    sub.ledger.add(m12, "4", "retry")
+    sub.ledger.add(REPORT, "5", "new")  # waits on the branch that is resubmitted
+    live = {m9: [slurm.Live("2", "RUNNING", "None")], REPORT: [slurm.Live("5", "PENDING", "x")]}
+    monkeypatch.setattr(slurm, "squeue", lambda name: live)
+    cancelled, submitted = [], []
+    monkeypatch.setattr(slurm, "_slurm", lambda cmd: cancelled.append(cmd))
+    monkeypatch.setattr(
+        slurm.Submitter,
+        "_submit",
+        lambda self, job, deps: submitted.append((job.key, deps)) or str(10 + len(submitted)),
+    )
+    assert sub.submit_pass() == 2
+    # the branch at 8 needs only segment 6 (done): no dependency; the one at 12 (never
+    # submitted) waits for the running segment 9, not for the failed segment 12
+    assert submitted == [(f"{b8.name}@8", []), (f"{b12.name}@12", ["2"])]
+    assert sub.blocked == [m12, REPORT]
+    (gave_up, retried) = sorted(sub.notes)
+    assert gave_up.startswith(f"gave up on {m12}: failed 2 times (executor.max_retries = 1)")
+    assert retried.startswith(f"resubmitting {b8.name}@8 (retry 1 of 1)")
+    assert cancelled == []  # the report is blocked behind the failed segment, left alone
+    assert [s["why"] for s in slurm.Ledger(tmp_path).data[f"{b8.name}@8"]] == ["new", "retry"]

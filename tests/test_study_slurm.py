@@ -244,7 +244,7 @@ def test_run_longer_than_the_time_limit_continues_in_requeued_jobs(cluster, tmp_
 def test_one_run_on_two_hosts(cluster, tmp_path, data):  # noqa: F811
     """nodes: 2 -> one run on both hosts (one rank each) through megawsd train's SLURM launch
     (--hostfile --no-ssh --node-rank); equal to the same run with 2 local ranks."""
-    spec = _long_spec(tmp_path, data, 8, nodes=2)
+    spec = _long_spec(tmp_path, data, 20, nodes=2)
     raw = yaml.safe_load(spec.read_text())
     raw["base"]["micro_batch_size"] = 4  # 2 ranks x 4 = the global batch of 8
     spec.write_text(yaml.safe_dump(raw))
@@ -255,8 +255,8 @@ def test_one_run_on_two_hosts(cluster, tmp_path, data):  # noqa: F811
     env.setdefault("GLOO_SOCKET_IFNAME", "eth0")  # the hosts' hostname resolves to 127.0.0.1
     p = _study(spec, out, "--executor", "slurm", env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    (sub,) = _ledger(out)["runs/cosine-T8-lr0.003-s0@8"]
+    (sub,) = _ledger(out)["runs/cosine-T20-lr0.003-s0@20"]
     info = cluster.job_info(int(sub["id"]))
     assert info["NumNodes"] == "2", info
-    assert (out / "logs" / "cosine-T8-lr0.003-s0.node1.log").exists()
+    assert (out / "logs" / "cosine-T20-lr0.003-s0.node1.log").exists()
     assert results(out)["cells"] == results(tmp_path / "local")["cells"]
