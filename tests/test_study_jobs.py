@@ -245,3 +245,36 @@ def test_submit_pass_never_resubmits_live_or_done_jobs_and_stops_at_the_retry_li
     assert retried.startswith(f"resubmitting {b8.name}@8 (retry 1 of 1)")
     assert cancelled == []  # the report is blocked behind the failed segment, left alone
     assert [s["why"] for s in slurm.Ledger(tmp_path).data[f"{b8.name}@8"]] == ["new", "retry"]
+
+
+def test_a_study_submitted_to_slurm_is_not_resumed_locally_by_default(tmp_path):
+    """`megawsd study S.yaml --resume` without --executor on a study whose jobs SLURM holds
+    would train the same runs here too: refused, naming both ways to go on."""
+    import argparse
+
+    import yaml
+
+    from megawsd.commands import study as cmd
+
+    spec = tmp_path / "s.yaml"
+    raw = {"base": dict(BASE), "budgets": [8], "lrs": [1e-3], "arms": ["cosine"]}
+    spec.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    (out / "slurm").mkdir(parents=True)
+    (out / "slurm" / "jobs.json").write_text('{"jobs": {}}')
+    args = argparse.Namespace(
+        target=str(spec),
+        study_dir=None,
+        out=str(out),
+        nproc=None,
+        jobs=1,
+        resume=True,
+        dry_run=True,
+        no_report=False,
+        executor=None,
+        detach=False,
+    )
+    with pytest.raises(ConfigError, match=r"--executor = None: this study was submitted"):
+        cmd.run(args)
+    args.executor = "local"  # explicit: allowed (a dry run lists what it would train)
+    assert cmd.run(args) == 0

@@ -21,7 +21,7 @@ import argparse
 from megawsd.errors import ConfigError
 from megawsd.study import slurm
 from megawsd.study.report import write_report
-from megawsd.study.runner import run_study
+from megawsd.study.runner import run_study, study_dir_for
 from megawsd.study.spec import load_spec
 
 
@@ -86,7 +86,15 @@ def run(args: argparse.Namespace) -> int:
             "a directory; to choose where a study goes, use --out"
         )
 
-    kind = args.executor or load_spec(args.target).executor.kind
+    spec = load_spec(args.target)
+    kind = args.executor or spec.executor.kind
+    ledger = study_dir_for(spec, args.out) / "slurm" / "jobs.json"
+    if args.executor is None and kind == "local" and ledger.exists():
+        raise ConfigError(
+            f"--executor = None: this study was submitted to SLURM ({ledger}); pass "
+            "--executor slurm (or set executor.kind: slurm) to continue it there, or "
+            "--executor local to run what is missing here"
+        )
     if kind == "slurm":
         if args.jobs != 1:
             raise ConfigError(
