@@ -14,6 +14,10 @@ segment, and the averages + report job after everything.
 - slow: the same study with no faults (the parity run the note's wall times come from), a run
   longer than the job time limit (SIGUSR2 -> checkpoint -> requeue -> resume), and one run on
   2 hosts.
+
+Times on the shared 2-core machine (several engineers' tests at once): the default test
+~170 s (its local run ~70 s of it); parity ~150 s + the 200 s local fixture; time limit ~630 s
+(SLURM holds each requeued job ~2 min); 2 hosts ~150 s.
 """
 
 from __future__ import annotations

@@ -433,6 +433,9 @@ class Submitter:
             "ntasks_per_node": 1,
             "signal_delay_s": self.ex.signal_delay_s,
             "stderr_to_stdout": True,
+            # one task (node) failing ends the job: the others would wait for it in the
+            # process group's rendezvous until a timeout
+            "srun_args": ["--kill-on-bad-exit=1"],
             "setup": list(self.ex.setup),
             "additional_parameters": {"requeue": True, **(res["sbatch"] or {})},
         }
