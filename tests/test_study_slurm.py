@@ -269,3 +269,44 @@ def test_one_run_on_two_hosts(cluster, tmp_path, data):  # noqa: F811
     assert info["NumNodes"] == "2", info
     assert (out / "logs" / "cosine-T20-lr0.003-s0.node1.log").exists()
     assert results(out)["cells"] == results(tmp_path / "local")["cells"]
+
+
+def _study_cpu_cut(tmp: Path, data: Path) -> Path:
+    """configs/study-cpu.yaml with every arm kind kept (cosine, WSD 1-sqrt/linear and 10%,
+    schedule-free with a cooldown, constant, SWA, EMA), cut to minutes: budgets 20 and 40
+    steps, one LR per arm, the small test corpus."""
+    spec = yaml.safe_load((REPO / "configs" / "study-cpu.yaml").read_text())
+    spec.pop("data")
+    spec.pop("out")
+    spec["base"].update(data=str(data), seq_len=32, global_batch_size=8, micro_batch_size=8)
+    spec["base"]["eval"] = {"interval": 10, "batches": 2, "batch_size": 8}
+    spec.update(budgets=[20, 40], warmup=4, lrs=[2e-3])
+    for arm in spec["arms"]:
+        if arm["kind"] == "schedule-free":
+            arm["lrs"] = [4e-3]
+        if arm["kind"] in ("swa", "ema"):
+            arm["every"] = 2
+    spec["executor"] = {"time": 10, "cpus_per_task": 1}
+    f = tmp / "study-cpu-cut.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f
+
+
+@pytest.mark.slow
+def test_study_cpu_cut_equals_local(cluster, tmp_path, data):  # noqa: F811
+    """Every arm kind of the shipped CPU study, local vs SLURM: bit-equal val losses, the same
+    report tables and accounting; wall times and job count in tmp_path/timing.json."""
+    spec = _study_cpu_cut(tmp_path, data)
+    t0 = time.monotonic()
+    p = _study(spec, tmp_path / "local", "--executor", "local", env=_env(), timeout=1800)
+    local_s = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    t0 = time.monotonic()
+    p = _study(spec, tmp_path / "slurm", "--executor", "slurm", env=_env(cluster), timeout=1800)
+    slurm_s = time.monotonic() - t0
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert results(tmp_path / "slurm") == results(tmp_path / "local")
+    jobs = sum(len(v) for v in _ledger(tmp_path / "slurm").values())
+    timing = {"local_s": local_s, "slurm_s": slurm_s, "jobs": jobs}
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    print("timing", json.dumps(timing))
