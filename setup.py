@@ -28,6 +28,7 @@ setup(
         "matplotlib",
         "tensorboard",
         "scipy",
+        "submitit>=1.5",  # `megawsd study --executor slurm`
     ],
     extras_require={
         # megawsd.hf: transformers' Trainer and Accelerate (transformers is a base requirement).

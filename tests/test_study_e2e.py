@@ -106,6 +106,8 @@ def test_mini_study_kill_resume_accounting_report(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "1 of 3 runs done, 2 to run" in done.stderr
+    # the progress line (runs done, running, steps, steps/s, ETA), its last state at the end
+    assert "mini: 3/3 runs done, 0 running | 17/17 steps | " in done.stderr
     # the finished main run was not retrained: its files are byte-identical
     assert {f: (main / f).read_bytes() for f in main_before} == main_before
 

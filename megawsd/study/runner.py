@@ -29,7 +29,9 @@ import yaml
 
 from megawsd.errors import ConfigError, MegawsdError
 from megawsd.rundir import atomic_write
+from megawsd.study.jobs import flat_name, run_command
 from megawsd.study.plan import Plan, PlannedRun, make_plan
+from megawsd.study.progress import ProgressPrinter, StudyProgress
 from megawsd.study.report import write_report
 from megawsd.study.spec import StudySpec, load_spec
 from megawsd.train.config import from_dict
@@ -53,8 +55,7 @@ def study_dir_for(spec: StudySpec, out: str | None) -> Path:
     return Path(out or spec.out or Path("studies") / (spec.name or "study"))
 
 
-def _flat(name: str) -> str:
-    return name.removeprefix("runs/").replace("/branches/", "--").replace("/", "--")
+_flat = flat_name
 
 
 def run_state(study_dir: Path, r: PlannedRun) -> str:
@@ -133,27 +134,7 @@ def _prepare_data(spec: StudySpec, logs: Path) -> None:
 def _command(
     study_dir: Path, r: PlannedRun, config_file: Path | None, nproc: int | None
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "megawsd.cli"]
-    if r.kind == "train":
-        cmd += ["train", str(config_file), "--run-dir", str(study_dir / r.path)]
-    else:
-        cmd += [
-            "branch",
-            str(study_dir / r.parent),
-            "--at",
-            str(r.at),
-            "--decay",
-            str(r.decay),
-            "--shape",
-            r.shape,
-            "--min-ratio",
-            repr(float(r.min_ratio or 0.0)),
-            "--name",
-            Path(r.path).name,
-        ]
-    if nproc and nproc > 1:
-        cmd += ["--nproc", str(nproc)]
-    return cmd
+    return run_command(study_dir, r, config_file, nproc)
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
@@ -202,11 +183,14 @@ def execute(
         return {"skipped": skipped, "ran": [], "todo": [r.name for r in todo]}
     stop = _Stop()
     launcher = _Launcher(study_dir, nproc, jobs, done)
+    printer = ProgressPrinter(StudyProgress(plan, study_dir))
     try:
-        launcher.run(todo, stop)
+        launcher.run(todo, stop, printer)
     finally:
         launcher.wait()
         stop.restore()
+        printer.update(0, force=True)
+        printer.close()
     if launcher.failure:
         raise MegawsdError(launcher.failure)
     if stop.requested:
@@ -255,9 +239,10 @@ class _Launcher:
         self.ran: list[str] = []
         self.failure: str | None = None
 
-    def run(self, todo: list[PlannedRun], stop: _Stop) -> None:
+    def run(self, todo: list[PlannedRun], stop: _Stop, printer: ProgressPrinter) -> None:
         """Poll until every run finished, or until the ones running stopped after a failure or
-        a signal (then ``failure`` / ``stop.requested`` say why)."""
+        a signal (then ``failure`` / ``stop.requested`` say why); the progress line on the
+        way."""
         todo = list(todo)
         while (todo or self.running) and not (stop.requested and not self.running):
             self._reap(stop)
@@ -269,6 +254,7 @@ class _Launcher:
                 time.sleep(0.2)
                 continue
             self._start_ready(todo)
+            printer.update(len(self.running))
             if todo and not self.running:
                 raise MegawsdError(
                     f"run {todo[0].name!r}: its parent has no checkpoint at step "
@@ -356,23 +342,15 @@ def compute_averages(plan: Plan, study_dir: Path) -> list[str]:
     return made
 
 
-def run_study(
-    spec_path: str | Path,
-    *,
-    out: str | None = None,
-    nproc: int | None = None,
-    resume: bool = False,
-    jobs: int = 1,
-    dry_run: bool = False,
-    report: bool = True,
-) -> Path:
-    """`megawsd study STUDY.yaml`: plan, run what is missing, average, report."""
-
+def open_study(
+    spec_path: str | Path, *, out: str | None = None, resume: bool = False, dry_run: bool = False
+) -> tuple[StudySpec, Plan, Path]:
+    """What every executor does first: validate the spec, plan, refuse a directory that holds
+    another start of the study without --resume, write study.yaml and plan.json, prepare the
+    data (not for a dry run)."""
     spec = load_spec(spec_path)
     plan = make_plan(spec)
     study_dir = study_dir_for(spec, out)
-    if jobs < 1:
-        raise ConfigError(f"--jobs = {jobs}: give 1 or more")
     started = [r.name for r in plan.runs if run_state(study_dir, r) != "missing"]
     if started and not resume and not dry_run:
         raise ConfigError(
@@ -389,13 +367,36 @@ def run_study(
     (study_dir / "logs").mkdir(exist_ok=True)
     if not dry_run:
         _prepare_data(spec, study_dir / "logs")
-    result = execute(plan, study_dir, nproc=nproc, jobs=jobs, dry_run=dry_run)
-    if dry_run:
-        for name in result["todo"]:
-            print(f"to run: {name}")
-        return study_dir
+    return spec, plan, study_dir
+
+
+def finish_study(plan: Plan, study_dir: Path, report: bool = True) -> Path:
+    """Averages and the report, once every run is done (the SLURM executor's last job)."""
     compute_averages(plan, study_dir)
     if report:
         path = write_report(study_dir)
         log.info("report: %s", path)
     return study_dir
+
+
+def run_study(
+    spec_path: str | Path,
+    *,
+    out: str | None = None,
+    nproc: int | None = None,
+    resume: bool = False,
+    jobs: int = 1,
+    dry_run: bool = False,
+    report: bool = True,
+) -> Path:
+    """`megawsd study STUDY.yaml` with the local executor: plan, run what is missing, average,
+    report."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs = {jobs}: give 1 or more")
+    _, plan, study_dir = open_study(spec_path, out=out, resume=resume, dry_run=dry_run)
+    result = execute(plan, study_dir, nproc=nproc, jobs=jobs, dry_run=dry_run)
+    if dry_run:
+        for name in result["todo"]:
+            print(f"to run: {name}")
+        return study_dir
+    return finish_study(plan, study_dir, report)

@@ -49,6 +49,18 @@ KIND_ALIASES = {
 }
 # Keys of the base run config that the study sets per run: a value there would be ignored.
 STUDY_OWNED_KEYS = ("steps", "tokens", "seed", "run_dir", "name", "init_from", "schedule")
+# sbatch flags the SLURM executor sets itself (executor.sbatch may not give them).
+EXECUTOR_OWNED_FLAGS = {
+    "job_name",
+    "job-name",
+    "comment",
+    "dependency",
+    "signal",
+    "requeue",
+    "output",
+    "error",
+    "array",
+}
 
 
 class _Strict(BaseModel):
@@ -191,6 +203,53 @@ Arm = Annotated[
 ]
 
 
+class SlurmResources(_Strict):
+    """What one run's SLURM job asks for; ``executor.models`` overrides it per model."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: int | None = Field(None, ge=1)  # minutes per job (a longer run continues in the next)
+    nodes: int | None = Field(None, ge=1)
+    gpus_per_node: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    nproc: int | None = Field(None, ge=1)  # ranks per node (default: gpus_per_node, else 1)
+    sbatch: dict[str, Any] | None = None  # extra sbatch flags: {qos: high, exclusive: true}
+
+    @field_validator("sbatch")
+    @classmethod
+    def _flags(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        owned = sorted(set(v or {}) & EXECUTOR_OWNED_FLAGS)
+        if owned:
+            raise ValueError(
+                f"{owned}: set by the study itself (job name, comment, dependencies, "
+                "signal, requeue, output); remove them from executor.sbatch"
+            )
+        return v
+
+
+class ExecutorSpec(SlurmResources):
+    """``executor:`` of a study: where the runs run. ``kind: local`` (the default) runs them as
+    subprocesses of `megawsd study`; ``kind: slurm`` submits them as SLURM jobs (submitit)."""
+
+    kind: Literal["local", "slurm"] = "local"
+    setup: list[str] = Field(default_factory=list)  # shell lines before srun (module load ...)
+    signal_delay_s: int = Field(120, ge=5)  # SIGUSR2 this long before the time limit
+    max_retries: int = Field(2, ge=0)  # resubmissions of a failed job by --resume
+    max_requeues: int = Field(20, ge=0)  # time-limit requeues of one job
+    python: str | None = None  # the Python on the nodes (default: this one)
+    models: dict[str, SlurmResources] = Field(default_factory=dict)  # per model label
+
+    def resources(self, model: str) -> dict[str, Any]:
+        """The job resources of a run of ``model``: the defaults, then its override."""
+        out = SlurmResources.model_validate(
+            self.model_dump(include=set(SlurmResources.model_fields))
+        )
+        over = self.models.get(model)
+        if over is not None:
+            out = out.model_copy(update=over.model_dump(exclude_none=True))
+        return out.model_dump()
+
+
 class StudySpec(_Strict):
     name: str | None = None
     out: str | None = None
@@ -204,6 +263,7 @@ class StudySpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     arms: list[Arm] = Field(min_length=1)
     eval_interval: int | None = Field(None, ge=1)  # default: the base config's, made to hit budgets
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
 
     @model_validator(mode="before")
     @classmethod
