@@ -92,6 +92,8 @@ def test_straight_run_layout(setup):
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert [r["step"] for r in recs if "val_loss" in r] == [8, 16, 24]
     assert all(r["eval_mode"] == "x" for r in recs if "val_loss" in r)
+    # every eval says what it is over: 2 batches of 4 windows of seq_len 32 (TINY's eval)
+    assert all(r["val_windows"] == 8 and r["val_tokens"] == 8 * 32 for r in recs if "val_loss" in r)
     assert train[-1]["loss"] < train[0]["loss"]  # it learns
     # retention: the last 2 of every 3rd step, plus the planned branch point 12
     steps = sorted(int(d.name[5:]) for d in (straight / "checkpoints").glob("step_*"))

@@ -362,6 +362,7 @@ class Trainer:
             "val_loss": self.last_val,
             "val_ppl": _ppl(self.last_val),
             "eval_mode": "x" if self.schedule_free else "params",
+            **self.val.record(),  # how many windows and tokens the loss is over
         }
         self.metrics.write(record)
         return record
