@@ -269,13 +269,17 @@ def _sbatch_run(c, setup, name):
     return job, run, Path(str(out).replace("%j", str(job)))
 
 
+def _wait_for_job_step(c, job: int, run: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run / "metrics.jsonl").exists() or max(losses(run), default=0) < step:
+        assert time.monotonic() < deadline and c.job_state(job) in ("PENDING", "RUNNING")
+        time.sleep(0.3)
+
+
 def test_a_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, setup):
     _, _, straight = setup
     job, run, log = _sbatch_run(cluster, setup, "requeue")
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.jsonl").exists() or max(losses(run), default=0) < 8:
-        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING")
-        time.sleep(0.3)
+    _wait_for_job_step(cluster, job, run, 8)  # past the checkpoint at step 6
     cluster.requeue(job)  # what a preemption does (start_now: no BeginTime hold in the test)
     state = cluster.wait_job(job, timeout=400)
     assert state == "COMPLETED", log.read_text()[-6000:]
@@ -288,10 +292,7 @@ def test_a_requeued_job_resumes_and_ends_like_an_uninterrupted_run(cluster, setu
 def test_scancel_with_sigterm_checkpoints_and_a_new_job_resumes(cluster, setup):
     _, _, straight = setup
     job, run, log = _sbatch_run(cluster, setup, "scancel")
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.jsonl").exists() or max(losses(run), default=0) < 8:
-        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING")
-        time.sleep(0.3)
+    _wait_for_job_step(cluster, job, run, 8)  # past the checkpoint at step 6
     # the steps get TERM (what the batch shell's trap does on the time-limit signal)
     subprocess.run(["scancel", "--signal=TERM", str(job)], env=cluster.env, check=True, timeout=30)
     cluster.wait_job(job, timeout=120)
