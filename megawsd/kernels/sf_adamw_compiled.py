@@ -15,11 +15,14 @@ Why the shape of this file:
   symbolic doubles (double-precision math in the loop); a tensor keeps the loop in the math's
   dtype and the graph fixed, so one compile serves every step. The math's dtype is the
   reference's: fp32, and fp64 for fp64 parameters (their z, v are fp64).
-- Every tensor is passed flat (1-D) with its size unbacked (``mark_unbacked``: no graph per
-  size, none for sizes 0 and 1), and each dtype combination gets its own copy of the code
-  object, so Dynamo's per-code-object recompile limit (8) counts one graph per combination:
-  one compile per (entry, dtypes) serves every parameter of a model (tests/test_kernels.py,
-  ``test_compiled_serves_many_shapes_and_dtypes``). Empty tensors are skipped.
+- Every tensor is passed flat (1-D) with ``dynamic=True``, and each dtype combination gets
+  its own copy of the code object: Dynamo keeps graphs, and counts them against its
+  recompile limit (8), per code object, so each combination holds two graphs (size 1, which
+  Dynamo specialises, and every other size) whatever the shapes and dtypes of the model
+  (tests/test_kernels.py, ``test_compiled_serves_many_shapes_and_dtypes``; one code object
+  for all dtypes hit the limit at the ninth variant and fell back to foreach). Empty tensors
+  are skipped. (Unbacked sizes, ``mark_unbacked``, would make that one graph, but the loop
+  Inductor generates for them ran ~20x slower.)
 - ``torch.lerp(y, z, c)`` is ``y + c (z - y)`` for c < 0.5 and ``z - (1-c)(z - y)`` otherwise.
   The branch is taken on the host: the loop computes ``base + w (z - y)`` with ``base`` picked
   by a 0/1 flag and ``w`` = c or -(1 - c) (exact in fp32 for c >= 0.5), which gives torch's
@@ -156,14 +159,10 @@ _compiled: dict[tuple, object] = {}
 
 
 def _get(name: str, dtypes: tuple[torch.dtype, ...]):
-    """The compiled kernel for entry ``name`` and the inputs' dtypes, compiled on first use.
-
-    Dynamo keeps its graphs, and counts them against ``recompile_limit`` (8), per code object.
-    Sizes are unbacked (see :func:`_flat`), so a dtype combination needs one graph whatever
-    the shapes; giving each combination its own copy of the code object makes that one graph
-    per cache, so a model with many shapes and a few dtypes (fp32 and bf16 masters, fp16 and
-    fp32 grads, fp64 buffers) never meets the limit, without raising it process-wide.
-    """
+    """The compiled kernel for entry ``name`` and the inputs' dtypes, compiled on first use,
+    on its own copy of the code object (see the module docstring): a model with many shapes
+    and a few dtypes (fp32 and bf16 masters, fp16 and fp32 grads, fp64 buffers) never meets
+    Dynamo's recompile limit, which is left as it is, process-wide."""
     key = (name, *dtypes)
     fn = _compiled.get(key)
     if fn is None:
@@ -192,14 +191,6 @@ def _isa_options() -> dict:
     cap = torch.backends.cpu.get_cpu_capability()
     simdlen = _SIMDLEN.get(cap)
     return {} if simdlen is None else {"cpp.simdlen": simdlen}
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 1-D view whose size Dynamo treats as unknown (unbacked): no graph per size,
-    and no special graphs for sizes 0 and 1 (Dynamo's 0/1 specialisation)."""
-    flat = t.view(-1)
-    torch._dynamo.decorators.mark_unbacked(flat, 0)
-    return flat
 
 
 def _mark_broken(err: BaseException) -> None:
@@ -276,7 +267,7 @@ def sf_adamw_compiled_(
         math = torch.float64 if zs[i].dtype == torch.float64 else torch.float32
         if math not in packed:
             packed[math] = scalars(dtype=math)
-        flat = [_flat(t) for t in tensors]
+        flat = [t.view(-1) for t in tensors]
         try:
             _get(name, tuple(t.dtype for t in tensors))(*flat[:4], packed[math], *flat[4:])
         except Exception as err:  # noqa: BLE001 - any compiler failure means "use foreach"
