@@ -278,3 +278,17 @@ def test_a_study_submitted_to_slurm_is_not_resumed_locally_by_default(tmp_path):
         cmd.run(args)
     args.executor = "local"  # explicit: allowed (a dry run lists what it would train)
     assert cmd.run(args) == 0
+
+
+def test_a_rerun_of_a_finished_segment_runs_nothing(tmp_path):
+    """A segment job that SLURM reruns after its segment finished (a late requeue) must not
+    rerun `megawsd train --set steps=END`: that would rewrite the run's config.yaml."""
+    plan = _plan()
+    main, b8 = plan.runs[0], plan.runs[1]
+    fresh = slurm.RunJob(tmp_path, b8, b8.steps, None, None)
+    assert fresh.reached() == b8.start  # no directory yet: nothing reached
+    _finish(tmp_path, main, steps=9, ckpts=[6, 9])
+    job = slurm.RunJob(tmp_path, main, 6, tmp_path / "never-read.yaml", None)
+    assert job.reached() == 6
+    assert job() == {"run": main.name, "end": 6, "host": job()["host"]}
+    assert not (tmp_path / "logs").exists()  # no child was started

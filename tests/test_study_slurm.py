@@ -16,7 +16,7 @@ segment, and the averages + report job after everything.
   2 hosts.
 
 Times on the shared 2-core machine (several engineers' tests at once): the default test
-~170 s (its local run ~70 s of it); parity ~150 s + the 200 s local fixture; time limit ~630 s
+80-170 s (its local run a third to half of it); parity ~150 s + the 200 s local fixture; time limit ~630 s
 (SLURM holds each requeued job ~2 min); 2 hosts ~150 s.
 """
 

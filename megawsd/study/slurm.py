@@ -124,6 +124,9 @@ class RunJob:
         return {**self.__dict__, "proc": None}
 
     def __call__(self) -> dict[str, Any]:
+        if self.reached() >= self.end:  # a rerun of a finished segment (a late requeue): its
+            # command would rewrite the run's config.yaml with this segment's steps
+            return {"run": self.run.name, "end": self.end, "host": socket.gethostname()}
         node = int(os.environ.get("SLURM_NODEID", "0"))
         suffix = "" if node == 0 else f".node{node}"
         log_file = self.study_dir / "logs" / f"{flat_name(self.run.name)}{suffix}.log"
