@@ -43,3 +43,19 @@ def _no_leaked_deepspeed_shm():
             path.unlink()
         except OSError:
             pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _jit_ops_built_once(request):
+    """Build DeepSpeed's shm op and megawsd's C++ kernel once, before the first test that
+    starts ranks: otherwise that test pays minutes of compiling (on a fresh machine, under
+    load) inside its own timeout, as a user's first `megawsd train` pays them in its
+    launcher's prebuild (megawsd.train.jit_ops)."""
+    markers = ("dist", "cluster")
+    if not any(item.get_closest_marker(m) for item in request.session.items for m in markers):
+        return
+    from megawsd.train import jit_ops
+
+    ops = ([jit_ops.SHM_COMM] if jit_ops.deepspeed_on_cpu() else []) + [jit_ops.SF_ADAMW_CPU]
+    for op in ops:
+        jit_ops.build(op)

@@ -105,8 +105,13 @@ def test_kill_host_kills_everything_there_and_restart_brings_it_back(cluster, tm
     cluster.wait_job(job, timeout=30, states={"RUNNING"})
     mine = cluster.popen(["sleep", "300"], host=1)
     before0 = set(cluster.pids(0))
-    sleeps = [pid for pid in cluster.pids(1) if _cmdline(pid) == "sleep 300"]
-    assert mine.pid in sleeps and len(sleeps) == 2  # mine and the job's
+
+    def sleeps() -> list[int]:
+        return [pid for pid in cluster.pids(1) if _cmdline(pid) == "sleep 300"]
+
+    # a RUNNING job's script may start a moment later on a loaded machine
+    cluster.wait_until(lambda: len(sleeps()) == 2, 30, "the job's sleep on host 1")
+    assert mine.pid in sleeps()  # mine and the job's
     try:
         cluster.kill_host(1)
         assert cluster.pids(1) == []

@@ -365,7 +365,7 @@ def test_rank_stops_when_its_launching_process_dies(tmp_path):
         os.environ,
         **{
             launcher.PARENT_PID_ENV: str(parent.pid),
-            launcher.PARENT_HOST_ENV: socket.gethostname(),
+            launcher.PARENT_HOST_ENV: launcher.host_identity(),
             launcher.ORPHAN_GRACE_ENV: "1",
         },
     )
@@ -382,7 +382,7 @@ def test_rank_stops_when_its_launching_process_dies(tmp_path):
     assert rank.returncode == 1 and time.time() - t0 < 30
     assert "the megawsd process that launched this rank" in rank.stderr
     # another host's pid means nothing here: not watched
-    env[launcher.PARENT_HOST_ENV] = "elsewhere-" + socket.gethostname()
+    env[launcher.PARENT_HOST_ENV] = "elsewhere-" + launcher.host_identity()
     other = subprocess.run(
         [
             sys.executable,
