@@ -203,31 +203,48 @@ def _fix(lock: Path) -> str:
 # -- the guard --------------------------------------------------------------------------------
 
 
-def _acquire_flock(fd: int, path: Path, what: str, deadline: float) -> None:
-    """Our advisory lock, waited for with a log line every LOG_EVERY_S, bounded."""
-    start = last = time.monotonic()
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
+def _poll_until(done, deadline: float, timed_out, waiting, *, say_at_once: bool) -> None:
+    """Poll ``done()`` every POLL_S until true; ``waiting(seconds)`` every LOG_EVERY_S (the
+    first one at once or after LOG_EVERY_S), and ``raise timed_out(seconds)`` at ``deadline``:
+    every wait on a build is bounded and said."""
+    start = time.monotonic()
+    last = -LOG_EVERY_S if say_at_once else start
+    while not done():
         now = time.monotonic()
         if now >= deadline:
-            raise BuildLockError(
-                f"{path}: {_flock_holder(path)} has been building or loading {what} for "
-                f"over {now - start:.0f} s; {_fix(path.parent / TORCH_LOCK)}"
-            )
+            raise timed_out(now - start)
         if now - last >= LOG_EVERY_S:
             last = now
-            log.warning(
-                "waiting for %s to finish building %s (lock %s, %.0f s so far)",
-                _flock_holder(path),
-                what,
-                path,
-                now - start,
-            )
+            waiting(now - start)
         time.sleep(POLL_S)
+
+
+def _acquire_flock(fd: int, path: Path, what: str, deadline: float) -> None:
+    """Our advisory lock, waited for with a log line every LOG_EVERY_S, bounded."""
+
+    def taken() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    _poll_until(
+        taken,
+        deadline,
+        lambda s: BuildLockError(
+            f"{path}: {_flock_holder(path)} has been building or loading {what} for "
+            f"over {s:.0f} s; {_fix(path.parent / TORCH_LOCK)}"
+        ),
+        lambda s: log.warning(
+            "waiting for %s to finish building %s (lock %s, %.0f s so far)",
+            _flock_holder(path),
+            what,
+            path,
+            s,
+        ),
+        say_at_once=False,
+    )
 
 
 def _stale(lock: Path) -> bool:
@@ -264,20 +281,21 @@ def remove_if_stale(lock: Path, what: str) -> bool:
 
 def _wait_for_torch_lock(lock: Path, what: str, deadline: float) -> None:
     """Until torch's ``lock`` is gone (or stale, then removed); bounded, with log lines."""
-    start, last = time.monotonic(), -LOG_EVERY_S
-    while lock.exists() and not remove_if_stale(lock, what):
+
+    def holder() -> str:
         pids, _ = lock_holders(lock)
-        holder = ", ".join(_describe(p) for p in pids) or "a process we cannot inspect"
-        now = time.monotonic()
-        if now >= deadline:
-            raise BuildLockError(
-                f"{lock}: held by {holder} for over {now - start:.0f} s while loading {what}; "
-                f"if that process is stuck, stop it; {_fix(lock)}"
-            )
-        if now - last >= LOG_EVERY_S:
-            last = now
-            log.warning("waiting for build lock %s held by %s (%s)", lock, holder, what)
-        time.sleep(POLL_S)
+        return ", ".join(_describe(p) for p in pids) or "a process we cannot inspect"
+
+    _poll_until(
+        lambda: not lock.exists() or remove_if_stale(lock, what),
+        deadline,
+        lambda s: BuildLockError(
+            f"{lock}: held by {holder()} for over {s:.0f} s while loading {what}; "
+            f"if that process is stuck, stop it; {_fix(lock)}"
+        ),
+        lambda s: log.warning("waiting for build lock %s held by %s (%s)", lock, holder(), what),
+        say_at_once=True,
+    )
 
 
 @contextlib.contextmanager
