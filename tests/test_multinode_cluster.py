@@ -132,17 +132,23 @@ def run_info(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
 
-def test_sbatch_on_two_hosts_trains_like_one_host(cluster, setup):
-    tmp, cfg, straight = setup
-    run, out = tmp / "slurm", tmp / "slurm-%j.out"
-    job = cluster.sbatch(
+def _sbatch_run(c, setup, name):
+    tmp, cfg, _ = setup
+    run, out = tmp / name, tmp / f"{name}-%j.out"
+    job = c.sbatch(
         ["--nodes", "2", "--output", str(out), str(REPO / "launch/slurm.sbatch"), str(cfg),
          "--run-dir", str(run)],
         cwd=tmp,
-        env_extra=user_env(cluster),
+        env_extra=user_env(c),
     )  # fmt: skip
+    return job, run, Path(str(out).replace("%j", str(job)))
+
+
+def test_sbatch_on_two_hosts_trains_like_one_host(cluster, setup):
+    _, _, straight = setup
+    job, run, out = _sbatch_run(cluster, setup, "slurm")
     state = cluster.wait_job(job, timeout=400)
-    log = Path(str(out).replace("%j", str(job))).read_text()
+    log = out.read_text()
     assert state == "COMPLETED", log[-6000:]
     assert "GLOO_SOCKET_IFNAME=eth0" in log, log[-3000:]  # each host's choice is logged
     info = run_info(run)
@@ -250,23 +256,12 @@ def test_a_partition_ends_both_sides_and_the_rerun_resumes(cluster, setup):
     assert "rank 1 on" in outs[0] and "stopped answering" in outs[0], outs[0][-3000:]
     assert "lost contact with the master's host" in outs[1], outs[1][-3000:]
     info = run_info(run)
-    assert info["status"] == "failed" and "heartbeat" in info["error"] or "contact" in info["error"]
+    assert info["status"] == "failed"
+    assert "heartbeat" in info["error"] or "contact" in info["error"], info
     assert training_processes(cluster) == {0: [], 1: []}
     print(f"partition: host 0 ended after {ended[0]:.1f} s, host 1 after {ended[1]:.1f} s")
     print(f"  host 0: {_why(outs[0])}\n  host 1: {_why(outs[1])}")
     _resume_and_compare(cluster, setup, run)
-
-
-def _sbatch_run(c, setup, name):
-    tmp, cfg, _ = setup
-    run, out = tmp / name, tmp / f"{name}-%j.out"
-    job = c.sbatch(
-        ["--nodes", "2", "--output", str(out), str(REPO / "launch/slurm.sbatch"), str(cfg),
-         "--run-dir", str(run)],
-        cwd=tmp,
-        env_extra=user_env(c),
-    )  # fmt: skip
-    return job, run, Path(str(out).replace("%j", str(job)))
 
 
 def _wait_for_job_step(c, job: int, run: Path, step: int, timeout: float = 300) -> None:
