@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from megawsd.train.launcher import shm_buffers
 from tests.workers.train_common import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,10 +102,13 @@ def test_mini_study_kill_resume_accounting_report(tmp_path):
     refused = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
+    killed_runs_left = set(shm_buffers())  # a SIGKILL cannot clean up; the resumed runs must
     done = subprocess.run(
         cmd + ["--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    # every study run is a one-rank `megawsd train` child: none leaves DeepSpeed's shm buffers
+    assert set(shm_buffers()) - killed_runs_left == set()
     assert "1 of 3 runs done, 2 to run" in done.stderr
     # the progress line (runs done, running, steps, steps/s, ETA), its last state at the end
     assert "mini: 3/3 runs done, 0 running | 17/17 steps | " in done.stderr
