@@ -34,8 +34,10 @@ def _env():
     )
 
 
-def _study_yaml(tmp: Path, data: Path) -> Path:
-    spec = {
+def mini_study(data: Path) -> dict:
+    """The mini study of the end-to-end tests (also the SLURM executor's, which must give
+    the same results): 3 runs, budgets 8 and 12, a WSD branch, constant, SWA."""
+    return {
         "name": "mini",
         "base": {
             "model": "tiny",
@@ -59,6 +61,10 @@ def _study_yaml(tmp: Path, data: Path) -> Path:
             {"kind": "swa", "window": 0.5, "every": 2},
         ],
     }
+
+
+def _study_yaml(tmp: Path, data: Path) -> Path:
+    spec = mini_study(data)
     f = tmp / "mini.yaml"
     f.write_text(yaml.safe_dump(spec))
     return f

@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from tests.cluster.fixtures import cluster  # noqa: F401  (the module-scoped fixture)
+from tests.test_study_e2e import mini_study
 from tests.workers.train_common import prepare_data
 
 pytestmark = pytest.mark.cluster
@@ -45,31 +46,8 @@ BRANCH8 = f"{MAIN}/branches/wsd-1-sqrt-f0.25-T8"
 
 def _spec(tmp: Path, data: Path, small: bool = False, **executor) -> Path:
     """The mini study; ``small``: one budget, no SWA (4 jobs: the default suite's)."""
-    spec = {
-        "name": "mini",
-        "base": {
-            "model": "tiny",
-            "data": str(data),
-            "seq_len": 32,
-            "global_batch_size": 8,
-            "micro_batch_size": 8,
-            "optimizer": {"type": "adamw", "weight_decay": 0.0},
-            "eval": {"interval": 4, "batches": 2, "batch_size": 8},
-            "checkpoint": {"interval": 2, "keep_last": 1},
-            "logging": {"interval": 1, "tensorboard": False, "progress": False},
-            "deepspeed": {"zero_stage": 0},
-        },
-        "budgets": [8, 12],
-        "warmup": 2,
-        "lrs": [3e-3],
-        "seeds": [0],
-        "arms": [
-            {"kind": "wsd", "shapes": ["1-sqrt"], "decay_fractions": [0.25]},
-            {"kind": "constant"},
-            {"kind": "swa", "window": 0.5, "every": 2},
-        ],
-        "executor": {"time": 10, "cpus_per_task": 1, **executor},
-    }
+    spec = mini_study(data)
+    spec["executor"] = {"time": 10, "cpus_per_task": 1, **executor}
     if small:
         spec["budgets"], spec["arms"] = [8], spec["arms"][:2]
     f = tmp / "mini.yaml"
